@@ -1,0 +1,22 @@
+"""Training-data influence for Keras classifiers by Representer Point Selection, on Ray.
+
+Entry points: the ``distributed-influence`` command (:mod:`distributed_influence.cli`) and
+:func:`run_audit` for programs.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "AuditConfig", "run_audit"]
+
+
+def __getattr__(name):
+    # Lazy: importing TensorFlow and Ray takes seconds; `--help` and errors should not wait.
+    if name == "AuditConfig":
+        from .config import AuditConfig
+
+        return AuditConfig
+    if name == "run_audit":
+        from .job import run_audit
+
+        return run_audit
+    raise AttributeError(name)

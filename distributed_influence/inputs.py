@@ -1,0 +1,84 @@
+"""Opening and checking the inputs of an audit on the driver, before any worker starts.
+
+Everything that can be checked cheaply (the model's head, shapes, labels, ids, k) is checked
+here, so a bad input costs a user one clear line and nothing else: no worker, no output.
+Per-row checks that need the data (NaN/inf) run in the workers as they read their rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .config import AuditConfig
+from .errors import ConfigError, SourceError
+from .model import SplitModel, load_model, read_model_bytes, split_model
+from .sources import Source, open_source, reshape_to
+
+
+@dataclasses.dataclass
+class Inputs:
+    """The opened, checked inputs of one audit."""
+
+    model_bytes: bytes
+    model_name: str
+    split: SplitModel
+    train: Source
+    test: Source
+    input_shape: Tuple[Optional[int], ...]
+
+    @property
+    def n_classes(self) -> int:
+        return self.split.n_classes
+
+
+def _check_source(src: Source, role: str, n_classes: int, input_shape, need_labels: bool) -> None:
+    if src.n_rows == 0:
+        raise SourceError(f"{src.name}: the {role} set is empty")
+    if need_labels and not src.has_labels:
+        raise SourceError(f"{src.name}: the {role} set has no labels ('y' in .npz, 'label' in Parquet)")
+    y = src.labels()
+    if y is not None and len(y):
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= n_classes:
+            bad = int(np.argmax((y < 0) | (y >= n_classes)))
+            raise SourceError(
+                f"{src.name}: label {int(y[bad])} at row {bad} is outside 0..{n_classes - 1} "
+                f"(the model has {n_classes} classes)"
+            )
+    ids = src.ids()
+    uniq, counts = np.unique(ids, return_counts=True)
+    if len(uniq) != len(ids):
+        raise SourceError(f"{src.name}: duplicate id {int(uniq[np.argmax(counts > 1)])} in the {role} set")
+    # Shape: one row through the same reshape the workers use.
+    x0 = np.asarray(src._read_x(0, 1), dtype=np.float32)
+    try:
+        reshape_to(x0, input_shape, src.name)
+    except SourceError:
+        raise SourceError(
+            f"{src.name}: {role} examples of shape {tuple(x0.shape[1:])} do not fit the model "
+            f"input {tuple(input_shape)}"
+        ) from None
+
+
+def prepare_inputs(config: AuditConfig) -> Inputs:
+    """Opens the model and sources and checks them against each other.
+
+    Raises:
+        InputError: any input that cannot give a correct result, with one clear message.
+    """
+    model_bytes = read_model_bytes(config.model)
+    name = os.path.basename(config.model)
+    model = load_model(model_bytes, name)
+    split = split_model(model, config.feature_layer, config.logit_layer, name)
+    input_shape = tuple(config.input_shape) if config.input_shape else split.input_shape
+    train = open_source(config.train, scale=config.scale)
+    test = open_source(config.test, scale=config.scale)
+    _check_source(train, "training", split.n_classes, input_shape, need_labels=True)
+    _check_source(test, "test", split.n_classes, input_shape, need_labels=False)
+    if config.k > train.n_rows:
+        raise ConfigError(f"--k {config.k} exceeds the {train.n_rows} training examples")
+    return Inputs(model_bytes, name, split, train, test, input_shape)

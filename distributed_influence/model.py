@@ -1,0 +1,248 @@
+"""Loading a `.keras` classifier safely and splitting it into features + a linear head.
+
+Representer Point Selection needs the model written as ``logits = f(x) @ W + b``: the
+penultimate features f and the last Dense layer (W, b). This module finds that split in the
+model shapes people actually save (DESIGN.md §5) and refuses anything else with a message that
+says what was expected, because a wrong split would give plausible-looking but wrong numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .errors import ModelError
+
+_MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+_SHAPE_HELP = (
+    "expected a model whose output is Dense(C) (optionally followed by a softmax Activation or "
+    "Softmax layer), or Dense(C, activation='softmax'), or a multi-output model such as "
+    "[features, logits, softmax]; otherwise name the layers with --feature-layer/--logit-layer"
+)
+
+
+def _keras():
+    import keras  # deferred: importing TensorFlow costs seconds and CLI errors should not wait
+
+    return keras
+
+
+def read_model_bytes(path: str) -> bytes:
+    """Reads a model file whole, so workers can load it without a shared filesystem."""
+    if not path.endswith(_MODEL_SUFFIXES):
+        raise ModelError(f"{path}: not a Keras model file (expected a .keras file)")
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise ModelError(f"{path}: model file not found") from None
+    except OSError as exc:
+        raise ModelError(f"{path}: model file cannot be read ({exc.strerror})") from None
+
+
+def load_model(data: bytes, name: str = "model.keras"):
+    """Loads a Keras model from the bytes of its file with ``safe_mode=True``.
+
+    Safe mode refuses Python code embedded in the file (``Lambda`` layers), which would run
+    on every worker of the cluster; we surface that refusal as one actionable line.
+
+    Args:
+        data: the bytes of a `.keras` (or `.h5`) file.
+        name: the file's name, used in messages and for its suffix.
+
+    Returns:
+        The loaded, uncompiled ``keras.Model``.
+    """
+    keras = _keras()
+    suffix = os.path.splitext(name)[1] or ".keras"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "model" + suffix)
+        with open(local, "wb") as fh:
+            fh.write(data)
+        try:
+            return keras.models.load_model(local, safe_mode=True, compile=False)
+        except Exception as exc:  # Keras raises ValueError/TypeError/OSError/zipfile errors
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "safe_mode" in str(exc) or "Lambda" in str(exc):
+                raise ModelError(
+                    f"{name}: refused by Keras safe mode (the model contains Python code, "
+                    f"e.g. a Lambda layer); rebuild it from standard layers"
+                ) from None
+            raise ModelError(f"{name}: cannot be loaded as a Keras model ({text})") from None
+
+
+@dataclasses.dataclass
+class SplitModel:
+    """A classifier written as ``logits = features(x) @ kernel + bias``.
+
+    Attributes:
+        featurizer: Keras model from the input to the penultimate features.
+        kernel: float32 (d, C) weights of the last Dense layer.
+        bias: float32 (C,) bias of the last Dense layer (zeros if it has none).
+        input_shape: shape of one example (without the batch axis); None for free axes.
+        head_layer: name of the Dense layer taken as the head.
+    """
+
+    featurizer: object
+    kernel: np.ndarray
+    bias: np.ndarray
+    input_shape: Tuple[Optional[int], ...]
+    head_layer: str
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.kernel.shape[1])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.kernel.shape[0])
+
+    def theta(self) -> np.ndarray:
+        """The trained head with the bias folded in as the last row: (d+1, C) float64."""
+        return np.vstack([self.kernel, self.bias[None, :]]).astype(np.float64)
+
+
+def _producer(tensor):
+    hist = tensor._keras_history
+    op = hist.operation
+    return op, op._inbound_nodes[hist.node_index]
+
+
+def _activation_name(layer) -> str:
+    act = getattr(layer, "activation", None)
+    if act is None:
+        return "linear"
+    return getattr(act, "__name__", str(act))
+
+
+def _is_softmax(op) -> bool:
+    keras = _keras()
+    if isinstance(op, keras.layers.Softmax):
+        return True
+    return isinstance(op, keras.layers.Activation) and _activation_name(op) == "softmax"
+
+
+def _as_head(op, node, name: str):
+    keras = _keras()
+    if not isinstance(op, keras.layers.Dense):
+        raise ModelError(f"{name}: layer '{op.name}' is a {type(op).__name__}, not Dense; {_SHAPE_HELP}")
+    if _activation_name(op) not in ("linear", "softmax"):
+        raise ModelError(
+            f"{name}: Dense layer '{op.name}' has activation '{_activation_name(op)}'; "
+            f"the head must be linear or softmax"
+        )
+    if len(node.input_tensors) != 1 or len(node.input_tensors[0].shape) != 2:
+        raise ModelError(f"{name}: Dense layer '{op.name}' must take one rank-2 feature tensor")
+    return op, node.input_tensors[0]
+
+
+def _find_head(model, name: str):
+    for out in reversed(list(model.outputs)):
+        op, node = _producer(out)
+        while _is_softmax(op):
+            op, node = _producer(node.input_tensors[0])
+        keras = _keras()
+        if isinstance(op, keras.layers.Dense) and _activation_name(op) in ("linear", "softmax"):
+            return _as_head(op, node, name)
+    raise ModelError(f"{name}: no linear head found; {_SHAPE_HELP}")
+
+
+def _get_layer(model, layer_name: str, name: str):
+    try:
+        return model.get_layer(layer_name)
+    except ValueError:
+        names = ", ".join(layer.name for layer in model.layers)
+        raise ModelError(f"{name}: no layer named '{layer_name}' (layers: {names})") from None
+
+
+def split_model(
+    model, feature_layer: Optional[str] = None, logit_layer: Optional[str] = None, name: str = "model"
+) -> SplitModel:
+    """Splits a loaded classifier into a featurizer and its linear head.
+
+    Args:
+        model: a loaded ``keras.Model`` (functional or Sequential).
+        feature_layer: optional name of the layer whose output is the feature vector.
+        logit_layer: optional name of the Dense layer that produces the logits.
+        name: the model's file name, for messages.
+
+    Returns:
+        The :class:`SplitModel`.
+
+    Raises:
+        ModelError: the model has no single input or no linear head on rank-2 features.
+    """
+    keras = _keras()
+    if len(model.inputs) != 1:
+        raise ModelError(f"{name}: the model must have exactly one input, it has {len(model.inputs)}")
+    if logit_layer is not None:
+        op = _get_layer(model, logit_layer, name)
+        if not op._inbound_nodes:
+            raise ModelError(f"{name}: layer '{logit_layer}' is not connected in the model graph")
+        head, feats = _as_head(op, op._inbound_nodes[0], name)
+    else:
+        head, feats = _find_head(model, name)
+    if feature_layer is not None:
+        fl = _get_layer(model, feature_layer, name)
+        if fl.output is not feats:
+            raise ModelError(
+                f"{name}: the output of layer '{feature_layer}' is not the input of the head "
+                f"'{head.name}'; the head must be a Dense layer applied to the feature layer"
+            )
+    inp = model.inputs[0]
+    featurizer = keras.Model(inp, feats, name="featurizer")
+    weights = head.get_weights()
+    kernel = np.asarray(weights[0], dtype=np.float32)
+    bias = (
+        np.asarray(weights[1], dtype=np.float32)
+        if head.use_bias
+        else np.zeros(kernel.shape[1], dtype=np.float32)
+    )
+    return SplitModel(
+        featurizer=featurizer,
+        kernel=kernel,
+        bias=bias,
+        input_shape=tuple(inp.shape[1:]),
+        head_layer=head.name,
+    )
+
+
+class Featurizer:
+    """Batched forward pass: input rows to (features, model logits), one trace for all batches.
+
+    The ``tf.function`` has a batch axis of ``None`` in its signature, so the ragged last
+    batch runs the same graph as the others instead of tracing a new one.
+    """
+
+    def __init__(self, split: SplitModel, batch_size: int):
+        import tensorflow as tf
+
+        self.split = split
+        self.batch_size = int(batch_size)
+        kernel = tf.constant(split.kernel)
+        bias = tf.constant(split.bias)
+        fe = split.featurizer
+        spec = tf.TensorSpec((None,) + tuple(split.input_shape), tf.float32)
+
+        @tf.function(input_signature=[spec])
+        def forward(x):
+            f = tf.cast(fe(x, training=False), tf.float32)
+            return f, tf.matmul(f, kernel) + bias
+
+        self.forward = forward
+
+    def __call__(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Returns float32 features (n, d) and model logits (n, C) of the rows of ``x``."""
+        n = len(x)
+        feats = np.empty((n, self.split.feature_dim), dtype=np.float32)
+        logits = np.empty((n, self.split.n_classes), dtype=np.float32)
+        for start in range(0, n, self.batch_size):
+            stop = min(n, start + self.batch_size)
+            f, z = self.forward(np.asarray(x[start:stop], dtype=np.float32))
+            feats[start:stop] = f.numpy()
+            logits[start:stop] = z.numpy()
+        return feats, logits

@@ -1,0 +1,193 @@
+"""The math of Representer Point Selection (Yeh et al., 2018), as pure functions.
+
+Notation (DESIGN.md §1): x_i = [f_i, 1] are the features with the bias folded in, Θ is the
+(d+1)×C head, z_i = x_i Θ. Every function here works on one block of rows and returns *sums*,
+so a distributed job adds the partial results of its shards and gets exactly the single-process
+numbers. Nothing here knows about Ray.
+
+Precision: features stay float32 (they are what the model computed); the head fit, α and the
+decomposition run in float64 because the fit's residual gradient is exactly the error a user
+sees in the decomposition (DESIGN.md §1.1), and float32 sums stall far above 1e-7.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+import tensorflow as tf
+
+#: Rows per float64 block in the objective: bounds the float64 copy of a shard's features.
+ROW_BLOCK = 8192
+
+
+def augment(features: np.ndarray) -> np.ndarray:
+    """Appends the constant 1 that folds the bias into the head: (n, d) → (n, d+1) float32."""
+    f = np.asarray(features, dtype=np.float32)
+    return np.concatenate([f, np.ones((len(f), 1), dtype=np.float32)], axis=1)
+
+
+def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    out = np.zeros((len(labels), n_classes), dtype=np.float64)
+    out[np.arange(len(labels)), labels] = 1.0
+    return out
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@tf.function(reduce_retracing=True)
+def _objective_block(x, t, theta):
+    x64 = tf.cast(x, tf.float64)
+    z = tf.matmul(x64, theta)
+    loss = tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=t, logits=z))
+    grad = tf.matmul(x64, tf.nn.softmax(z) - t, transpose_a=True)
+    return loss, grad
+
+
+def objective_sums(x: np.ndarray, targets: np.ndarray, theta: np.ndarray) -> Tuple[float, np.ndarray]:
+    """Σ_i CE(softmax(x_i Θ), t_i) and its gradient Σ_i x_iᵀ(p_i − t_i) over a block of rows.
+
+    The full objective is J = sum/n + λ‖Θ‖², ∇J = grad/n + 2λΘ; the regulariser is added once
+    by whoever knows n (the driver), so shards only return sums.
+
+    Args:
+        x: (n, d+1) float32 augmented features.
+        targets: (n, C) float64 target distributions (one-hot labels or model softmax).
+        theta: (d+1, C) float64 head.
+
+    Returns:
+        (loss sum as float, gradient sum (d+1, C) float64).
+    """
+    theta = tf.constant(theta, dtype=tf.float64)
+    loss = 0.0
+    grad = np.zeros(theta.shape, dtype=np.float64)
+    for s in range(0, len(x), ROW_BLOCK):
+        lb, gb = _objective_block(x[s : s + ROW_BLOCK], targets[s : s + ROW_BLOCK], theta)
+        loss += float(lb)
+        grad += gb.numpy()
+    return loss, grad
+
+
+@tf.function(reduce_retracing=True)
+def _hvp_block(x, theta, v):
+    x64 = tf.cast(x, tf.float64)
+    p = tf.nn.softmax(tf.matmul(x64, theta))
+    pu = p * tf.matmul(x64, v)
+    return tf.matmul(x64, pu - p * tf.reduce_sum(pu, axis=1, keepdims=True), transpose_a=True)
+
+
+def hvp_sums(x: np.ndarray, theta: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Σ_i of the cross-entropy Hessian at Θ applied to V: Xᵀ(P∘U − P∘rowsum(P∘U)), U = XV.
+
+    Exact Hessian-vector products let a trust-region Newton step finish the fit to ~1e-12,
+    which L-BFGS alone does not reach reliably (DESIGN.md §1.1).
+    """
+    theta = tf.constant(theta, dtype=tf.float64)
+    v = tf.constant(v, dtype=tf.float64)
+    out = np.zeros(theta.shape, dtype=np.float64)
+    for s in range(0, len(x), ROW_BLOCK):
+        out += _hvp_block(x[s : s + ROW_BLOCK], theta, v).numpy()
+    return out
+
+
+def alpha_by_tape(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: float, n_total: int) -> np.ndarray:
+    """α_i = −1/(2λn) · ∂L(z_i, t_i)/∂z_i for a batch, by one GradientTape.
+
+    The logits are computed inside the tape and the *whole* logits tensor is watched; the
+    gradient of the summed per-example loss w.r.t. it is (n, C), and classes are sliced only
+    afterwards. Taking the gradient w.r.t. ``logits[:, j]`` instead returns None, because that
+    slice is created after the loss and is not on the path to it (the bug this project exists
+    to get right).
+
+    Args:
+        x: (n, d+1) float32 augmented features of the batch.
+        theta: (d+1, C) float64 fitted head.
+        targets: (n, C) float64 targets t_i.
+        lam: the fit's λ.
+        n_total: the number of training examples in the *whole* training set (the n of J).
+
+    Returns:
+        (n, C) float64 α.
+    """
+    x64 = tf.cast(tf.constant(x), tf.float64)
+    t = tf.constant(targets, dtype=tf.float64)
+    with tf.GradientTape() as tape:
+        logits = tf.matmul(x64, tf.constant(theta, dtype=tf.float64))
+        tape.watch(logits)
+        # Summed (not averaged) per-example loss: each row's gradient is its own ∂L_i/∂z_i.
+        loss = tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=t, logits=logits))
+    grad = tape.gradient(loss, logits)
+    return grad.numpy() / (-2.0 * lam * n_total)
+
+
+def head_from_alpha(x: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Σ_i x_iᵀ α_i over a block (float64): at the fit's stationary point the shards' sum is Θ."""
+    return np.asarray(x, dtype=np.float64).T @ alpha
+
+
+def fidelity_moments(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Sums from which Pearson r and mean |a−b| of two logit arrays follow, added across shards.
+
+    Returns:
+        float64 [count, Σa, Σb, Σa², Σb², Σab, Σ|a−b|].
+    """
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    return np.array([a.size, a.sum(), b.sum(), a @ a, b @ b, a @ b, np.abs(a - b).sum()])
+
+
+def fidelity_from_moments(m: np.ndarray) -> dict:
+    """Pearson correlation and mean absolute difference from summed :func:`fidelity_moments`."""
+    n, sa, sb, saa, sbb, sab, sad = (float(v) for v in m)
+    if n == 0:
+        return {"pearson": float("nan"), "mean_abs_diff": float("nan")}
+    cov = sab - sa * sb / n
+    va = saa - sa * sa / n
+    vb = sbb - sb * sb / n
+    pearson = cov / np.sqrt(va * vb) if va > 0 and vb > 0 else float("nan")
+    return {"pearson": float(pearson), "mean_abs_diff": sad / n}
+
+
+@tf.function(reduce_retracing=True)
+def _score_block(xt, x, alpha_sel, k):
+    # r[t, i] = α_{i, j_t} (x_i · x_t): one large matrix product, then an elementwise scale.
+    r = tf.matmul(xt, x, transpose_b=True) * alpha_sel
+    top = tf.math.top_k(r, k=k, sorted=True)
+    bottom = tf.math.top_k(-r, k=k, sorted=True)
+    return top.values, top.indices, -bottom.values, bottom.indices, tf.reduce_sum(r, axis=0), tf.reduce_sum(tf.abs(r), axis=0)
+
+
+def score_block(xt: np.ndarray, x: np.ndarray, alpha: np.ndarray, pred: np.ndarray, k: int):
+    """Representer values of a shard for a block of test examples, reduced on the spot.
+
+    The (b, s) matrix of values lives only inside this call: it is reduced to a per-test
+    top-k (largest = proponents, smallest = opponents) and per-train column sums. Ties go to the
+    lower row index, so rows must be sorted by id for "smaller id first".
+
+    Args:
+        xt: (b, d+1) float32 augmented test features.
+        x: (s, d+1) float32 augmented shard features.
+        alpha: (s, C) float32 α of the shard.
+        pred: (b,) int class j_t explained for each test example.
+        k: entries kept per test example (≤ s).
+
+    Returns:
+        dict with ``top_values``/``top_index`` and ``bottom_values``/``bottom_index`` (b, k),
+        ``col_sum`` and ``col_abs_sum`` (s,) float32.
+    """
+    alpha_sel = np.ascontiguousarray(alpha[:, pred].T)  # (b, s): α_{i, j_t}
+    tv, ti, bv, bi, cs, cas = _score_block(
+        tf.constant(xt, tf.float32), tf.constant(x, tf.float32), tf.constant(alpha_sel, tf.float32), tf.constant(k)
+    )
+    return {
+        "top_values": tv.numpy(),
+        "top_index": ti.numpy(),
+        "bottom_values": bv.numpy(),
+        "bottom_index": bi.numpy(),
+        "col_sum": cs.numpy(),
+        "col_abs_sum": cas.numpy(),
+    }

@@ -1,0 +1,214 @@
+"""Work on one worker: the model loaded once, the rows of its shards featurized and kept.
+
+:class:`ShardWorker` is plain Python. The single-process engine calls it directly; the Ray job
+wraps it in an actor (:mod:`distributed_influence.worker`). Every method takes what it needs
+(Θ, test features) as arguments and rebuilds lost state on demand, so a restarted actor that
+re-runs a call gives the same answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from . import representer as rp
+from .errors import InputError, SourceError
+from .model import Featurizer, load_model, split_model
+from .sources import open_source
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+    """Rows [start, stop) of the training source."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def plan_shards(n_rows: int, n_shards: int) -> list:
+    """Splits n_rows into at most n_shards contiguous, near-equal row ranges (none empty)."""
+    n_shards = max(1, min(int(n_shards), int(n_rows)))
+    bounds = np.linspace(0, n_rows, n_shards + 1).round().astype(int)
+    return [ShardSpec(i, int(a), int(b)) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+
+
+@dataclasses.dataclass
+class ShardData:
+    """A shard's rows after featurization, sorted by id (so ties in top-k go to the smaller id)."""
+
+    x: np.ndarray  # (s, d+1) float32 augmented features
+    logits: np.ndarray  # (s, C) float32 model logits
+    labels: np.ndarray  # (s,) int64
+    ids: np.ndarray  # (s,) int64
+    targets: np.ndarray  # (s, C) float64 t_i of the fit
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker needs to know of the job (picklable, small)."""
+
+    model_name: str
+    train: str
+    test: str
+    target: str
+    lam: float
+    k: int
+    n_train: int
+    batch_size: int
+    test_block: int
+    feature_layer: Optional[str] = None
+    logit_layer: Optional[str] = None
+    input_shape: Optional[tuple] = None
+    scale: Optional[float] = None
+
+
+def _check_finite(arr: np.ndarray, what: str, first_row: int) -> None:
+    """Refuses NaN/inf early: one bad row would silently poison the head fit and every α."""
+    bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+    if bad.any():
+        raise SourceError(f"{what}: NaN or inf values (first in row {first_row + int(np.argmax(bad))})")
+
+
+class ShardWorker:
+    """Owns the model and any number of training shards."""
+
+    def __init__(self, model_bytes: bytes, settings: WorkerSettings):
+        self.settings = settings
+        self._model_bytes = model_bytes
+        self._featurizer: Optional[Featurizer] = None
+        self._shards: Dict[int, ShardData] = {}
+        self._sources = {}
+
+    # ------------------------------------------------------------------ state, rebuilt on demand
+    def featurizer(self) -> Featurizer:
+        if self._featurizer is None:
+            s = self.settings
+            model = load_model(self._model_bytes, s.model_name)
+            split = split_model(model, s.feature_layer, s.logit_layer, s.model_name)
+            self._featurizer = Featurizer(split, s.batch_size)
+        return self._featurizer
+
+    def _source(self, which: str):
+        if which not in self._sources:
+            spec = self.settings.train if which == "train" else self.settings.test
+            self._sources[which] = open_source(spec, scale=self.settings.scale)
+        return self._sources[which]
+
+    def _input_shape(self):
+        return self.settings.input_shape or self.featurizer().split.input_shape
+
+    def featurize_rows(self, which: str, start: int, stop: int):
+        """Reads rows [start, stop) of a source and returns (augmented features, logits, ids, labels)."""
+        src = self._source(which)
+        rows = src.read(start, stop, self._input_shape())
+        _check_finite(rows.x, src.name, start)
+        feats, logits = self.featurizer()(rows.x)
+        _check_finite(feats, f"{src.name}: the model's features", start)
+        return rp.augment(feats), logits, rows.ids, rows.y
+
+    def prepare(self, spec: ShardSpec) -> dict:
+        """Featurizes a training shard and keeps it; returns its size and where it ran."""
+        t0 = time.perf_counter()
+        data = self._data(spec)
+        return {"shard": spec.index, "rows": len(data.ids), "seconds": time.perf_counter() - t0,
+                "node": _node_id(), "pid": os.getpid()}
+
+    def _data(self, spec: ShardSpec) -> ShardData:
+        """The shard's featurized rows; featurized again if this process lost them (restart)."""
+        if spec.index not in self._shards:
+            x, logits, ids, labels = self.featurize_rows("train", spec.start, spec.stop)
+            if labels is None:
+                raise InputError(f"{self.settings.train}: the training source has no labels")
+            order = np.argsort(ids, kind="stable")
+            x, logits, ids, labels = x[order], logits[order], ids[order], labels[order]
+            n_classes = logits.shape[1]
+            if self.settings.target == "labels":
+                targets = rp.one_hot(labels, n_classes)
+            else:
+                targets = rp.softmax(logits)
+            self._shards[spec.index] = ShardData(x, logits, labels, ids, targets)
+        return self._shards[spec.index]
+
+    # ----------------------------------------------------------------------------- head fit
+    def objective(self, spec: ShardSpec, theta: np.ndarray) -> Tuple[float, np.ndarray]:
+        d = self._data(spec)
+        return rp.objective_sums(d.x, d.targets, theta)
+
+    def hvp(self, spec: ShardSpec, theta: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return rp.hvp_sums(self._data(spec).x, theta, v)
+
+    def fidelity(self, spec: ShardSpec, theta: np.ndarray) -> np.ndarray:
+        d = self._data(spec)
+        return rp.fidelity_moments(d.x.astype(np.float64) @ theta, d.logits)
+
+    # ------------------------------------------------------------------------------ scoring
+    def score(self, spec: ShardSpec, theta: np.ndarray, test_x: np.ndarray, test_pred: np.ndarray) -> dict:
+        """α of the shard, then its representer values against all test examples, reduced.
+
+        Test examples are taken ``test_block`` at a time, so the (block × shard) matrix of
+        values is the largest thing this call allocates, whatever the size of the test set.
+
+        Returns:
+            dict with the shard's partial top-k (values, ids, α, similarity for each kind),
+            its per-train rows, and Σ_i x_iᵀα_i (for the decomposition).
+        """
+        s = self.settings
+        d = self._data(spec)
+        t0 = time.perf_counter()
+        alpha = rp.alpha_by_tape(d.x, theta, d.targets, s.lam, s.n_train)
+        alpha32 = alpha.astype(np.float32)
+        k = min(s.k, len(d.ids))
+        m = len(test_x)
+        out = {kind: {"values": np.empty((m, k), np.float32), "ids": np.empty((m, k), np.int64),
+                      "alpha": np.empty((m, k), np.float32), "similarity": np.empty((m, k), np.float32)}
+               for kind in ("proponent", "opponent")}
+        col_sum = np.zeros(len(d.ids), np.float64)
+        col_abs = np.zeros(len(d.ids), np.float64)
+        for b0 in range(0, m, s.test_block):
+            b1 = min(m, b0 + s.test_block)
+            xt, pred = test_x[b0:b1], test_pred[b0:b1]
+            res = rp.score_block(xt, d.x, alpha32, pred, k)
+            col_sum += res["col_sum"]
+            col_abs += res["col_abs_sum"]
+            for kind, vals, idx in (("proponent", res["top_values"], res["top_index"]),
+                                    ("opponent", res["bottom_values"], res["bottom_index"])):
+                o = out[kind]
+                o["values"][b0:b1] = vals
+                o["ids"][b0:b1] = d.ids[idx]
+                o["alpha"][b0:b1] = alpha[idx, pred[:, None]]
+                o["similarity"][b0:b1] = np.einsum("bkd,bd->bk", d.x[idx].astype(np.float64), xt.astype(np.float64))
+        rows = np.arange(len(d.ids))
+        return {
+            "shard": spec.index,
+            "topk": out,
+            "train": {
+                "train_id": d.ids,
+                "label": d.labels,
+                "alpha_label": alpha[rows, d.labels],
+                "influence_sum": col_sum,
+                "influence_abs_sum": col_abs,
+            },
+            "alpha_head": rp.head_from_alpha(d.x, alpha),
+            "seconds": time.perf_counter() - t0,
+            "node": _node_id(),
+        }
+
+
+def _node_id() -> Optional[str]:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray there is no node id to report
+        return None
+    return None

@@ -1,0 +1,104 @@
+"""The output contract (DESIGN.md §3): Parquet schemas, the manifest, and atomic writing.
+
+Users and downstream checks read these files by column name and type, so the schemas are
+spelled out once here and every writer goes through them. Files are written under temporary
+names and renamed into place only after all of them were written, so a failed run never
+leaves a final table behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from typing import Dict
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+INFLUENCE_TOPK = "influence_topk.parquet"
+TRAIN_SCORES = "train_scores.parquet"
+TEST_SCORES = "test_scores.parquet"
+MANIFEST = "manifest.json"
+OUTPUT_FILES = (INFLUENCE_TOPK, TRAIN_SCORES, TEST_SCORES, MANIFEST)
+
+TOPK_SCHEMA = pa.schema([
+    ("test_id", pa.int64()),
+    ("predicted_class", pa.int32()),
+    ("kind", pa.string()),
+    ("rank", pa.int32()),
+    ("train_id", pa.int64()),
+    ("representer_value", pa.float32()),
+    ("alpha", pa.float32()),
+    ("similarity", pa.float32()),
+])
+
+TRAIN_SCHEMA = pa.schema([
+    ("train_id", pa.int64()),
+    ("label", pa.int32()),
+    ("alpha_label", pa.float32()),
+    ("audit_score", pa.float32()),
+    ("audit_rank", pa.int64()),
+    ("influence_sum", pa.float32()),
+    ("influence_abs_sum", pa.float32()),
+])
+
+TEST_SCHEMA = pa.schema([
+    ("test_id", pa.int64()),
+    ("label", pa.int32()),
+    ("predicted_class", pa.int32()),
+    ("model_logit", pa.float32()),
+    ("surrogate_logit", pa.float32()),
+    ("representer_sum", pa.float32()),
+    ("decomposition_error", pa.float32()),
+])
+
+#: Rows per Parquet row group: large groups keep reads fast and metadata small.
+ROW_GROUP = 1 << 20
+
+
+def to_table(columns: Dict[str, object], schema: pa.Schema) -> pa.Table:
+    """Builds a table with exactly ``schema`` (casting NumPy columns to the contract types)."""
+    arrays = [
+        columns[f.name].cast(f.type) if isinstance(columns[f.name], pa.Array)
+        else pa.array(columns[f.name], type=f.type, from_pandas=True)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_outputs(out_dir: str, tables: Dict[str, pa.Table], manifest: dict) -> None:
+    """Writes the tables and the manifest so that either all appear or none does.
+
+    Everything is written into a hidden staging directory inside ``out_dir`` and then renamed
+    into place; the manifest goes last, so a reader that sees it sees complete tables.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    stage = os.path.join(out_dir, f".staging-{uuid.uuid4().hex[:8]}")
+    os.makedirs(stage)
+    try:
+        for name, table in tables.items():
+            pq.write_table(table, os.path.join(stage, name), row_group_size=ROW_GROUP)
+        with open(os.path.join(stage, MANIFEST), "w") as fh:
+            json.dump(manifest, fh, indent=2, sort_keys=True, default=_json_default)
+            fh.write("\n")
+        for name in list(tables) + [MANIFEST]:
+            os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _json_default(obj):
+    import numpy as np
+
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_manifest(out_dir: str) -> dict:
+    with open(os.path.join(out_dir, MANIFEST)) as fh:
+        return json.load(fh)

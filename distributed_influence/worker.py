@@ -1,0 +1,174 @@
+"""Ray at the edge: the worker actor, device setup, and the pools that drive shards.
+
+A *pool* runs one method of :class:`~distributed_influence.shard.ShardWorker` for every
+shard and returns the results in shard order. :class:`InProcessPool` calls a worker in this
+process (the single-process engine, and the oracle of the tests); :class:`RayPool` calls Ray
+actors, one per GPU or CPU slot, each owning the shards ``i ≡ w (mod workers)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Callable, List, Optional, Sequence
+
+from .errors import InfluenceError
+from .shard import ShardSpec, ShardWorker, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+#: Times Ray restarts a dead worker actor (and re-runs its call) before the job fails.
+MAX_RESTARTS = 3
+
+
+def configure_devices(num_gpus: float, num_cpus: float) -> dict:
+    """Sets TensorFlow's devices for a worker before it runs any op.
+
+    Ray gives an actor with ``num_gpus`` its own GPUs through ``CUDA_VISIBLE_DEVICES``. On such
+    workers TensorFlow must grow memory on demand (several stages share the GPU); CPU-only
+    workers must not see any GPU at all, or TensorFlow would grab memory on GPUs that Ray gave
+    to other workers. Threads follow the CPUs Ray granted, so workers do not oversubscribe cores.
+
+    Returns:
+        What the worker sees: Ray's GPU ids, ``CUDA_VISIBLE_DEVICES`` and TensorFlow's GPUs.
+    """
+    if not num_gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    try:
+        if not num_gpus:
+            tf.config.set_visible_devices([], "GPU")
+        else:
+            for gpu in gpus:
+                tf.config.experimental.set_memory_growth(gpu, True)
+        threads = max(1, int(num_cpus))
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+    except RuntimeError as exc:  # TensorFlow already initialised in this process
+        log.warning("device configuration skipped: %s", exc)
+    gpu_ids: list = []
+    try:
+        import ray
+
+        if ray.is_initialized():
+            gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    except Exception:  # noqa: BLE001 - outside a Ray worker there are no Ray GPU ids
+        gpu_ids = []
+    return {
+        "ray_gpu_ids": gpu_ids,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "tf_gpus": [g.name for g in tf.config.get_visible_devices("GPU")],
+        "pid": os.getpid(),
+    }
+
+
+class WorkerActor(ShardWorker):
+    """The Ray actor: a :class:`ShardWorker` with its devices set up first."""
+
+    def __init__(self, model_bytes: bytes, settings: WorkerSettings, num_gpus: float, num_cpus: float):
+        self.devices = configure_devices(num_gpus, num_cpus)
+        super().__init__(model_bytes, settings)
+
+    def device_info(self) -> dict:
+        return self.devices
+
+
+def _progress(total: int, desc: str, unit: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr,
+                mininterval=0.5 if sys.stderr.isatty() else 10.0, leave=True)
+
+
+class InProcessPool:
+    """Runs every shard in this process, one after the other."""
+
+    def __init__(self, model_bytes: bytes, settings: WorkerSettings):
+        self.worker = ShardWorker(model_bytes, settings)
+        self.n_workers = 1
+
+    def map(self, method: str, specs: Sequence[ShardSpec], *shared, desc: Optional[str] = None) -> list:
+        """Calls ``method(spec, *shared)`` for every shard; results in shard order."""
+        bar = _progress(sum(s.rows for s in specs), desc, "rows") if desc else None
+        out = []
+        for spec in specs:
+            out.append(getattr(self.worker, method)(spec, *shared))
+            if bar:
+                bar.update(spec.rows)
+        if bar:
+            bar.close()
+        return out
+
+    def call_all(self, method: str, args_per_worker: List[tuple]) -> list:
+        return [getattr(self.worker, method)(*args) for args in args_per_worker]
+
+    def shutdown(self) -> None:
+        pass
+
+
+class RayPool:
+    """Ray actors that keep the model and their shards' features across stages."""
+
+    def __init__(self, model_bytes: bytes, settings: WorkerSettings, n_workers: int,
+                 num_cpus: float, num_gpus: float):
+        import ray
+
+        self._ray = ray
+        model_ref = ray.put(model_bytes)  # shipped once through the object store
+        actor = ray.remote(WorkerActor)
+        self.actors = [
+            actor.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=MAX_RESTARTS,
+                          max_task_retries=MAX_RESTARTS).remote(model_ref, settings, num_gpus, num_cpus)
+            for _ in range(n_workers)
+        ]
+        self.n_workers = n_workers
+
+    def actor_for(self, spec: ShardSpec):
+        return self.actors[spec.index % self.n_workers]
+
+    def map(self, method: str, specs: Sequence[ShardSpec], *shared, desc: Optional[str] = None) -> list:
+        """Calls ``method(spec, *shared)`` on each shard's actor; results in shard order.
+
+        Shared arguments are put in the object store once and passed by reference.
+        """
+        ray = self._ray
+        shared_refs = [a if isinstance(a, ray.ObjectRef) else ray.put(a) for a in shared]
+        refs = [getattr(self.actor_for(s), method).remote(s, *shared_refs) for s in specs]
+        index = {ref: i for i, ref in enumerate(refs)}
+        bar = _progress(sum(s.rows for s in specs), desc, "rows") if desc else None
+        pending = list(refs)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)  # raise the first failure at once
+                if bar:
+                    bar.update(specs[index[done[0]]].rows)
+        finally:
+            if bar:
+                bar.close()
+        return ray.get(refs)
+
+    def call_all(self, method: str, args_per_worker: List[tuple]) -> list:
+        refs = [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_worker)]
+        return self._ray.get(refs)
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            self._ray.kill(a)
+
+
+def unwrap_ray_error(exc: BaseException) -> BaseException:
+    """The user-facing error inside a Ray task error (e.g. a bad row found by a worker)."""
+    seen = exc
+    for _ in range(5):
+        cause = getattr(seen, "cause", None) or seen.__cause__
+        if cause is None or cause is seen:
+            break
+        seen = cause
+        if isinstance(seen, InfluenceError):
+            return seen
+    return exc
