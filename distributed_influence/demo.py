@@ -33,7 +33,9 @@ def flip_labels(y: np.ndarray, fraction: float, n_classes: int, seed: int):
 
 def build_cnn(input_shape, n_classes: int, seed: int):
     """The seed's model shape: a functional model with outputs [features, logits, softmax]."""
-    import keras
+    from .tfimport import import_keras
+
+    keras = import_keras()
 
     keras.utils.set_random_seed(seed)
     inp = keras.Input(input_shape, name="image")
@@ -63,7 +65,9 @@ def flagged_fractions(audit_rank: np.ndarray, train_ids: np.ndarray, flipped_ids
 def run_demo(out: str, n_train: Optional[int] = None, flip_fraction: float = 0.1, epochs: int = 40,
              seed: int = 0, use_ray: bool = True, k: int = 10, shards: Optional[int] = None) -> dict:
     """Builds the demo data and model under ``out/data`` and audits them into ``out``."""
-    import keras
+    from .tfimport import import_keras
+
+    keras = import_keras()
 
     from .config import AuditConfig
     from .job import run_audit

@@ -15,6 +15,7 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 from scipy import optimize
+from scipy.sparse.linalg import LinearOperator, cg
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +96,8 @@ def fit_head(
         method = "L-BFGS-B"
         log.info("L-BFGS-B: %d iterations, max|grad J| = %.3g (%s)", res.nit, np.max(np.abs(g)), res.message)
         if np.max(np.abs(g)) > tol:
-            # Newton-CG's stopping test is on the L2 norm, which bounds the max norm from above.
-            res = optimize.minimize(
-                fun, x, jac=True, hessp=hessp, method="trust-ncg", callback=callback,
-                options={"gtol": tol, "maxiter": max_iter},
-            )
-            x = res.x
-            j, g = fun(x)
-            method = "L-BFGS-B + trust-ncg"
-            log.info("trust-ncg: %d iterations, max|grad J| = %.3g", res.nit, np.max(np.abs(g)))
+            x, j, g = _newton_polish(fun, hessp, x, j, g, tol, max_iter, callback)
+            method = "L-BFGS-B + Newton-CG"
     max_g = float(np.max(np.abs(g)))
     return FitResult(
         theta=x.reshape(shape),
@@ -114,3 +108,30 @@ def fit_head(
         converged=max_g <= tol,
         method=method,
     )
+
+
+def _newton_polish(fun, hessp, x, j, g, tol, max_iter, callback, max_steps: int = 20):
+    """Inexact Newton steps (CG on exact Hessian-vector products), accepted on |∇J| decrease.
+
+    Returns:
+        (x, J(x), ∇J(x)) at the last accepted point.
+    """
+    n = x.size
+    for _ in range(max_steps):
+        gmax = float(np.max(np.abs(g)))
+        if gmax <= tol:
+            break
+        op = LinearOperator((n, n), matvec=lambda p: hessp(x, p), dtype=np.float64)
+        step, _info = cg(op, -g.ravel(), rtol=1e-6, atol=0.0, maxiter=max(50, max_iter))
+        accepted = False
+        for scale in (1.0, 0.5, 0.25, 0.125):
+            j_new, g_new = fun(x + scale * step)
+            if float(np.max(np.abs(g_new))) < gmax:
+                x, j, g = x + scale * step, j_new, g_new.reshape(g.shape)
+                accepted = True
+                break
+        callback(x)
+        if not accepted:
+            log.info("Newton polish stopped: no step reduces max|grad J| below %.3g", gmax)
+            break
+    return x, j, g

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import sys
 import time
 from typing import Optional
 
@@ -23,18 +22,19 @@ from .fit import fit_head
 from .inputs import Inputs, prepare_inputs
 from .representer import fidelity_from_moments, fidelity_moments
 from .shard import WorkerSettings, plan_shards
-from .worker import InProcessPool, RayPool, unwrap_ray_error
+from .worker import InProcessPool, RayPool, progress_bar, unwrap_ray_error
 
 log = logging.getLogger(__name__)
 
 
 def _versions() -> dict:
-    import keras
     import pyarrow
     import ray
     import scipy
-    import tensorflow as tf
 
+    from .tfimport import import_keras, import_tensorflow
+
+    keras, tf = import_keras(), import_tensorflow()
     return {
         "distributed_influence": __version__,
         "python": platform.python_version(),
@@ -148,9 +148,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, timer: _Timer)
         def hvp(theta, v):
             return np.sum(pool.map("hvp", specs, theta, v), axis=0)
 
-        from tqdm.auto import tqdm
-
-        with tqdm(desc="fit head", unit="it", file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 10.0) as bar:
+        with progress_bar(None, "fit head", "it") as bar:
             def on_iteration(it, g):
                 bar.update(1)
                 bar.set_postfix_str(f"max|grad J|={g:.2e}", refresh=False)

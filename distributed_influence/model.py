@@ -26,9 +26,10 @@ _SHAPE_HELP = (
 
 
 def _keras():
-    import keras  # deferred: importing TensorFlow costs seconds and CLI errors should not wait
+    # Deferred: importing TensorFlow costs seconds, and `--help` or a missing file should not wait.
+    from .tfimport import import_keras
 
-    return keras
+    return import_keras()
 
 
 def read_model_bytes(path: str) -> bytes:
@@ -219,7 +220,9 @@ class Featurizer:
     """
 
     def __init__(self, split: SplitModel, batch_size: int):
-        import tensorflow as tf
+        from .tfimport import import_tensorflow
+
+        tf = import_tensorflow()
 
         self.split = split
         self.batch_size = int(batch_size)

@@ -15,7 +15,10 @@ from __future__ import annotations
 from typing import Tuple
 
 import numpy as np
-import tensorflow as tf
+
+from .tfimport import import_tensorflow
+
+tf = import_tensorflow()
 
 #: Rows per float64 block in the objective: bounds the float64 copy of a shard's features.
 ROW_BLOCK = 8192
@@ -191,3 +194,51 @@ def score_block(xt: np.ndarray, x: np.ndarray, alpha: np.ndarray, pred: np.ndarr
         "col_sum": cs.numpy(),
         "col_abs_sum": cas.numpy(),
     }
+
+
+def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x: np.ndarray,
+                test_pred: np.ndarray, k: int, block: int) -> dict:
+    """Scores one shard against all test examples, ``block`` test examples at a time.
+
+    The (block × shard) matrix of values is the largest thing allocated, whatever the size of
+    the test set. Rows must be sorted by id, so that ties go to the smaller id.
+
+    Args:
+        x: (s, d+1) float32 augmented features of the shard, rows sorted by id.
+        ids: (s,) int64 training ids, ascending.
+        alpha: (s, C) float64 α of the shard.
+        test_x: (m, d+1) float32 augmented test features.
+        test_pred: (m,) class explained for each test example.
+        k: entries kept per test example and kind (capped at the shard size).
+        block: test examples per block.
+
+    Returns:
+        dict with ``topk[kind]`` arrays ``values``, ``ids``, ``alpha``, ``similarity`` of shape
+        (m, min(k, s)) for kind in proponent/opponent, and per-train ``influence_sum`` and
+        ``influence_abs_sum`` (s,) float64.
+    """
+    if len(ids) > 1 and np.any(np.diff(ids) <= 0):
+        raise ValueError("score_shard needs rows sorted by strictly increasing id")
+    k = min(k, len(ids))
+    m = len(test_x)
+    alpha32 = alpha.astype(np.float32)
+    topk = {kind: {"values": np.empty((m, k), np.float32), "ids": np.empty((m, k), np.int64),
+                   "alpha": np.empty((m, k), np.float32), "similarity": np.empty((m, k), np.float32)}
+            for kind in ("proponent", "opponent")}
+    col_sum = np.zeros(len(ids), np.float64)
+    col_abs = np.zeros(len(ids), np.float64)
+    for b0 in range(0, m, block):
+        b1 = min(m, b0 + block)
+        xt, pred = test_x[b0:b1], test_pred[b0:b1]
+        res = score_block(xt, x, alpha32, pred, k)
+        col_sum += res["col_sum"]
+        col_abs += res["col_abs_sum"]
+        for kind, vals, idx in (("proponent", res["top_values"], res["top_index"]),
+                                ("opponent", res["bottom_values"], res["bottom_index"])):
+            out = topk[kind]
+            out["values"][b0:b1] = vals
+            out["ids"][b0:b1] = ids[idx]
+            out["alpha"][b0:b1] = alpha[idx, pred[:, None]]
+            out["similarity"][b0:b1] = np.einsum(
+                "bkd,bd->bk", x[idx].astype(np.float64), xt.astype(np.float64))
+    return {"topk": topk, "influence_sum": col_sum, "influence_abs_sum": col_abs}

@@ -165,37 +165,17 @@ class ShardWorker:
         d = self._data(spec)
         t0 = time.perf_counter()
         alpha = rp.alpha_by_tape(d.x, theta, d.targets, s.lam, s.n_train)
-        alpha32 = alpha.astype(np.float32)
-        k = min(s.k, len(d.ids))
-        m = len(test_x)
-        out = {kind: {"values": np.empty((m, k), np.float32), "ids": np.empty((m, k), np.int64),
-                      "alpha": np.empty((m, k), np.float32), "similarity": np.empty((m, k), np.float32)}
-               for kind in ("proponent", "opponent")}
-        col_sum = np.zeros(len(d.ids), np.float64)
-        col_abs = np.zeros(len(d.ids), np.float64)
-        for b0 in range(0, m, s.test_block):
-            b1 = min(m, b0 + s.test_block)
-            xt, pred = test_x[b0:b1], test_pred[b0:b1]
-            res = rp.score_block(xt, d.x, alpha32, pred, k)
-            col_sum += res["col_sum"]
-            col_abs += res["col_abs_sum"]
-            for kind, vals, idx in (("proponent", res["top_values"], res["top_index"]),
-                                    ("opponent", res["bottom_values"], res["bottom_index"])):
-                o = out[kind]
-                o["values"][b0:b1] = vals
-                o["ids"][b0:b1] = d.ids[idx]
-                o["alpha"][b0:b1] = alpha[idx, pred[:, None]]
-                o["similarity"][b0:b1] = np.einsum("bkd,bd->bk", d.x[idx].astype(np.float64), xt.astype(np.float64))
+        scored = rp.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block)
         rows = np.arange(len(d.ids))
         return {
             "shard": spec.index,
-            "topk": out,
+            "topk": scored["topk"],
             "train": {
                 "train_id": d.ids,
                 "label": d.labels,
                 "alpha_label": alpha[rows, d.labels],
-                "influence_sum": col_sum,
-                "influence_abs_sum": col_abs,
+                "influence_sum": scored["influence_sum"],
+                "influence_abs_sum": scored["influence_abs_sum"],
             },
             "alpha_head": rp.head_from_alpha(d.x, alpha),
             "seconds": time.perf_counter() - t0,

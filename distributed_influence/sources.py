@@ -86,6 +86,8 @@ def reshape_to(x: np.ndarray, input_shape: Sequence[Optional[int]], name: str) -
     shape = tuple(input_shape)
     if tuple(x.shape[1:]) == shape:
         return x
+    if len(x) == 0 and all(s is not None for s in shape):
+        return np.zeros((0,) + shape, dtype=x.dtype)
     if any(s is None for s in shape):
         if len(x.shape[1:]) == len(shape) and all(
             s is None or s == t for s, t in zip(shape, x.shape[1:])

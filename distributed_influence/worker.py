@@ -36,7 +36,9 @@ def configure_devices(num_gpus: float, num_cpus: float) -> dict:
     """
     if not num_gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    import tensorflow as tf
+    from .tfimport import import_tensorflow
+
+    tf = import_tensorflow()
 
     gpus = tf.config.list_physical_devices("GPU")
     try:
@@ -77,11 +79,15 @@ class WorkerActor(ShardWorker):
         return self.devices
 
 
-def _progress(total: int, desc: str, unit: str):
+def progress_bar(total: Optional[int], desc: Optional[str], unit: str):
+    """A progress bar on an interactive terminal; silent otherwise (logs carry the stages).
+
+    ``desc=None`` disables it, for calls too frequent to show (one per fit evaluation).
+    """
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr,
-                mininterval=0.5 if sys.stderr.isatty() else 10.0, leave=True)
+                disable=desc is None or not sys.stderr.isatty(), leave=True)
 
 
 class InProcessPool:
@@ -93,14 +99,11 @@ class InProcessPool:
 
     def map(self, method: str, specs: Sequence[ShardSpec], *shared, desc: Optional[str] = None) -> list:
         """Calls ``method(spec, *shared)`` for every shard; results in shard order."""
-        bar = _progress(sum(s.rows for s in specs), desc, "rows") if desc else None
-        out = []
-        for spec in specs:
-            out.append(getattr(self.worker, method)(spec, *shared))
-            if bar:
+        with progress_bar(sum(s.rows for s in specs), desc, "rows") as bar:
+            out = []
+            for spec in specs:
+                out.append(getattr(self.worker, method)(spec, *shared))
                 bar.update(spec.rows)
-        if bar:
-            bar.close()
         return out
 
     def call_all(self, method: str, args_per_worker: List[tuple]) -> list:
@@ -139,17 +142,12 @@ class RayPool:
         shared_refs = [a if isinstance(a, ray.ObjectRef) else ray.put(a) for a in shared]
         refs = [getattr(self.actor_for(s), method).remote(s, *shared_refs) for s in specs]
         index = {ref: i for i, ref in enumerate(refs)}
-        bar = _progress(sum(s.rows for s in specs), desc, "rows") if desc else None
         pending = list(refs)
-        try:
+        with progress_bar(sum(s.rows for s in specs), desc, "rows") as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 ray.get(done)  # raise the first failure at once
-                if bar:
-                    bar.update(specs[index[done[0]]].rows)
-        finally:
-            if bar:
-                bar.close()
+                bar.update(specs[index[done[0]]].rows)
         return ray.get(refs)
 
     def call_all(self, method: str, args_per_worker: List[tuple]) -> list:

@@ -1,0 +1,123 @@
+"""Shared fixtures: tiny Keras models of every supported shape, saved as real `.keras` files,
+and small data sets written as real `.npz` / Parquet files."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+N_FEATURES = 6
+N_CLASSES = 3
+
+
+def blobs(n: int, seed: int, n_features: int = N_FEATURES, n_classes: int = N_CLASSES):
+    """Gaussian blobs: a classification problem a tiny model learns in a few epochs."""
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(123).normal(0, 2.0, size=(n_classes, n_features))
+    y = rng.integers(0, n_classes, size=n)
+    x = centers[y] + rng.normal(0, 1.0, size=(n, n_features))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _fit(model, x, y, epochs=5):
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
+
+
+def multi_output_model(x, y):
+    """The seed's shape: a functional model with outputs [features, logits, softmax]."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((x.shape[1],))
+    f = keras.layers.Dense(8, activation="relu", name="features")(inp)
+    z = keras.layers.Dense(N_CLASSES, name="logits")(f)
+    p = keras.layers.Activation("softmax", name="softmax")(z)
+    _fit(keras.Model(inp, p), x, y)
+    return keras.Model(inp, [f, z, p])
+
+
+def sequential_activation_model(x, y):
+    import keras
+
+    keras.utils.set_random_seed(2)
+    m = keras.Sequential([
+        keras.Input((x.shape[1],)),
+        keras.layers.Dense(8, activation="tanh"),
+        keras.layers.Dense(N_CLASSES),
+        keras.layers.Activation("softmax"),
+    ])
+    _fit(m, x, y)
+    return m
+
+
+def functional_fused_model(x, y):
+    import keras
+
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((x.shape[1],))
+    h = keras.layers.Dense(8, activation="relu")(inp)
+    p = keras.layers.Dense(N_CLASSES, activation="softmax")(h)
+    m = keras.Model(inp, p)
+    _fit(m, x, y)
+    return m
+
+
+def sequential_softmax_layer_model(x, y):
+    import keras
+
+    keras.utils.set_random_seed(4)
+    m = keras.Sequential([
+        keras.Input((x.shape[1],)),
+        keras.layers.Dense(7, activation="relu"),
+        keras.layers.Dense(N_CLASSES),
+        keras.layers.Softmax(),
+    ])
+    _fit(m, x, y)
+    return m
+
+
+def named_layers_model(x, y):
+    """Ends in a sigmoid, so only --feature-layer/--logit-layer can say where the head is."""
+    import keras
+
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((x.shape[1],))
+    f = keras.layers.Dense(8, activation="relu", name="embed")(inp)
+    z = keras.layers.Dense(N_CLASSES, name="scores")(f)
+    out = keras.layers.Activation("sigmoid", name="squash")(z)
+    return keras.Model(inp, out)
+
+
+MODEL_FACTORIES = {
+    "multi_output": multi_output_model,
+    "sequential_activation": sequential_activation_model,
+    "functional_fused": functional_fused_model,
+    "sequential_softmax_layer": sequential_softmax_layer_model,
+}
+
+
+@pytest.fixture(scope="session")
+def data():
+    x_tr, y_tr = blobs(60, seed=0)
+    x_te, y_te = blobs(20, seed=1)
+    return x_tr, y_tr, x_te, y_te
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory, data):
+    """A multi-output model and npz sources on disk, shared by the session."""
+    x_tr, y_tr, x_te, y_te = data
+    root = tmp_path_factory.mktemp("inputs")
+    model = multi_output_model(x_tr, y_tr)
+    model_path = str(root / "model.keras")
+    model.save(model_path)
+    train = str(root / "train.npz")
+    test = str(root / "test.npz")
+    np.savez(train, x=x_tr, y=y_tr)
+    np.savez(test, x=x_te, y=y_te)
+    return {"model": model_path, "train": train, "test": test, "root": root}

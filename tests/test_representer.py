@@ -1,0 +1,120 @@
+"""The math of DESIGN.md §1 against closed forms, finite differences and an explicit Newton fit."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from distributed_influence import representer as rp
+from distributed_influence.fit import fit_head
+
+import oracle
+
+LAM = 0.003
+
+
+@pytest.fixture(scope="module")
+def problem():
+    rng = np.random.default_rng(7)
+    n, d, C = 80, 5, 4
+    f = rng.normal(size=(n, d)).astype(np.float32)
+    labels = rng.integers(0, C, size=n)
+    theta0 = rng.normal(scale=0.3, size=(d + 1, C))
+    return rp.augment(f), labels, theta0
+
+
+@pytest.mark.parametrize("target", ["labels", "predictions"])
+def test_alpha_by_tape_equals_closed_form(problem, target):
+    x, labels, theta = problem
+    C = theta.shape[1]
+    t = rp.one_hot(labels, C) if target == "labels" else oracle.softmax(x.astype(np.float64) @ (theta * 0.7))
+    alpha = rp.alpha_by_tape(x, theta, t, LAM, len(x))
+    expected = oracle.closed_form_alpha(x.astype(np.float64), t, theta, LAM)
+    rel = np.abs(alpha - expected).max() / np.abs(expected).max()
+    assert rel <= 1e-6
+    # Elementwise too, where the value is not tiny.
+    big = np.abs(expected) > 1e-3 * np.abs(expected).max()
+    assert np.all(np.abs(alpha - expected)[big] <= 1e-6 * np.abs(expected)[big])
+
+
+def test_gradient_of_a_slice_is_none_but_alpha_of_that_class_is_right(problem):
+    """The bug this project exists for: the slice is made after the loss, off its path."""
+    x, labels, theta = problem
+    C = theta.shape[1]
+    t = rp.one_hot(labels, C)
+    j = 2
+    x64 = tf.constant(x, tf.float64)
+    with tf.GradientTape(persistent=True) as tape:
+        logits = tf.matmul(x64, tf.constant(theta))
+        tape.watch(logits)
+        loss = tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=t, logits=logits))
+    assert tape.gradient(loss, logits[:, j]) is None
+    alpha = rp.alpha_by_tape(x, theta, t, LAM, len(x))
+    assert alpha[:, j] is not None and np.all(np.isfinite(alpha[:, j]))
+    expected = oracle.closed_form_alpha(x.astype(np.float64), t, theta, LAM)[:, j]
+    np.testing.assert_allclose(alpha[:, j], expected, rtol=1e-9, atol=1e-15)
+
+
+def test_objective_sums_match_finite_differences(problem):
+    x, labels, theta = problem
+    t = rp.one_hot(labels, theta.shape[1])
+    loss, grad = rp.objective_sums(x, t, theta)
+    x64 = x.astype(np.float64)
+    j_ref, _ = oracle.objective(x64, t, theta, 0.0)
+    assert loss == pytest.approx(j_ref * len(x), rel=1e-12)
+    eps = 1e-6
+    num = np.zeros_like(theta)
+    for idx in np.ndindex(theta.shape):
+        e = np.zeros_like(theta)
+        e[idx] = eps
+        num[idx] = (oracle.objective(x64, t, theta + e, 0.0)[0] - oracle.objective(x64, t, theta - e, 0.0)[0]) / (2 * eps)
+    np.testing.assert_allclose(grad / len(x), num, atol=1e-8)
+
+
+def test_hvp_matches_gradient_differences(problem):
+    x, labels, theta = problem
+    t = rp.one_hot(labels, theta.shape[1])
+    v = np.random.default_rng(3).normal(size=theta.shape)
+    eps = 1e-5
+    gp = rp.objective_sums(x, t, theta + eps * v)[1]
+    gm = rp.objective_sums(x, t, theta - eps * v)[1]
+    np.testing.assert_allclose(rp.hvp_sums(x, theta, v), (gp - gm) / (2 * eps), rtol=1e-6, atol=1e-7)
+
+
+def test_objective_sums_add_over_row_splits(problem):
+    x, labels, theta = problem
+    t = rp.one_hot(labels, theta.shape[1])
+    whole = rp.objective_sums(x, t, theta)
+    parts = [rp.objective_sums(x[a:b], t[a:b], theta) for a, b in ((0, 13), (13, 50), (50, 80))]
+    assert sum(p[0] for p in parts) == pytest.approx(whole[0], rel=1e-12)
+    np.testing.assert_allclose(sum(p[1] for p in parts), whole[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("target", ["labels", "predictions"])
+def test_fit_reaches_stationary_point_and_theta_is_sum_of_alphas(problem, target):
+    x, labels, theta0 = problem
+    C = theta0.shape[1]
+    t = rp.one_hot(labels, C) if target == "labels" else oracle.softmax(x.astype(np.float64) @ theta0)
+    res = fit_head(lambda th: rp.objective_sums(x, t, th), lambda th, v: rp.hvp_sums(x, th, v),
+                   len(x), LAM, theta0, tol=1e-10)
+    assert res.converged and res.max_abs_grad <= 1e-7
+    # The stationary point of an independent explicit-Hessian Newton fit.
+    ref = oracle.newton_fit(x.astype(np.float64), t, LAM, theta0)
+    np.testing.assert_allclose(res.theta, ref, atol=1e-7)
+    alpha = rp.alpha_by_tape(x, res.theta, t, LAM, len(x))
+    recon = x.astype(np.float64).T @ alpha
+    assert np.abs(res.theta - recon).max() / np.abs(res.theta).max() <= 1e-4
+    # x_t · Σ_i x_iᵀ α_i equals the surrogate logit for any point.
+    xt = rp.augment(np.random.default_rng(9).normal(size=(10, x.shape[1] - 1)))
+    z = xt.astype(np.float64) @ res.theta
+    s = xt.astype(np.float64) @ recon
+    assert np.all(np.abs(s - z) <= 1e-4 * np.maximum(1, np.abs(z)))
+
+
+def test_fidelity_moments_give_pearson_and_mean_abs(problem):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(30, 3))
+    b = a + rng.normal(scale=0.1, size=a.shape)
+    m = rp.fidelity_moments(a[:10], b[:10]) + rp.fidelity_moments(a[10:], b[10:])
+    fid = rp.fidelity_from_moments(m)
+    assert fid["pearson"] == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1], rel=1e-10)
+    assert fid["mean_abs_diff"] == pytest.approx(np.mean(np.abs(a - b)), rel=1e-12)
