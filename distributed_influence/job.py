@@ -162,12 +162,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, timer: _Timer)
         test_moments = fidelity_moments(test_x.astype(np.float64) @ fit.theta, test_logits)
 
     with timer.stage("score"):
-        if hasattr(pool, "_ray"):
-            import ray
-
-            shared = (ray.put(fit.theta), ray.put(test_x), ray.put(test_pred))
-        else:
-            shared = (fit.theta, test_x, test_pred)
+        shared = (pool.put(fit.theta), pool.put(test_x), pool.put(test_pred))
         results = pool.map("score", specs, *shared, desc="alpha + score")
 
     with timer.stage("reduce"):
@@ -206,6 +201,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, timer: _Timer)
                     "score_seconds": round(r["seconds"], 4)}
                    for s, p, r in zip(specs, prepared, results)],
         "workers": {"count": pool.n_workers, "nodes": len(nodes) if nodes else 1,
-                    "backend": "ray" if hasattr(pool, "_ray") else "in-process"},
+                    "backend": pool.backend,
+                    "devices": pool.devices()},
         "timings": dict(timer.times),
     }

@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def _use_loopback() -> None:
+def use_loopback() -> None:
+    """Makes Ray nodes started from this process bind and advertise 127.0.0.1 only."""
     os.environ[_LOOPBACK_ENV] = "0"
     import ray._private.ray_constants as rc
 
@@ -41,7 +42,7 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
         log.info("joining the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        _use_loopback()
+        use_loopback()
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
         log.info("started a local Ray instance on 127.0.0.1")

@@ -76,7 +76,9 @@ class WorkerActor(ShardWorker):
         super().__init__(model_bytes, settings)
 
     def device_info(self) -> dict:
-        return self.devices
+        from .shard import _node_id
+
+        return {**self.devices, "node": _node_id()}
 
 
 def progress_bar(total: Optional[int], desc: Optional[str], unit: str):
@@ -93,9 +95,14 @@ def progress_bar(total: Optional[int], desc: Optional[str], unit: str):
 class InProcessPool:
     """Runs every shard in this process, one after the other."""
 
+    backend = "in-process"
+
     def __init__(self, model_bytes: bytes, settings: WorkerSettings):
         self.worker = ShardWorker(model_bytes, settings)
         self.n_workers = 1
+
+    def put(self, value):
+        return value
 
     def map(self, method: str, specs: Sequence[ShardSpec], *shared, desc: Optional[str] = None) -> list:
         """Calls ``method(spec, *shared)`` for every shard; results in shard order."""
@@ -109,12 +116,17 @@ class InProcessPool:
     def call_all(self, method: str, args_per_worker: List[tuple]) -> list:
         return [getattr(self.worker, method)(*args) for args in args_per_worker]
 
+    def devices(self) -> list:
+        return []
+
     def shutdown(self) -> None:
         pass
 
 
 class RayPool:
     """Ray actors that keep the model and their shards' features across stages."""
+
+    backend = "ray"
 
     def __init__(self, model_bytes: bytes, settings: WorkerSettings, n_workers: int,
                  num_cpus: float, num_gpus: float):
@@ -129,6 +141,10 @@ class RayPool:
             for _ in range(n_workers)
         ]
         self.n_workers = n_workers
+
+    def put(self, value):
+        """Broadcast: stored once in the object store, read zero-copy by the workers."""
+        return self._ray.put(value)
 
     def actor_for(self, spec: ShardSpec):
         return self.actors[spec.index % self.n_workers]
@@ -153,6 +169,10 @@ class RayPool:
     def call_all(self, method: str, args_per_worker: List[tuple]) -> list:
         refs = [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_worker)]
         return self._ray.get(refs)
+
+    def devices(self) -> list:
+        """What each worker was given: Ray GPU ids, CUDA_VISIBLE_DEVICES, TensorFlow GPUs, node."""
+        return self.call_all("device_info", [()] * self.n_workers)
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -121,3 +121,22 @@ def files(tmp_path_factory, data):
     np.savez(train, x=x_tr, y=y_tr)
     np.savez(test, x=x_te, y=y_te)
     return {"model": model_path, "train": train, "test": test, "root": root}
+
+
+def assert_same_results(out_a: str, out_b: str, rtol: float = 1e-5) -> None:
+    """Tables of two runs: same ids, kinds and ranks; float columns within rtol (relative to scale)."""
+    import pyarrow.parquet as pq
+
+    for name in ("influence_topk.parquet", "train_scores.parquet", "test_scores.parquet"):
+        a = pq.read_table(os.path.join(out_a, name))
+        b = pq.read_table(os.path.join(out_b, name))
+        assert a.schema == b.schema and a.num_rows == b.num_rows, name
+        for col in a.column_names:
+            x, y = a.column(col).to_numpy(zero_copy_only=False), b.column(col).to_numpy(zero_copy_only=False)
+            if col == "decomposition_error":  # float rounding residue: small in both, not equal
+                assert np.all(x <= 1e-5) and np.all(y <= 1e-5), name
+            elif x.dtype.kind == "f":
+                scale = max(np.nanmax(np.abs(x)), 1e-30)
+                np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * scale * 1e-2, err_msg=f"{name}:{col}")
+            else:
+                np.testing.assert_array_equal(x, y, err_msg=f"{name}:{col}")

@@ -1,0 +1,90 @@
+"""The cluster path end to end: `ray start --head` on loopback, the job submitted through the
+Ray Jobs API, tables checked, head stopped. Also: cluster.yaml against Ray's own schema."""
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from distributed_influence.config import AuditConfig
+from distributed_influence.job import run_audit
+
+from conftest import assert_same_results
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_bin():
+    cand = os.path.join(os.path.dirname(sys.executable), "ray")
+    return cand if os.path.exists(cand) else shutil.which("ray")
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A real Ray head with token authentication, every service on 127.0.0.1."""
+    tmp = tmp_path_factory.mktemp("head")
+    token = tmp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = _free_port(), _free_port()
+    subprocess.run(
+        [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+         "--num-cpus=2", "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, timeout=180,
+    )
+    try:
+        yield {"env": env, "url": f"http://127.0.0.1:{dash}", "gcs": gcs}
+    finally:
+        subprocess.run([_ray_bin(), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_job_submitted_to_a_ray_head_succeeds(head, files, tmp_path):
+    """Exactly the README's cluster command: `ray job submit --working-dir . -- python jobs/audit.py`."""
+    out = str(tmp_path / "out")
+    cmd = [_ray_bin(), "job", "submit", "--address", head["url"], "--working-dir", ROOT,
+           "--runtime-env-json", json.dumps({"excludes": [".git", "tests", "*.keras", "demo_out"]}),
+           "--", sys.executable, "jobs/audit.py", "--model", files["model"], "--train", files["train"],
+           "--test", files["test"], "--out", out, "--k", "4", "--shards", "3"]
+    proc = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=400, cwd=ROOT)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode == 0, logs[-3000:]
+    assert "succeeded" in logs.lower(), logs[-3000:]
+    assert "stage score: done" in logs  # the per-stage log lines a cluster user sees
+    with open(os.path.join(out, "manifest.json")) as fh:
+        manifest = json.load(fh)
+    assert manifest["workers"]["backend"] == "ray" and len(manifest["shards"]) == 3
+    ref = str(tmp_path / "ref")
+    run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=ref, k=4),
+              use_ray=False)
+    assert_same_results(ref, out)
+
+
+def test_cluster_yaml_validates_against_rays_schema():
+    import jsonschema
+    import yaml
+    import ray.autoscaler
+
+    with open(os.path.join(os.path.dirname(ray.autoscaler.__file__), "ray-schema.json")) as fh:
+        schema = json.load(fh)
+    with open(os.path.join(ROOT, "cluster.yaml")) as fh:
+        config = yaml.safe_load(fh)
+    jsonschema.validate(config, schema)
+    types = config["available_node_types"]
+    assert any(t["resources"].get("GPU", 0) >= 1 for t in types.values())
+    # No port for the world: dashboard on loopback, our own security group on every node.
+    assert all("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"] if "--head" in c)
+    assert all("SecurityGroupIds" in t["node_config"] for t in types.values())

@@ -1,0 +1,88 @@
+"""The distributed job on a real local Ray instance (one per module), against the single-process engine."""
+
+import numpy as np
+import pytest
+
+from distributed_influence.config import AuditConfig
+from distributed_influence.job import run_audit
+from distributed_influence.runtime import plan_workers, start_ray
+
+from conftest import assert_same_results
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    start_ray(num_cpus=2, num_gpus=2)  # two logical GPUs: Ray schedules them, TensorFlow finds none
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(files, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ref") / "out")
+    run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=out, k=4),
+              use_ray=False)
+    return out
+
+
+def _cfg(files, out, **kw):
+    return AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=out, k=4, **kw)
+
+
+@pytest.mark.parametrize("shards", [1, 3, 7])
+def test_sharded_ray_job_equals_single_process(ray_local, files, reference, tmp_path, shards):
+    out = str(tmp_path / "out")
+    m = run_audit(_cfg(files, out, shards=shards, gpus_per_worker=0), use_ray=True)
+    assert m["workers"]["backend"] == "ray"
+    assert len(m["shards"]) == shards
+    assert sum(s["rows"] for s in m["shards"]) == 60
+    assert m["workers"]["count"] == min(2, shards)
+    assert_same_results(reference, out)
+
+
+def test_gpu_workers_each_get_their_own_gpu(ray_local, files, reference, tmp_path):
+    assert plan_workers(None, None, None) == (2, 1.0, 1.0)  # GPUs present: one worker per GPU
+    out = str(tmp_path / "out")
+    m = run_audit(_cfg(files, out, shards=4, gpus_per_worker=1), use_ray=True)
+    devices = m["workers"]["devices"]
+    assert len(devices) == 2
+    gpu_ids = [d["ray_gpu_ids"] for d in devices]
+    assert all(len(g) == 1 for g in gpu_ids) and gpu_ids[0] != gpu_ids[1]
+    for d in devices:
+        assert d["cuda_visible_devices"] == d["ray_gpu_ids"][0]
+        assert d["tf_gpus"] == []  # no GPU on this machine: TensorFlow runs on the CPU
+    assert m["workers"]["gpus_per_worker"] == 1.0
+    assert_same_results(reference, out)
+
+
+def test_cpu_workers_hide_gpus(ray_local, files, tmp_path):
+    m = run_audit(_cfg(files, str(tmp_path / "out"), shards=2, gpus_per_worker=0), use_ray=True)
+    for d in m["workers"]["devices"]:
+        assert d["ray_gpu_ids"] == [] and d["cuda_visible_devices"] == ""
+
+
+def test_fit_worker_api_returns_only_sums(ray_local, files):
+    """The driver receives (d+1)×C sums per shard, never training features."""
+    from distributed_influence.inputs import prepare_inputs
+    from distributed_influence.shard import WorkerSettings, plan_shards
+    from distributed_influence.worker import RayPool
+
+    cfg = _cfg(files, "unused")
+    inputs = prepare_inputs(cfg)
+    settings = WorkerSettings(model_name="model.keras", train=cfg.train, test=cfg.test, target="labels",
+                              lam=cfg.lam, k=cfg.k, n_train=60, batch_size=16, test_block=8)
+    pool = RayPool(inputs.model_bytes, settings, 2, 1.0, 0.0)
+    try:
+        specs = plan_shards(60, 3)
+        theta = inputs.split.theta()
+        for loss, grad in pool.map("objective", specs, theta):
+            assert isinstance(loss, float)
+            assert grad.shape == theta.shape == (inputs.split.feature_dim + 1, inputs.n_classes)
+        for hv in pool.map("hvp", specs, theta, np.ones_like(theta)):
+            assert hv.shape == theta.shape
+        for moments in pool.map("fidelity", specs, theta):
+            assert moments.shape == (7,)
+    finally:
+        pool.shutdown()
