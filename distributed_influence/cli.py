@@ -58,7 +58,10 @@ def add_audit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", type=_shape, default=None,
                    help="shape of one example for flat Parquet rows, e.g. 28,28,1 (default: the model's)")
     p.add_argument("--scale", type=float, default=None,
-                   help="factor applied to Parquet 'image' bytes and IDX pixels (default 1/255)")
+                   help="factor applied to input values: Parquet 'image' bytes and IDX pixels "
+                        "(default 1/255), Parquet 'x' lists (default 1, unchanged)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace results or partial results of a different job found in --out")
     p.add_argument("--in-process", action="store_true",
                    help="run every shard in this process without Ray (the single-process engine)")
 
@@ -72,6 +75,7 @@ def config_from_args(args: argparse.Namespace):
         feature_layer=args.feature_layer, logit_layer=args.logit_layer, batch_size=args.batch_size,
         test_block=args.test_block, gpus_per_worker=args.gpus_per_worker, workers=args.workers,
         grad_tol=args.grad_tol, max_iter=args.max_iter, input_shape=args.input_shape, scale=args.scale,
+        overwrite=args.overwrite,
     )
 
 
@@ -117,8 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "of the training set; writes Parquet tables to --out.")
     add_audit_arguments(audit)
     audit.set_defaults(func=cmd_audit)
-    from . import demo
+    from . import demo, explain, report
 
+    explain.add_parser(sub)
+    report.add_parser(sub)
     demo.add_parser(sub)
     return parser
 

@@ -44,6 +44,7 @@ class AuditConfig:
         input_shape: shape of one example for sources that store flat rows; None takes the
             model's input shape.
         scale: factor applied to `image` bytes of Parquet sources (default 1/255).
+        overwrite: replace results or partials of a different job found in ``out``.
     """
 
     model: str
@@ -65,6 +66,7 @@ class AuditConfig:
     max_iter: int = 1000
     input_shape: Optional[tuple] = None
     scale: Optional[float] = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -108,6 +110,6 @@ class AuditConfig:
     def digest(self) -> str:
         """Hash of the settings that change the numbers (not where they are written)."""
         d = self.to_dict()
-        for key in ("out", "address", "workers", "gpus_per_worker"):
+        for key in ("out", "address", "workers", "gpus_per_worker", "overwrite", "batch_size"):
             d.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

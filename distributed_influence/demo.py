@@ -9,6 +9,7 @@ label audit ranks near the top. Nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Optional
 
@@ -99,6 +100,8 @@ def run_demo(out: str, n_train: Optional[int] = None, flip_fraction: float = 0.1
     found = flagged_fractions(np.asarray(train["audit_rank"]), np.asarray(train["train_id"]), flipped)
     manifest["demo"] = {"test_accuracy": acc, "n_flipped": int(len(flipped)),
                         "flipped_found": {f"top_{int(p * 100)}pct": v for p, v in found.items()}}
+    with open(os.path.join(out, "demo.json"), "w") as fh:
+        json.dump(manifest["demo"], fh, indent=2)
     return manifest
 
 

@@ -7,7 +7,9 @@ features, which are broadcast once with ``ray.put``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import platform
 import time
 from typing import Optional
@@ -15,12 +17,14 @@ from typing import Optional
 import numpy as np
 
 from . import __version__
+from . import faults, index
 from . import reduce as rd
 from . import tables
 from .config import AuditConfig
 from .fit import fit_head
 from .inputs import Inputs, prepare_inputs
 from .representer import fidelity_from_moments, fidelity_moments
+from .resume import WorkStore, run_key
 from .shard import WorkerSettings, plan_shards
 from .worker import InProcessPool, RayPool, progress_bar, unwrap_ray_error
 
@@ -70,6 +74,9 @@ class _Timer:
 def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
     """Runs a full audit and writes the tables and manifest to ``config.out``.
 
+    Finished work is persisted under ``OUT/_work/`` as it completes; re-running the same
+    command after a crash reuses it (see :mod:`distributed_influence.resume`).
+
     Args:
         config: the validated settings.
         use_ray: False runs every shard in this process (the single-process engine).
@@ -78,14 +85,16 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
         The manifest that was written.
 
     Raises:
-        InputError: bad input, found on the driver or by a worker; nothing is written.
+        InputError: bad input, found on the driver or by a worker; no table is written.
     """
     timer = _Timer()
     t_start = time.perf_counter()
+    fault = faults.from_env()
     with timer.stage("validate"):
         inputs = prepare_inputs(config)
     started = False
     pool = None
+    gpus = 0.0
     try:
         if use_ray:
             from .runtime import plan_workers, start_ray
@@ -94,14 +103,18 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
             n_workers, gpus, cpus = plan_workers(config.shards, config.workers, config.gpus_per_worker)
             n_shards = config.shards or n_workers
         else:
-            n_workers, gpus, cpus = 1, 0.0, 0.0
+            n_workers, cpus = 1, 0.0
             n_shards = config.shards or 1
         specs = plan_shards(inputs.train.n_rows, n_shards)
+        key = run_key(config.digest(), inputs.model_bytes, config.train, config.test,
+                      [(s.start, s.stop) for s in specs])
+        store = WorkStore.open(config.out, key, config.overwrite)
         settings = WorkerSettings(
             model_name=inputs.model_name, train=config.train, test=config.test, target=config.target,
             lam=config.lam, k=config.k, n_train=inputs.train.n_rows, batch_size=config.batch_size,
             test_block=config.test_block, feature_layer=config.feature_layer,
             logit_layer=config.logit_layer, input_shape=inputs.input_shape, scale=config.scale,
+            index_dir=os.path.join(store.path, index.INDEX_DIR), fault=fault,
         )
         if use_ray:
             pool = RayPool(inputs.model_bytes, settings, min(n_workers, len(specs)), cpus, gpus)
@@ -109,7 +122,7 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
             pool = InProcessPool(inputs.model_bytes, settings)
         log.info("%d training rows in %d shards on %d workers (%g GPU each)",
                  inputs.train.n_rows, len(specs), pool.n_workers, gpus)
-        manifest = _run_stages(config, inputs, pool, specs, timer)
+        manifest = _run_stages(config, inputs, pool, specs, store, timer, fault)
     except Exception as exc:
         raise unwrap_ray_error(exc) from None
     finally:
@@ -119,89 +132,149 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
             import ray
 
             ray.shutdown()
+    manifest["run_key"] = key
     manifest["workers"]["gpus_per_worker"] = gpus
     manifest["timings"]["total"] = round(time.perf_counter() - t_start, 4)
-    with timer.stage("write"):
-        tables.write_outputs(config.out, manifest.pop("_tables"), manifest)
+    tables.write_outputs(config.out, manifest.pop("_tables"), manifest)
+    _publish_index(store, config.out)
+    store.remove()
     return manifest
 
 
-def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, timer: _Timer) -> dict:
-    n_train = inputs.train.n_rows
+def _publish_index(store: WorkStore, out: str) -> None:
+    """Moves the finished train index from the run's work area to ``OUT/index``."""
+    import shutil
+
+    final = os.path.join(out, index.INDEX_DIR)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(os.path.join(store.path, index.INDEX_DIR), final)
+
+
+def _featurize_test(pool, inputs: Inputs, store: WorkStore) -> dict:
+    """Test features, computed by the workers in parallel (or reused from a previous run)."""
+    cached = store.load("test")
+    if cached is not None:
+        return cached
+    parts = pool.call_all("featurize_rows", [("test", p.start, p.stop)
+                                             for p in plan_shards(inputs.test.n_rows, pool.n_workers)])
+    test = {"x": np.concatenate([p[0] for p in parts]),
+            "logits": np.concatenate([p[1] for p in parts]),
+            "ids": np.concatenate([p[2] for p in parts])}
+    if parts[0][3] is not None:
+        test["labels"] = np.concatenate([p[3] for p in parts])
+    store.save("test", test)
+    return test
+
+
+def _fit(config: AuditConfig, inputs: Inputs, pool, specs, test: dict, store: WorkStore) -> dict:
+    """The head fit on the shards' sums, and the fidelity of the surrogate; persisted."""
+    cached = store.load("fit")
+    if cached is not None:
+        return cached
+
+    def sums(theta):
+        res = pool.map("objective", specs, theta)
+        return sum(r[0] for r in res), np.sum([r[1] for r in res], axis=0)
+
+    def hvp(theta, v):
+        return np.sum(pool.map("hvp", specs, theta, v), axis=0)
+
+    with progress_bar(None, "fit head", "it") as bar:
+        def on_iteration(it, g):
+            bar.update(1)
+            bar.set_postfix_str(f"max|grad J|={g:.2e}", refresh=False)
+
+        fit = fit_head(sums, hvp, inputs.train.n_rows, config.lam, inputs.split.theta(),
+                       tol=config.grad_tol, max_iter=config.max_iter, on_iteration=on_iteration)
+    if not fit.converged:
+        log.warning("head fit stopped at max|grad J| = %.3g > %.3g after %d iterations",
+                    fit.max_abs_grad, config.grad_tol, fit.iterations)
+    log.info("head fit: %d iterations, max|grad J| = %.3g (%s)", fit.iterations, fit.max_abs_grad, fit.method)
+    result = {
+        "theta": fit.theta,
+        "info": {"iterations": fit.iterations, "evaluations": fit.evaluations,
+                 "max_abs_grad": fit.max_abs_grad, "objective": fit.objective,
+                 "converged": fit.converged, "method": fit.method},
+        "train_moments": np.sum(pool.map("fidelity", specs, fit.theta), axis=0),
+        "test_moments": fidelity_moments(test["x"].astype(np.float64) @ fit.theta, test["logits"]),
+    }
+    store.save("fit", result)
+    return result
+
+
+def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore,
+                timer: _Timer, fault) -> dict:
+    shard_info = {s.index: {"index": s.index, "start": s.start, "stop": s.stop, "rows": s.rows}
+                  for s in specs}
+    results = {s.index: store.load(f"shard-{s.index}") for s in specs}
+    reused = sorted(i for i, r in results.items() if r is not None)
+    todo = [s for s in specs if results[s.index] is None]
+    if reused:
+        log.info("resuming: %d of %d shards already scored", len(reused), len(specs))
+    fit = store.load("fit")
 
     with timer.stage("featurize"):
-        prepared = pool.map("prepare", specs, desc="featurize train")
-        test_parts = plan_shards(inputs.test.n_rows, pool.n_workers)
-        # Test rows are split over the workers too; their features are the one thing broadcast.
-        parts = pool.call_all("featurize_rows", [("test", p.start, p.stop) for p in test_parts])
-        test_x = np.concatenate([p[0] for p in parts])
-        test_logits = np.concatenate([p[1] for p in parts])
-        test_ids = np.concatenate([p[2] for p in parts])
-        test_labels = None if parts[0][3] is None else np.concatenate([p[3] for p in parts])
-        test_pred = np.argmax(test_logits, axis=1).astype(np.int64)
+        # The fit needs every shard; afterwards only the shards still to be scored.
+        for p in pool.map("prepare", specs if fit is None else todo, desc="featurize train"):
+            shard_info[p["shard"]].update(node=p["node"], featurize_seconds=round(p["seconds"], 4))
+        test = _featurize_test(pool, inputs, store)
+        test_pred = np.argmax(test["logits"], axis=1).astype(np.int64)
 
     with timer.stage("fit"):
-        def sums(theta):
-            res = pool.map("objective", specs, theta)
-            return sum(r[0] for r in res), np.sum([r[1] for r in res], axis=0)
-
-        def hvp(theta, v):
-            return np.sum(pool.map("hvp", specs, theta, v), axis=0)
-
-        with progress_bar(None, "fit head", "it") as bar:
-            def on_iteration(it, g):
-                bar.update(1)
-                bar.set_postfix_str(f"max|grad J|={g:.2e}", refresh=False)
-
-            fit = fit_head(sums, hvp, n_train, config.lam, inputs.split.theta(),
-                           tol=config.grad_tol, max_iter=config.max_iter, on_iteration=on_iteration)
-        if not fit.converged:
-            log.warning("head fit stopped at max|grad J| = %.3g > %.3g after %d iterations",
-                        fit.max_abs_grad, config.grad_tol, fit.iterations)
-        train_moments = np.sum(pool.map("fidelity", specs, fit.theta), axis=0)
-        test_moments = fidelity_moments(test_x.astype(np.float64) @ fit.theta, test_logits)
+        fit = _fit(config, inputs, pool, specs, test, store)
+    theta = fit["theta"]
 
     with timer.stage("score"):
-        shared = (pool.put(fit.theta), pool.put(test_x), pool.put(test_pred))
-        results = pool.map("score", specs, *shared, desc="alpha + score")
+        saved = []
+
+        def persist(spec, result):
+            store.save(f"shard-{spec.index}", result)
+            saved.append(spec.index)
+            faults.maybe_stop_driver(fault, len(saved))
+
+        shared = (pool.put(theta), pool.put(test["x"]), pool.put(test_pred))
+        for spec, r in zip(todo, pool.map("score", todo, *shared, desc="alpha + score", on_result=persist)):
+            results[spec.index] = r
+    for i, r in results.items():
+        shard_info[i].setdefault("node", str(r.get("node", "")) or None)
+        shard_info[i].update(score_seconds=round(float(r["seconds"]), 4), reused=i in reused)
 
     with timer.stage("reduce"):
-        topk = rd.merge_topk_table(results, config.k, test_ids, test_pred)
-        train = rd.train_table(results)
-        alpha_head = np.sum([r["alpha_head"] for r in results], axis=0)
-        test = rd.test_table(test_ids, test_labels, test_pred, test_logits, test_x, fit.theta, alpha_head)
-        residual = float(np.max(np.abs(fit.theta - alpha_head)) / np.max(np.abs(fit.theta)))
+        ordered = [results[s.index] for s in specs]
+        topk = rd.merge_topk_table(ordered, config.k, test["ids"], test_pred)
+        train = rd.train_table(ordered)
+        alpha_head = np.sum([r["alpha_head"] for r in ordered], axis=0)
+        dec = rd.test_table(test["ids"], test.get("labels"), test_pred, test["logits"], test["x"],
+                            theta, alpha_head)
+        residual = float(np.max(np.abs(theta - alpha_head)) / np.max(np.abs(theta)))
+        index.write_head(os.path.join(store.path, index.INDEX_DIR), theta, alpha_head)
 
-    nodes = sorted({p["node"] for p in prepared if p.get("node")})
+    nodes = sorted({i["node"] for i in shard_info.values() if i.get("node")})
     return {
         "_tables": {tables.INFLUENCE_TOPK: topk, tables.TRAIN_SCORES: train,
-                    tables.TEST_SCORES: test["table"]},
+                    tables.TEST_SCORES: dec["table"]},
         "config": config.to_dict(),
         "config_digest": config.digest(),
+        "model_sha256": hashlib.sha256(inputs.model_bytes).hexdigest(),
+        "index": {"dir": index.INDEX_DIR, "shards": len(specs)},
         "versions": _versions(),
-        "n_train": int(n_train),
+        "n_train": int(inputs.train.n_rows),
         "n_test": int(inputs.test.n_rows),
         "n_classes": int(inputs.n_classes),
         "feature_dim": int(inputs.split.feature_dim),
+        "input_shape": [None if d is None else int(d) for d in inputs.input_shape],
         "head_layer": inputs.split.head_layer,
         "lambda": float(config.lam),
         "target": config.target,
         "k": int(config.k),
-        "head_fit": {
-            "iterations": fit.iterations, "evaluations": fit.evaluations,
-            "max_abs_grad": fit.max_abs_grad, "objective": fit.objective,
-            "converged": fit.converged, "method": fit.method, "grad_tol": config.grad_tol,
-        },
-        "fidelity": {"train": fidelity_from_moments(train_moments),
-                     "test": fidelity_from_moments(test_moments)},
-        "decomposition": {"max_error": test["max_error"], "max_relative_error": test["max_relative_error"],
+        "head_fit": {**fit["info"], "grad_tol": config.grad_tol},
+        "fidelity": {"train": fidelity_from_moments(fit["train_moments"]),
+                     "test": fidelity_from_moments(fit["test_moments"])},
+        "decomposition": {"max_error": dec["max_error"], "max_relative_error": dec["max_relative_error"],
                           "theta_residual": residual},
-        "shards": [{"index": s.index, "start": s.start, "stop": s.stop, "rows": s.rows,
-                    "node": p.get("node"), "featurize_seconds": round(p["seconds"], 4),
-                    "score_seconds": round(r["seconds"], 4)}
-                   for s, p, r in zip(specs, prepared, results)],
-        "workers": {"count": pool.n_workers, "nodes": len(nodes) if nodes else 1,
-                    "backend": pool.backend,
+        "shards": [shard_info[s.index] for s in specs],
+        "resume": {"reused_shards": reused, "computed_shards": [s.index for s in todo]},
+        "workers": {"count": pool.n_workers, "nodes": max(1, len(nodes)), "backend": pool.backend,
                     "devices": pool.devices()},
         "timings": dict(timer.times),
     }

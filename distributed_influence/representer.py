@@ -12,6 +12,7 @@ sees in the decomposition (DESIGN.md §1.1), and float32 sums stall far above 1e
 
 from __future__ import annotations
 
+import logging
 from typing import Tuple
 
 import numpy as np
@@ -19,6 +20,7 @@ import numpy as np
 from .tfimport import import_tensorflow
 
 tf = import_tensorflow()
+log = logging.getLogger(__name__)
 
 #: Rows per float64 block in the objective: bounds the float64 copy of a shard's features.
 ROW_BLOCK = 8192
@@ -210,7 +212,7 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x: np.nd
         test_x: (m, d+1) float32 augmented test features.
         test_pred: (m,) class explained for each test example.
         k: entries kept per test example and kind (capped at the shard size).
-        block: test examples per block.
+        block: test examples per block; halved if a block runs out of device memory.
 
     Returns:
         dict with ``topk[kind]`` arrays ``values``, ``ids``, ``alpha``, ``similarity`` of shape
@@ -227,10 +229,18 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x: np.nd
             for kind in ("proponent", "opponent")}
     col_sum = np.zeros(len(ids), np.float64)
     col_abs = np.zeros(len(ids), np.float64)
-    for b0 in range(0, m, block):
+    b0 = 0
+    while b0 < m:
         b1 = min(m, b0 + block)
         xt, pred = test_x[b0:b1], test_pred[b0:b1]
-        res = score_block(xt, x, alpha32, pred, k)
+        try:
+            res = score_block(xt, x, alpha32, pred, k)
+        except tf.errors.ResourceExhaustedError:
+            if block == 1:
+                raise
+            block = max(1, block // 2)  # the (block × shard) matrix did not fit: halve it
+            log.warning("out of memory while scoring: test block now %d", block)
+            continue
         col_sum += res["col_sum"]
         col_abs += res["col_abs_sum"]
         for kind, vals, idx in (("proponent", res["top_values"], res["top_index"]),
@@ -241,4 +251,5 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x: np.nd
             out["alpha"][b0:b1] = alpha[idx, pred[:, None]]
             out["similarity"][b0:b1] = np.einsum(
                 "bkd,bd->bk", x[idx].astype(np.float64), xt.astype(np.float64))
+        b0 = b1
     return {"topk": topk, "influence_sum": col_sum, "influence_abs_sum": col_abs}

@@ -15,8 +15,10 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from . import index
 from . import representer as rp
 from .errors import InputError, SourceError
+from .faults import Fault, maybe_kill_worker
 from .model import Featurizer, load_model, split_model
 from .sources import open_source
 
@@ -69,9 +71,11 @@ class WorkerSettings:
     logit_layer: Optional[str] = None
     input_shape: Optional[tuple] = None
     scale: Optional[float] = None
+    index_dir: Optional[str] = None  # where score() writes the shard's train index
+    fault: Optional[Fault] = None  # test hook, see faults.py
 
 
-def _check_finite(arr: np.ndarray, what: str, first_row: int) -> None:
+def check_finite(arr: np.ndarray, what: str, first_row: int) -> None:
     """Refuses NaN/inf early: one bad row would silently poison the head fit and every α."""
     bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
     if bad.any():
@@ -110,9 +114,9 @@ class ShardWorker:
         """Reads rows [start, stop) of a source and returns (augmented features, logits, ids, labels)."""
         src = self._source(which)
         rows = src.read(start, stop, self._input_shape())
-        _check_finite(rows.x, src.name, start)
+        check_finite(rows.x, src.name, start)
         feats, logits = self.featurizer()(rows.x)
-        _check_finite(feats, f"{src.name}: the model's features", start)
+        check_finite(feats, f"{src.name}: the model's features", start)
         return rp.augment(feats), logits, rows.ids, rows.y
 
     def prepare(self, spec: ShardSpec) -> dict:
@@ -165,7 +169,10 @@ class ShardWorker:
         d = self._data(spec)
         t0 = time.perf_counter()
         alpha = rp.alpha_by_tape(d.x, theta, d.targets, s.lam, s.n_train)
+        maybe_kill_worker(s.fault, spec.index)
         scored = rp.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block)
+        if s.index_dir:
+            index.write_shard(index.shard_file(s.index_dir, spec.index), d.ids, d.labels, d.x, alpha)
         rows = np.arange(len(d.ids))
         return {
             "shard": spec.index,

@@ -104,12 +104,18 @@ class InProcessPool:
     def put(self, value):
         return value
 
-    def map(self, method: str, specs: Sequence[ShardSpec], *shared, desc: Optional[str] = None) -> list:
-        """Calls ``method(spec, *shared)`` for every shard; results in shard order."""
+    def map(self, method: str, specs: Sequence[ShardSpec], *shared, desc: Optional[str] = None,
+            on_result: Optional[Callable] = None) -> list:
+        """Calls ``method(spec, *shared)`` for every shard; results in shard order.
+
+        ``on_result(spec, result)`` runs as each shard finishes (to persist it at once).
+        """
         with progress_bar(sum(s.rows for s in specs), desc, "rows") as bar:
             out = []
             for spec in specs:
                 out.append(getattr(self.worker, method)(spec, *shared))
+                if on_result is not None:
+                    on_result(spec, out[-1])
                 bar.update(spec.rows)
         return out
 
@@ -133,11 +139,13 @@ class RayPool:
         import ray
 
         self._ray = ray
-        model_ref = ray.put(model_bytes)  # shipped once through the object store
+        # Shipped once through the object store; the pool holds the reference so that Ray can
+        # rerun the constructor of an actor it restarts after a worker or node was lost.
+        self._model_ref = ray.put(model_bytes)
         actor = ray.remote(WorkerActor)
         self.actors = [
             actor.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=MAX_RESTARTS,
-                          max_task_retries=MAX_RESTARTS).remote(model_ref, settings, num_gpus, num_cpus)
+                          max_task_retries=MAX_RESTARTS).remote(self._model_ref, settings, num_gpus, num_cpus)
             for _ in range(n_workers)
         ]
         self.n_workers = n_workers
@@ -149,10 +157,13 @@ class RayPool:
     def actor_for(self, spec: ShardSpec):
         return self.actors[spec.index % self.n_workers]
 
-    def map(self, method: str, specs: Sequence[ShardSpec], *shared, desc: Optional[str] = None) -> list:
+    def map(self, method: str, specs: Sequence[ShardSpec], *shared, desc: Optional[str] = None,
+            on_result: Optional[Callable] = None) -> list:
         """Calls ``method(spec, *shared)`` on each shard's actor; results in shard order.
 
-        Shared arguments are put in the object store once and passed by reference.
+        Shared arguments are put in the object store once and passed by reference. Results
+        stream back with ``ray.wait``; ``on_result(spec, result)`` runs as each one arrives.
+        A worker that dies is restarted by Ray and its call re-run (``MAX_RESTARTS`` times).
         """
         ray = self._ray
         shared_refs = [a if isinstance(a, ray.ObjectRef) else ray.put(a) for a in shared]
@@ -162,8 +173,11 @@ class RayPool:
         with progress_bar(sum(s.rows for s in specs), desc, "rows") as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                ray.get(done)  # raise the first failure at once
-                bar.update(specs[index[done[0]]].rows)
+                spec = specs[index[done[0]]]
+                result = ray.get(done[0])  # raises the first failure at once
+                if on_result is not None:
+                    on_result(spec, result)
+                bar.update(spec.rows)
         return ray.get(refs)
 
     def call_all(self, method: str, args_per_worker: List[tuple]) -> list:

@@ -1,0 +1,118 @@
+"""``distributed-influence explain``: new test examples against the train index of an audit.
+
+The training side of an audit (features, α for every class, the fitted head) does not depend
+on the test set, so explaining new test examples only needs their features and one scoring
+pass over the stored index: the tables equal those of a full audit on the same test examples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import time
+from typing import Optional
+
+import numpy as np
+
+from . import index, tables
+from . import reduce as rd
+from . import representer as rp
+from .errors import ConfigError, InputError
+from .inputs import _check_source as check_source
+from .model import Featurizer, load_model, read_model_bytes, split_model
+from .shard import check_finite
+from .sources import open_source
+
+
+def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int] = None,
+                batch_size: int = 256, test_block: int = 512) -> dict:
+    """Scores the test source against the train index stored in ``index_out``.
+
+    Args:
+        index_out: the ``--out`` directory of an audit (holds ``manifest.json`` and ``index/``).
+        model: the audit's model file; refused if it is not byte-identical.
+        test: test source to explain.
+        out: output directory for ``influence_topk.parquet``, ``test_scores.parquet`` and manifest.
+        k: proponents/opponents per test example (default: the audit's k).
+        batch_size: rows per forward pass.
+        test_block: test examples scored at once.
+
+    Returns:
+        The manifest written to ``out``.
+    """
+    t0 = time.perf_counter()
+    index_dir = os.path.join(index_out, index.INDEX_DIR)
+    files = index.shard_files(index_dir)
+    try:
+        audit = tables.read_manifest(index_out)
+    except (OSError, ValueError):
+        raise InputError(f"{index_out}: no readable manifest.json of an audit") from None
+    cfg = audit["config"]
+    data = read_model_bytes(model)
+    if hashlib.sha256(data).hexdigest() != audit.get("model_sha256"):
+        raise InputError(f"{model}: not the model the index in {index_out} was built with")
+    k = int(k or audit["k"])
+    if k < 1 or k > audit["n_train"]:
+        raise ConfigError(f"--k must be between 1 and the {audit['n_train']} training examples, got {k}")
+    if batch_size < 1 or test_block < 1:
+        raise ConfigError("--batch-size and --test-block must be >= 1")
+    name = os.path.basename(model)
+    split = split_model(load_model(data, name), cfg.get("feature_layer"), cfg.get("logit_layer"), name)
+    input_shape = tuple(audit.get("input_shape") or split.input_shape)
+    src = open_source(test, scale=cfg.get("scale"))
+    check_source(src, "test", split.n_classes, input_shape, need_labels=False)
+
+    rows = src.read(0, src.n_rows, input_shape)
+    check_finite(rows.x, src.name, 0)
+    feats, logits = Featurizer(split, batch_size)(rows.x)
+    test_x = rp.augment(feats)
+    pred = np.argmax(logits, axis=1).astype(np.int64)
+
+    results = []
+    for path in files:
+        shard = index.read_shard(path)
+        scored = rp.score_shard(shard["x"], shard["ids"], shard["alpha"], test_x, pred, k, test_block)
+        results.append({"topk": scored["topk"]})
+    theta, alpha_head = index.read_head(index_dir)
+    topk = rd.merge_topk_table(results, k, rows.ids, pred)
+    dec = rd.test_table(rows.ids, rows.y, pred, logits, test_x, theta, alpha_head)
+    manifest = {
+        "command": "explain",
+        "index": os.path.abspath(index_out),
+        "audit_run_key": audit.get("run_key"),
+        "model_sha256": audit.get("model_sha256"),
+        "test": test,
+        "k": k,
+        "n_train": audit["n_train"],
+        "n_test": int(src.n_rows),
+        "decomposition": {"max_error": dec["max_error"], "max_relative_error": dec["max_relative_error"]},
+        "timings": {"total": round(time.perf_counter() - t0, 4)},
+    }
+    tables.write_outputs(out, {tables.INFLUENCE_TOPK: topk, tables.TEST_SCORES: dec["table"]}, manifest)
+    return manifest
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    m = run_explain(args.index, args.model, args.test, args.out, k=args.k, batch_size=args.batch_size,
+                    test_block=args.test_block)
+    print(f"wrote {args.out}: influence_topk.parquet, test_scores.parquet, manifest.json "
+          f"({m['n_test']} test examples against {m['n_train']} training examples; "
+          f"max decomposition error {m['decomposition']['max_error']:.2e})")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("explain", help="explain new test examples with the train index of an audit",
+                       description="Score new test examples against the train index an audit wrote "
+                                   "to OUT/index: no training pass, no head fit. The tables equal a "
+                                   "full audit's on the same test examples.")
+    p.add_argument("--index", required=True, help="the --out directory of a finished audit")
+    p.add_argument("--model", required=True, help="the audit's .keras model (checked byte for byte)")
+    p.add_argument("--test", required=True, help="test source to explain (.npz, .parquet, IDX, digits:test)")
+    p.add_argument("--out", required=True, help="output directory for influence_topk/test_scores tables")
+    p.add_argument("--k", type=int, default=None, help="proponents and opponents per test example "
+                                                         "(default: the audit's k)")
+    p.add_argument("--batch-size", type=int, default=256, help="rows per forward pass (default 256)")
+    p.add_argument("--test-block", type=int, default=512, help="test examples scored at once (default 512)")
+    p.set_defaults(func=cmd_explain)

@@ -1,0 +1,83 @@
+"""The train index: what an audit learned about the training side, kept for later queries.
+
+Scoring new test examples needs, per training example, its features x_i and α_i (all classes),
+plus the fitted head Θ and Σ_i x_iᵀα_i for the decomposition. The audit writes them as Parquet
+under ``OUT/index/`` (one file per shard, written by the worker that owns the shard), so
+``distributed-influence explain`` can answer for new test examples without featurizing the
+training set or fitting the head again.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import InputError
+
+INDEX_DIR = "index"
+HEAD_FILE = "head.parquet"
+
+
+def _fixed_list(arr: np.ndarray, dtype) -> pa.Array:
+    arr = np.ascontiguousarray(arr, dtype=dtype)
+    return pa.FixedSizeListArray.from_arrays(pa.array(arr.ravel()), arr.shape[1])
+
+
+def _matrix(col: pa.ChunkedArray, dtype) -> np.ndarray:
+    flat = col.combine_chunks()
+    width = flat.type.list_size
+    return np.asarray(flat.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, width)
+
+
+def _atomic_write(table: pa.Table, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def shard_file(index_dir: str, shard: int) -> str:
+    return os.path.join(index_dir, f"shard-{shard:05d}.parquet")
+
+
+def write_shard(path: str, ids: np.ndarray, labels: np.ndarray, x: np.ndarray, alpha: np.ndarray) -> None:
+    """One shard's rows: train_id, label, augmented features (float32), α (float64, all classes)."""
+    table = pa.table({
+        "train_id": pa.array(ids, pa.int64()),
+        "label": pa.array(labels, pa.int32()),
+        "features": _fixed_list(x, np.float32),
+        "alpha": _fixed_list(alpha, np.float64),
+    })
+    _atomic_write(table, path)
+
+
+def read_shard(path: str) -> Dict[str, np.ndarray]:
+    t = pq.read_table(path)
+    return {"ids": t.column("train_id").to_numpy(), "labels": t.column("label").to_numpy(),
+            "x": _matrix(t.column("features"), np.float32), "alpha": _matrix(t.column("alpha"), np.float64)}
+
+
+def write_head(index_dir: str, theta: np.ndarray, alpha_head: np.ndarray) -> None:
+    """Θ and Σ_i x_iᵀα_i, one row per feature (the last row is the bias)."""
+    _atomic_write(pa.table({"theta": _fixed_list(theta, np.float64),
+                            "alpha_head": _fixed_list(alpha_head, np.float64)}),
+                  os.path.join(index_dir, HEAD_FILE))
+
+
+def read_head(index_dir: str):
+    t = pq.read_table(os.path.join(index_dir, HEAD_FILE))
+    return _matrix(t.column("theta"), np.float64), _matrix(t.column("alpha_head"), np.float64)
+
+
+def shard_files(index_dir: str) -> List[str]:
+    """The index's shard files in shard order; refuses an index that is missing or empty."""
+    if not os.path.isdir(index_dir) or not os.path.exists(os.path.join(index_dir, HEAD_FILE)):
+        raise InputError(f"{index_dir}: no train index here (run `distributed-influence audit` first)")
+    files = sorted(f for f in os.listdir(index_dir) if f.startswith("shard-") and f.endswith(".parquet"))
+    if not files:
+        raise InputError(f"{index_dir}: the train index has no shards")
+    return [os.path.join(index_dir, f) for f in files]

@@ -1,0 +1,131 @@
+"""Resumable runs: partial results persisted under ``OUT/_work/<run key>/``.
+
+A full-dataset audit on preemptible nodes must survive a driver crash without starting over.
+The run key hashes everything that changes the numbers (configuration, model bytes, source
+fingerprints, shard plan), so a re-run of the same command finds and reuses its own finished
+work, and a run with different settings can never mix its partials with old ones.
+
+What is kept: the test features (the broadcast), the fitted head, and every shard's scored
+partial results. Files are written under a temporary name and renamed, so a crash mid-write
+leaves no half file that could be mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Dict, Iterable, Optional
+
+import numpy as np
+
+from .errors import ConfigError
+
+WORK_DIR = "_work"
+
+
+def fingerprint(spec: str) -> str:
+    """Identifies a source's content cheaply: size and modification time of a local file."""
+    if os.path.exists(spec):
+        st = os.stat(spec)
+        return f"{spec}|{st.st_size}|{st.st_mtime_ns}"
+    return spec
+
+
+def run_key(config_digest: str, model_bytes: bytes, train: str, test: str, shard_bounds: Iterable) -> str:
+    """Hash of everything a partial result depends on."""
+    h = hashlib.sha256()
+    h.update(config_digest.encode())
+    h.update(hashlib.sha256(model_bytes).digest())
+    for spec in (train, test):
+        h.update(fingerprint(spec).encode())
+    h.update(json.dumps([list(b) for b in shard_bounds]).encode())
+    return h.hexdigest()[:20]
+
+
+def flatten(tree: dict, prefix: str = "") -> Dict[str, np.ndarray]:
+    """Nested dict of arrays/scalars → flat ``a/b/c`` keys, storable without pickling."""
+    flat = {}
+    for key, val in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(val, dict):
+            flat.update(flatten(val, name + "/"))
+        else:
+            flat[name] = np.asarray(val)
+    return flat
+
+
+def unflatten(flat: Dict[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for name, val in flat.items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = val[()] if val.ndim == 0 else val
+    return tree
+
+
+class WorkStore:
+    """The partial results of one run, in ``OUT/_work/<key>/``."""
+
+    def __init__(self, out_dir: str, key: str):
+        self.out_dir = out_dir
+        self.key = key
+        self.path = os.path.join(out_dir, WORK_DIR, key)
+
+    @classmethod
+    def open(cls, out_dir: str, key: str, overwrite: bool) -> "WorkStore":
+        """Opens the store of this run, refusing to mix with another job's results.
+
+        Raises:
+            ConfigError: ``out_dir`` holds results or partials of a different job and
+                ``overwrite`` is False.
+        """
+        work = os.path.join(out_dir, WORK_DIR)
+        others = [d for d in (os.listdir(work) if os.path.isdir(work) else []) if d != key]
+        manifest = os.path.join(out_dir, "manifest.json")
+        old_key = None
+        if os.path.exists(manifest):
+            try:
+                with open(manifest) as fh:
+                    old_key = json.load(fh).get("run_key")
+            except (OSError, ValueError):
+                old_key = "unreadable"
+        conflict = others or (old_key is not None and old_key != key)
+        if conflict and not overwrite:
+            what = "partial results" if others else "results"
+            raise ConfigError(
+                f"{out_dir}: holds {what} of a different job (other settings or inputs); "
+                f"use --overwrite to replace them, or choose another --out"
+            )
+        if overwrite:
+            for d in others:
+                shutil.rmtree(os.path.join(work, d), ignore_errors=True)
+        return cls(out_dir, key)
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.path, name + ".npz")
+
+    def has(self, name: str) -> bool:
+        return os.path.exists(self._file(name))
+
+    def save(self, name: str, tree: dict) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        tmp = self._file(name) + ".tmp.npz"
+        np.savez(tmp, **flatten(tree))
+        os.replace(tmp, self._file(name))
+
+    def load(self, name: str) -> Optional[dict]:
+        if not self.has(name):
+            return None
+        with np.load(self._file(name), allow_pickle=False) as data:
+            return unflatten({k: data[k] for k in data.files})
+
+    def remove(self) -> None:
+        """Drops this run's partials after its tables were written."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        work = os.path.dirname(self.path)
+        if os.path.isdir(work) and not os.listdir(work):
+            os.rmdir(work)

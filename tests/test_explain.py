@@ -1,0 +1,61 @@
+"""`explain` on held-back test examples equals the full audit's rows for them."""
+
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from distributed_influence.cli import main
+from distributed_influence.config import AuditConfig
+from distributed_influence.job import run_audit
+
+from conftest import multi_output_model
+
+
+def _subset_rows(out, ids, name):
+    t = pq.read_table(os.path.join(out, name))
+    mask = np.isin(t.column("test_id").to_numpy(), ids)
+    return t.filter(mask)
+
+
+def test_explain_equals_full_audit_on_held_back_examples(files, tmp_path, capsys):
+    full = str(tmp_path / "full")
+    run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=full, k=4,
+                          shards=3), use_ray=False)
+    assert len(os.listdir(os.path.join(full, "index"))) == 4  # 3 shards + the head
+
+    d = np.load(files["test"])
+    held = np.array([2, 5, 11, 17])
+    sub = str(tmp_path / "held.npz")
+    np.savez(sub, x=d["x"][held], y=d["y"][held], id=held.astype(np.int64))
+    out = str(tmp_path / "explained")
+    assert main(["explain", "--index", full, "--model", files["model"], "--test", sub, "--out", out]) == 0
+    assert "4 test examples" in capsys.readouterr().out
+
+    for name in ("influence_topk.parquet", "test_scores.parquet"):
+        expected = _subset_rows(full, held, name)
+        got = pq.read_table(os.path.join(out, name))
+        assert got.schema == expected.schema
+        assert got.num_rows == expected.num_rows == (len(held) * 8 if "topk" in name else len(held))
+        for col in got.column_names:
+            a, b = got.column(col).to_numpy(), expected.column(col).to_numpy()
+            if a.dtype.kind == "f" and col != "decomposition_error":
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=col)
+            elif col != "decomposition_error":
+                np.testing.assert_array_equal(a, b, err_msg=col)
+
+
+def test_explain_refuses_another_model_and_missing_index(files, tmp_path, capsys):
+    other = tmp_path / "other.keras"
+    full = str(tmp_path / "full")
+    run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=full, k=2),
+              use_ray=False)
+    d = np.load(files["train"])
+    m = multi_output_model(d["x"][:20], d["y"][:20])
+    m.save(str(other))
+    assert main(["explain", "--index", full, "--model", str(other), "--test", files["test"],
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "not the model the index" in capsys.readouterr().err
+    assert main(["explain", "--index", str(tmp_path), "--model", files["model"], "--test", files["test"],
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "no train index" in capsys.readouterr().err
