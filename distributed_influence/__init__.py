@@ -1,12 +1,12 @@
 """Training-data influence for Keras classifiers by Representer Point Selection, on Ray.
 
 Entry points: the ``distributed-influence`` command (:mod:`distributed_influence.cli`) and
-:func:`run_audit` for programs.
+:func:`run_audit` for programs, :func:`load_results` to read results back.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "AuditConfig", "run_audit"]
+__all__ = ["__version__", "AuditConfig", "run_audit", "load_results"]
 
 
 def __getattr__(name):
@@ -19,4 +19,8 @@ def __getattr__(name):
         from .job import run_audit
 
         return run_audit
+    if name == "load_results":
+        from .results import load_results
+
+        return load_results
     raise AttributeError(name)

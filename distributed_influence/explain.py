@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import index, tables
+from . import index, storage, tables
 from . import reduce as rd
 from . import representer as rp
 from .errors import ConfigError, InputError
@@ -42,7 +42,7 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
         The manifest written to ``out``.
     """
     t0 = time.perf_counter()
-    index_dir = os.path.join(index_out, index.INDEX_DIR)
+    index_dir = storage.join(index_out, index.INDEX_DIR)
     files = index.shard_files(index_dir)
     try:
         audit = tables.read_manifest(index_out)
@@ -57,7 +57,7 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
         raise ConfigError(f"--k must be between 1 and the {audit['n_train']} training examples, got {k}")
     if batch_size < 1 or test_block < 1:
         raise ConfigError("--batch-size and --test-block must be >= 1")
-    name = os.path.basename(model)
+    name = storage.basename(model)
     split = split_model(load_model(data, name), cfg.get("feature_layer"), cfg.get("logit_layer"), name)
     input_shape = tuple(audit.get("input_shape") or split.input_shape)
     src = open_source(test, scale=cfg.get("scale"))
@@ -79,7 +79,7 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
     dec = rd.test_table(rows.ids, rows.y, pred, logits, test_x, theta, alpha_head)
     manifest = {
         "command": "explain",
-        "index": os.path.abspath(index_out),
+        "index": index_out if storage.is_uri(index_out) else os.path.abspath(index_out),
         "audit_run_key": audit.get("run_key"),
         "model_sha256": audit.get("model_sha256"),
         "test": test,

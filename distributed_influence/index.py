@@ -9,13 +9,13 @@ training set or fitting the head again.
 
 from __future__ import annotations
 
-import os
 from typing import Dict, List
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import storage
 from .errors import InputError
 
 INDEX_DIR = "index"
@@ -34,14 +34,21 @@ def _matrix(col: pa.ChunkedArray, dtype) -> np.ndarray:
 
 
 def _atomic_write(table: pa.Table, path: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    folder = storage.dirname(path)
+    storage.makedirs(folder)
+    tmp = storage.join(folder, storage.basename(path) + ".tmp")
+    with storage.open_output(tmp) as fh:
+        pq.write_table(table, fh)
+    storage.move(tmp, path)
+
+
+def _read(path: str) -> pa.Table:
+    fs, p = storage.resolve(path)
+    return pq.read_table(p, filesystem=fs)
 
 
 def shard_file(index_dir: str, shard: int) -> str:
-    return os.path.join(index_dir, f"shard-{shard:05d}.parquet")
+    return storage.join(index_dir, f"shard-{shard:05d}.parquet")
 
 
 def write_shard(path: str, ids: np.ndarray, labels: np.ndarray, x: np.ndarray, alpha: np.ndarray) -> None:
@@ -56,7 +63,7 @@ def write_shard(path: str, ids: np.ndarray, labels: np.ndarray, x: np.ndarray, a
 
 
 def read_shard(path: str) -> Dict[str, np.ndarray]:
-    t = pq.read_table(path)
+    t = _read(path)
     return {"ids": t.column("train_id").to_numpy(), "labels": t.column("label").to_numpy(),
             "x": _matrix(t.column("features"), np.float32), "alpha": _matrix(t.column("alpha"), np.float64)}
 
@@ -65,19 +72,19 @@ def write_head(index_dir: str, theta: np.ndarray, alpha_head: np.ndarray) -> Non
     """Θ and Σ_i x_iᵀα_i, one row per feature (the last row is the bias)."""
     _atomic_write(pa.table({"theta": _fixed_list(theta, np.float64),
                             "alpha_head": _fixed_list(alpha_head, np.float64)}),
-                  os.path.join(index_dir, HEAD_FILE))
+                  storage.join(index_dir, HEAD_FILE))
 
 
 def read_head(index_dir: str):
-    t = pq.read_table(os.path.join(index_dir, HEAD_FILE))
+    t = _read(storage.join(index_dir, HEAD_FILE))
     return _matrix(t.column("theta"), np.float64), _matrix(t.column("alpha_head"), np.float64)
 
 
 def shard_files(index_dir: str) -> List[str]:
     """The index's shard files in shard order; refuses an index that is missing or empty."""
-    if not os.path.isdir(index_dir) or not os.path.exists(os.path.join(index_dir, HEAD_FILE)):
+    if not storage.exists(storage.join(index_dir, HEAD_FILE)):
         raise InputError(f"{index_dir}: no train index here (run `distributed-influence audit` first)")
-    files = sorted(f for f in os.listdir(index_dir) if f.startswith("shard-") and f.endswith(".parquet"))
+    files = [f for f in storage.list_names(index_dir) if f.startswith("shard-") and f.endswith(".parquet")]
     if not files:
         raise InputError(f"{index_dir}: the train index has no shards")
-    return [os.path.join(index_dir, f) for f in files]
+    return [storage.join(index_dir, f) for f in files]

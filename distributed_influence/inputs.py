@@ -8,11 +8,11 @@ Per-row checks that need the data (NaN/inf) run in the workers as they read thei
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional, Tuple
 
 import numpy as np
 
+from . import storage
 from .config import AuditConfig
 from .errors import ConfigError, SourceError
 from .model import SplitModel, load_model, read_model_bytes, split_model
@@ -64,14 +64,23 @@ def _check_source(src: Source, role: str, n_classes: int, input_shape, need_labe
         ) from None
 
 
+def _check_out(out: str) -> None:
+    """Refuses an output location pyarrow cannot use now, rather than after all the work."""
+    try:
+        storage.resolve(out)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{out}: cannot write results there ({storage.reason(exc)})") from None
+
+
 def prepare_inputs(config: AuditConfig) -> Inputs:
     """Opens the model and sources and checks them against each other.
 
     Raises:
         InputError: any input that cannot give a correct result, with one clear message.
     """
+    _check_out(config.out)
     model_bytes = read_model_bytes(config.model)
-    name = os.path.basename(config.model)
+    name = storage.basename(config.model)
     model = load_model(model_bytes, name)
     split = split_model(model, config.feature_layer, config.logit_layer, name)
     input_shape = tuple(config.input_shape) if config.input_shape else split.input_shape

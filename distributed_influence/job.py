@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import platform
 import time
 from typing import Optional
@@ -19,6 +18,7 @@ import numpy as np
 from . import __version__
 from . import faults, index
 from . import reduce as rd
+from . import storage
 from . import tables
 from .config import AuditConfig
 from .fit import fit_head
@@ -114,7 +114,7 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
             lam=config.lam, k=config.k, n_train=inputs.train.n_rows, batch_size=config.batch_size,
             test_block=config.test_block, feature_layer=config.feature_layer,
             logit_layer=config.logit_layer, input_shape=inputs.input_shape, scale=config.scale,
-            index_dir=os.path.join(store.path, index.INDEX_DIR), fault=fault,
+            index_dir=storage.join(store.path, index.INDEX_DIR), fault=fault,
         )
         if use_ray:
             pool = RayPool(inputs.model_bytes, settings, min(n_workers, len(specs)), cpus, gpus)
@@ -143,11 +143,9 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
 
 def _publish_index(store: WorkStore, out: str) -> None:
     """Moves the finished train index from the run's work area to ``OUT/index``."""
-    import shutil
-
-    final = os.path.join(out, index.INDEX_DIR)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(os.path.join(store.path, index.INDEX_DIR), final)
+    final = storage.join(out, index.INDEX_DIR)
+    storage.remove_tree(final)
+    storage.move_tree(storage.join(store.path, index.INDEX_DIR), final)
 
 
 def _featurize_test(pool, inputs: Inputs, store: WorkStore) -> dict:
@@ -247,7 +245,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         dec = rd.test_table(test["ids"], test.get("labels"), test_pred, test["logits"], test["x"],
                             theta, alpha_head)
         residual = float(np.max(np.abs(theta - alpha_head)) / np.max(np.abs(theta)))
-        index.write_head(os.path.join(store.path, index.INDEX_DIR), theta, alpha_head)
+        index.write_head(storage.join(store.path, index.INDEX_DIR), theta, alpha_head)
 
     nodes = sorted({i["node"] for i in shard_info.values() if i.get("node")})
     return {

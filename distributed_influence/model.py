@@ -9,13 +9,20 @@ says what was expected, because a wrong split would give plausible-looking but w
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tempfile
 from typing import Optional, Tuple
 
 import numpy as np
 
+from . import storage
 from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+#: Smallest batch the forward pass falls back to when memory runs out.
+MIN_BATCH = 1
 
 _MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 _SHAPE_HELP = (
@@ -33,16 +40,20 @@ def _keras():
 
 
 def read_model_bytes(path: str) -> bytes:
-    """Reads a model file whole, so workers can load it without a shared filesystem."""
-    if not path.endswith(_MODEL_SUFFIXES):
+    """Reads a model file whole, so workers can load it without a shared filesystem.
+
+    Args:
+        path: a local path or a URI such as ``s3://bucket/model.keras`` (see
+            :mod:`distributed_influence.storage`).
+    """
+    if not storage.basename(path).endswith(_MODEL_SUFFIXES):
         raise ModelError(f"{path}: not a Keras model file (expected a .keras file)")
     try:
-        with open(path, "rb") as fh:
-            return fh.read()
+        return storage.read_bytes(path)
     except FileNotFoundError:
         raise ModelError(f"{path}: model file not found") from None
-    except OSError as exc:
-        raise ModelError(f"{path}: model file cannot be read ({exc.strerror})") from None
+    except (OSError, ValueError) as exc:  # ValueError: a URI pyarrow cannot use
+        raise ModelError(f"{path}: model file cannot be read ({storage.reason(exc)})") from None
 
 
 def load_model(data: bytes, name: str = "model.keras"):
@@ -239,13 +250,29 @@ class Featurizer:
         self.forward = forward
 
     def __call__(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """Returns float32 features (n, d) and model logits (n, C) of the rows of ``x``."""
+        """Returns float32 features (n, d) and model logits (n, C) of the rows of ``x``.
+
+        A batch that runs out of device memory (TensorFlow's ResourceExhaustedError) is retried
+        at half the size, down to :data:`MIN_BATCH`; the smaller size is kept for later calls.
+        """
+        from .tfimport import import_tensorflow
+
+        oom = import_tensorflow().errors.ResourceExhaustedError
         n = len(x)
         feats = np.empty((n, self.split.feature_dim), dtype=np.float32)
         logits = np.empty((n, self.split.n_classes), dtype=np.float32)
-        for start in range(0, n, self.batch_size):
+        start = 0
+        while start < n:
             stop = min(n, start + self.batch_size)
-            f, z = self.forward(np.asarray(x[start:stop], dtype=np.float32))
+            try:
+                f, z = self.forward(np.asarray(x[start:stop], dtype=np.float32))
+            except oom:
+                if self.batch_size <= MIN_BATCH:
+                    raise
+                self.batch_size = max(MIN_BATCH, self.batch_size // 2)
+                log.warning("out of memory in the forward pass: batch size now %d", self.batch_size)
+                continue
             feats[start:stop] = f.numpy()
             logits[start:stop] = z.numpy()
+            start = stop
         return feats, logits

@@ -13,24 +13,25 @@ leaves no half file that could be mistaken for a finished one.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import shutil
 from typing import Dict, Iterable, Optional
 
 import numpy as np
 
+from . import storage
 from .errors import ConfigError
 
 WORK_DIR = "_work"
 
 
 def fingerprint(spec: str) -> str:
-    """Identifies a source's content cheaply: size and modification time of a local file."""
-    if os.path.exists(spec):
-        st = os.stat(spec)
-        return f"{spec}|{st.st_size}|{st.st_mtime_ns}"
-    return spec
+    """Identifies a source's content cheaply: size and modification time of its file."""
+    try:
+        st = storage.stat(spec)
+    except (OSError, ValueError):  # not a file (e.g. `digits`)
+        st = None
+    return spec if st is None else f"{spec}|{st[0]}|{st[1]}"
 
 
 def run_key(config_digest: str, model_bytes: bytes, train: str, test: str, shard_bounds: Iterable) -> str:
@@ -73,7 +74,7 @@ class WorkStore:
     def __init__(self, out_dir: str, key: str):
         self.out_dir = out_dir
         self.key = key
-        self.path = os.path.join(out_dir, WORK_DIR, key)
+        self.path = storage.join(storage.join(out_dir, WORK_DIR), key)
 
     @classmethod
     def open(cls, out_dir: str, key: str, overwrite: bool) -> "WorkStore":
@@ -83,14 +84,13 @@ class WorkStore:
             ConfigError: ``out_dir`` holds results or partials of a different job and
                 ``overwrite`` is False.
         """
-        work = os.path.join(out_dir, WORK_DIR)
-        others = [d for d in (os.listdir(work) if os.path.isdir(work) else []) if d != key]
-        manifest = os.path.join(out_dir, "manifest.json")
+        work = storage.join(out_dir, WORK_DIR)
+        others = [d for d in storage.list_names(work) if d != key]
+        manifest = storage.join(out_dir, "manifest.json")
         old_key = None
-        if os.path.exists(manifest):
+        if storage.exists(manifest):
             try:
-                with open(manifest) as fh:
-                    old_key = json.load(fh).get("run_key")
+                old_key = json.loads(storage.read_bytes(manifest)).get("run_key")
             except (OSError, ValueError):
                 old_key = "unreadable"
         conflict = others or (old_key is not None and old_key != key)
@@ -102,30 +102,33 @@ class WorkStore:
             )
         if overwrite:
             for d in others:
-                shutil.rmtree(os.path.join(work, d), ignore_errors=True)
+                storage.remove_tree(storage.join(work, d))
         return cls(out_dir, key)
 
     def _file(self, name: str) -> str:
-        return os.path.join(self.path, name + ".npz")
+        return storage.join(self.path, name + ".npz")
 
     def has(self, name: str) -> bool:
-        return os.path.exists(self._file(name))
+        return storage.exists(self._file(name))
 
     def save(self, name: str, tree: dict) -> None:
-        os.makedirs(self.path, exist_ok=True)
-        tmp = self._file(name) + ".tmp.npz"
-        np.savez(tmp, **flatten(tree))
-        os.replace(tmp, self._file(name))
+        storage.makedirs(self.path)
+        buf = io.BytesIO()
+        np.savez(buf, **flatten(tree))
+        tmp = storage.join(self.path, name + ".tmp.npz")
+        with storage.open_output(tmp) as fh:
+            fh.write(buf.getvalue())
+        storage.move(tmp, self._file(name))
 
     def load(self, name: str) -> Optional[dict]:
         if not self.has(name):
             return None
-        with np.load(self._file(name), allow_pickle=False) as data:
+        with np.load(io.BytesIO(storage.read_bytes(self._file(name))), allow_pickle=False) as data:
             return unflatten({k: data[k] for k in data.files})
 
     def remove(self) -> None:
         """Drops this run's partials after its tables were written."""
-        shutil.rmtree(self.path, ignore_errors=True)
-        work = os.path.dirname(self.path)
-        if os.path.isdir(work) and not os.listdir(work):
-            os.rmdir(work)
+        storage.remove_tree(self.path)
+        work = storage.dirname(self.path)
+        if not storage.list_names(work):
+            storage.remove_tree(work)

@@ -1,10 +1,12 @@
 """Data sources: where the rows of a training or test set come from.
 
 Every source reads an arbitrary row range, so a shard worker reads only its own rows straight
-from storage and no training data passes through the driver. Supported:
+from storage and no training data passes through the driver. A source is a local path or a URI
+such as ``s3://bucket/train.parquet`` (see :mod:`distributed_influence.storage`). Supported:
 
 * ``.npz`` with arrays ``x`` (model-ready), ``y`` (int labels, optional for test sets) and an
-  optional ``id``; uncompressed members are memory-mapped, never unpickled.
+  optional ``id``; uncompressed members are memory-mapped (local files) or fetched by byte
+  range (remote ones), never unpickled.
 * ``.parquet`` with ``label`` (optional for test sets), optional ``id``, and either ``x`` (list of
   floats, reshaped to the model input) or ``image`` (uint8 bytes, reshaped and scaled by 1/255).
 * IDX files as used by MNIST / Fashion-MNIST (``...-images-idx3-ubyte[.gz]``; the labels file is
@@ -17,13 +19,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import gzip
-import os
 import struct
 import zipfile
+import zlib
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import storage
 from .errors import SourceError
 
 
@@ -120,60 +123,116 @@ def _check_ids(ids: np.ndarray, name: str) -> np.ndarray:
     return ids.astype(np.int64)
 
 
+def _resolve(spec: str):
+    """The filesystem and path of a source; a URI pyarrow cannot use is the user's error."""
+    try:
+        return storage.resolve(spec)
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{spec}: cannot be opened ({storage.reason(exc)})") from None
+
+
 # ---------------------------------------------------------------------------------------- npz
 
 
-def _npz_member(path: str, zf: zipfile.ZipFile, member: str) -> np.ndarray:
-    """Memory-maps an uncompressed ``.npy`` member of an ``.npz``; reads a compressed one.
+class _RemoteRows:
+    """Rows of a C-ordered array stored uncompressed in a remote file, fetched by byte range.
+
+    The remote stand-in for ``np.memmap``: a shard worker downloads its own rows and nothing
+    else. The file is opened for each read, so no connection is held in between.
+    """
+
+    def __init__(self, fs, path: str, offset: int, shape: Tuple[int, ...], dtype: np.dtype):
+        self._fs, self._path, self._offset = fs, path, offset
+        self.shape, self.dtype, self.ndim = tuple(shape), dtype, len(shape)
+        self._row_bytes = int(np.prod(self.shape[1:])) * dtype.itemsize
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("only contiguous row ranges can be read")
+        n = max(0, stop - start)
+        with self._fs.open_input_file(self._path) as fh:
+            data = fh.read_at(n * self._row_bytes, self._offset + start * self._row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape((n,) + self.shape[1:])
+
+
+def _stored_layout(fh, info: zipfile.ZipInfo, name: str, member: str):
+    """Shape, Fortran order, dtype and data offset of an uncompressed ``.npy`` member.
 
     Object arrays are refused: they would need unpickling, which we never do on user files.
     """
-    info = zf.getinfo(member)
     fmt = np.lib.format
-    if info.compress_type == zipfile.ZIP_STORED:
-        with open(path, "rb") as fh:
-            fh.seek(info.header_offset)
-            local = fh.read(30)
-            if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                raise SourceError(f"{path}: corrupt .npz (bad header of member {member})")
-            name_len, extra_len = struct.unpack("<HH", local[26:30])
-            fh.seek(info.header_offset + 30 + name_len + extra_len)
-            version = fmt.read_magic(fh)
-            reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-            shape, fortran, dtype = reader(fh)
-            if dtype.hasobject:
-                raise SourceError(f"{path}: member {member} holds Python objects; refusing to unpickle")
-            offset = fh.tell()
-        nbytes = int(np.prod(shape)) * dtype.itemsize
-        if offset + nbytes > os.path.getsize(path) or info.file_size < nbytes:
-            raise SourceError(f"{path}: truncated .npz (member {member} is incomplete)")
-        if nbytes == 0:
-            return np.zeros(shape, dtype=dtype)
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
-                         order="F" if fortran else "C")
-    with zf.open(member) as fh:
-        return fmt.read_array(fh, allow_pickle=False)
+    fh.seek(info.header_offset)
+    local = fh.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise SourceError(f"{name}: corrupt .npz (bad header of member {member})")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    fh.seek(info.header_offset + 30 + name_len + extra_len)
+    version = fmt.read_magic(fh)
+    reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, fortran, dtype = reader(fh)
+    if dtype.hasobject:
+        raise SourceError(f"{name}: member {member} holds Python objects; refusing to unpickle")
+    return shape, fortran, dtype, fh.tell()
+
+
+def _npz_member(fs, path: str, fh, zf: zipfile.ZipFile, member: str, name: str, lazy: bool):
+    """One ``.npy`` member of an ``.npz``, reading no more of the file than needed.
+
+    An uncompressed member is memory-mapped on a local disk; on remote storage a ``lazy`` one
+    (``x``, the only large array) is fetched later by row range, others are read now. A
+    compressed member can only be read whole.
+
+    Args:
+        fs, path: the archive's filesystem and path in it.
+        fh: the archive opened for reading (seekable), as ``zf`` reads it.
+        zf: the archive.
+        member: e.g. ``x.npy``.
+        name: the source's name, for messages.
+        lazy: fetch rows on demand rather than now (remote storage only).
+    """
+    info = zf.getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED:
+        with zf.open(member) as data:
+            return np.lib.format.read_array(data, allow_pickle=False)
+    shape, fortran, dtype, offset = _stored_layout(fh, info, name, member)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if offset + nbytes > fh.size() or info.file_size < nbytes:
+        raise SourceError(f"{name}: truncated .npz (member {member} is incomplete)")
+    if nbytes == 0:
+        return np.zeros(shape, dtype=dtype)
+    order = "F" if fortran else "C"
+    if storage.is_local(fs):
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+    if lazy and not fortran:  # a Fortran-ordered array's rows are not contiguous bytes
+        return _RemoteRows(fs, path, offset, shape, dtype)
+    return np.frombuffer(fh.read_at(nbytes, offset), dtype=dtype).reshape(shape, order=order)
 
 
 class NpzSource(Source):
-    """Arrays ``x``, ``y`` and optional ``id`` in a NumPy ``.npz`` archive."""
+    """Arrays ``x``, ``y`` and optional ``id`` in a NumPy ``.npz`` archive (a path or a URI)."""
 
     def __init__(self, path: str):
         self.name = path
-        if not os.path.exists(path):
-            raise SourceError(f"{path}: file not found")
+        fs, fpath = _resolve(path)
         try:
-            with zipfile.ZipFile(path) as zf:
+            with fs.open_input_file(fpath) as fh, zipfile.ZipFile(fh) as zf:
                 members = set(zf.namelist())
                 if "x.npy" not in members:
                     raise SourceError(f"{path}: .npz has no array 'x' (found: {sorted(members)})")
-                self._x = _npz_member(path, zf, "x.npy")
-                self._y = _check_labels(np.asarray(_npz_member(path, zf, "y.npy")), path) if "y.npy" in members else None
-                ids = _check_ids(np.asarray(_npz_member(path, zf, "id.npy")), path) if "id.npy" in members else None
+
+                def load(member: str, lazy: bool = False):
+                    return _npz_member(fs, fpath, fh, zf, member, path, lazy)
+
+                self._x = load("x.npy", lazy=True)
+                self._y = _check_labels(np.asarray(load("y.npy")), path) if "y.npy" in members else None
+                ids = _check_ids(np.asarray(load("id.npy")), path) if "id.npy" in members else None
         except SourceError:
             raise
+        except FileNotFoundError:
+            raise SourceError(f"{path}: file not found") from None
         except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, struct.error) as exc:
-            raise SourceError(f"{path}: corrupt or truncated .npz ({exc})") from None
+            raise SourceError(f"{path}: corrupt or truncated .npz ({storage.reason(exc)})") from None
         if self._x.ndim < 2:
             raise SourceError(f"{path}: 'x' must have one row per example, got shape {self._x.shape}")
         self.n_rows = int(self._x.shape[0])
@@ -204,15 +263,19 @@ class NpzSource(Source):
 
 
 class ParquetSource(Source):
-    """A Parquet table with ``label``, optional ``id`` and ``x`` (list of floats) or ``image``."""
+    """A Parquet table with ``label``, optional ``id`` and ``x`` (list of floats) or ``image``.
+
+    The file may be a path or a URI; only the row groups of the rows asked for are read.
+    """
 
     def __init__(self, path: str, scale: Optional[float] = None):
         import pyarrow.parquet as pq
 
         self.name = path
         self.scale = scale
+        fs, fpath = _resolve(path)
         try:
-            self._file = pq.ParquetFile(path)
+            self._file = pq.ParquetFile(fpath, filesystem=fs)
         except FileNotFoundError:
             raise SourceError(f"{path}: file not found") from None
         except Exception as exc:  # pyarrow raises ArrowInvalid/OSError on corrupt files
@@ -300,15 +363,17 @@ _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 
 
 def read_idx(path: str) -> np.ndarray:
-    """Reads an IDX file (MNIST format), gzipped or not."""
-    opener = gzip.open if path.endswith(".gz") else open
+    """Reads an IDX file (MNIST format), gzipped or not, from a path or a URI."""
+    fs, fpath = _resolve(path)
     try:
-        with opener(path, "rb") as fh:
-            data = fh.read()
+        with fs.open_input_stream(fpath, compression=None) as fh:
+            data = fh.readall()
+        if storage.basename(path).endswith(".gz"):
+            data = gzip.decompress(data)
     except FileNotFoundError:
         raise SourceError(f"{path}: file not found") from None
-    except (OSError, EOFError) as exc:
-        raise SourceError(f"{path}: corrupt IDX file ({exc})") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise SourceError(f"{path}: corrupt IDX file ({storage.reason(exc)})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
         raise SourceError(f"{path}: not an IDX file (bad magic number)")
     ndim = data[3]
@@ -323,10 +388,10 @@ def read_idx(path: str) -> np.ndarray:
 
 def idx_labels_path(images_path: str) -> str:
     """The labels file beside an images file: ``train-images-idx3-ubyte`` → ``train-labels-idx1-ubyte``."""
-    d, base = os.path.split(images_path)
+    base = storage.basename(images_path)
     for a, b in (("images-idx3", "labels-idx1"), ("images.idx3", "labels.idx1")):
         if a in base:
-            return os.path.join(d, base.replace(a, b))
+            return storage.join(storage.dirname(images_path), base.replace(a, b))
     raise SourceError(f"{images_path}: cannot find the labels file (expected '*-images-idx3-ubyte*')")
 
 
@@ -387,7 +452,11 @@ def digits_arrays(split: str) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def open_source(spec: str, scale: Optional[float] = None) -> Source:
-    """Opens a source from its spec string (a path, or ``digits[:train|:test]``).
+    """Opens a source from its spec string (a path or URI, or ``digits[:train|:test]``).
+
+    The spec is all a worker gets, so a URI carries its storage options with it (e.g.
+    ``s3://bucket/train.npz?endpoint_override=host:9000&scheme=http``); the kind of source is
+    told by the file name, ignoring the query string.
 
     Raises:
         SourceError: the file is missing, of an unknown kind, or malformed.
@@ -395,13 +464,14 @@ def open_source(spec: str, scale: Optional[float] = None) -> Source:
     if spec in ("digits", "digits:train", "digits:test"):
         x, y = digits_arrays("test" if spec.endswith(":test") else "train")
         return ArraySource(spec, x, y)
-    low = spec.lower()
+    low = storage.basename(spec).lower()
     if low.endswith(".npz"):
         return NpzSource(spec)
     if low.endswith((".parquet", ".pq")):
         return ParquetSource(spec, scale=scale)
-    if "idx" in os.path.basename(low):
+    if "idx" in low:
         return idx_source(spec, scale=scale)
-    if not os.path.exists(spec):
+    _resolve(spec)  # a URI pyarrow cannot use is refused as such
+    if not storage.exists(spec):
         raise SourceError(f"{spec}: file not found")
     raise SourceError(f"{spec}: unknown source kind (expected .npz, .parquet, an IDX file or 'digits')")

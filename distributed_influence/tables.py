@@ -2,20 +2,21 @@
 
 Users and downstream checks read these files by column name and type, so the schemas are
 spelled out once here and every writer goes through them. Files are written under temporary
-names and renamed into place only after all of them were written, so a failed run never
-leaves a final table behind.
+names and moved into place only after all of them were written, so a failed run never
+leaves a final table behind. The output directory may be a local path or a URI such as
+``s3://bucket/results`` (see :mod:`distributed_influence.storage`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import uuid
 from typing import Dict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from . import storage
 
 INFLUENCE_TOPK = "influence_topk.parquet"
 TRAIN_SCORES = "train_scores.parquet"
@@ -71,22 +72,24 @@ def to_table(columns: Dict[str, object], schema: pa.Schema) -> pa.Table:
 def write_outputs(out_dir: str, tables: Dict[str, pa.Table], manifest: dict) -> None:
     """Writes the tables and the manifest so that either all appear or none does.
 
-    Everything is written into a hidden staging directory inside ``out_dir`` and then renamed
-    into place; the manifest goes last, so a reader that sees it sees complete tables.
+    Everything is written into a hidden staging directory inside ``out_dir`` and then moved
+    into place (a rename on a local disk; a copy of each whole object on an object store);
+    the manifest goes last, so a reader that sees it sees complete tables.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    stage = os.path.join(out_dir, f".staging-{uuid.uuid4().hex[:8]}")
-    os.makedirs(stage)
+    storage.makedirs(out_dir)
+    stage = storage.join(out_dir, f".staging-{uuid.uuid4().hex[:8]}")
+    storage.makedirs(stage)
     try:
         for name, table in tables.items():
-            pq.write_table(table, os.path.join(stage, name), row_group_size=ROW_GROUP)
-        with open(os.path.join(stage, MANIFEST), "w") as fh:
-            json.dump(manifest, fh, indent=2, sort_keys=True, default=_json_default)
-            fh.write("\n")
+            with storage.open_output(storage.join(stage, name)) as fh:
+                pq.write_table(table, fh, row_group_size=ROW_GROUP)
+        with storage.open_output(storage.join(stage, MANIFEST)) as fh:
+            text = json.dumps(manifest, indent=2, sort_keys=True, default=_json_default)
+            fh.write((text + "\n").encode())
         for name in list(tables) + [MANIFEST]:
-            os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+            storage.move(storage.join(stage, name), storage.join(out_dir, name))
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        storage.remove_tree(stage)
 
 
 def _json_default(obj):
@@ -100,5 +103,4 @@ def _json_default(obj):
 
 
 def read_manifest(out_dir: str) -> dict:
-    with open(os.path.join(out_dir, MANIFEST)) as fh:
-        return json.load(fh)
+    return json.loads(storage.read_bytes(storage.join(out_dir, MANIFEST)))

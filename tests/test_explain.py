@@ -59,3 +59,34 @@ def test_explain_refuses_another_model_and_missing_index(files, tmp_path, capsys
     assert main(["explain", "--index", str(tmp_path), "--model", files["model"], "--test", files["test"],
                  "--out", str(tmp_path / "o")]) == 2
     assert "no train index" in capsys.readouterr().err
+
+
+def test_load_results_returns_the_tables(files, tmp_path):
+    import distributed_influence
+
+    out = str(tmp_path / "out")
+    run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=out, k=3),
+              use_ray=False)
+    res = distributed_influence.load_results(out)
+    assert res.influence_topk.num_rows == 20 * 6 and res.train_scores.num_rows == 60
+    assert res.test_scores.num_rows == 20 and res.manifest["k"] == 3
+    frames = res.to_pandas()
+    top = frames["influence_topk"]
+    first = top[(top.test_id == 0) & (top.kind == "proponent")].sort_values("rank")
+    assert first.representer_value.is_monotonic_decreasing
+
+
+def test_readme_duckdb_queries_run_on_the_tables(files, tmp_path, monkeypatch):
+    import duckdb
+    out = tmp_path / "results"
+    run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=str(out), k=3),
+              use_ray=False)
+    monkeypatch.chdir(tmp_path)
+    worst = duckdb.sql("SELECT train_id, label, audit_score FROM 'results/train_scores.parquet' "
+                       "ORDER BY audit_rank LIMIT 20").fetchall()
+    train = pq.read_table(out / "train_scores.parquet").to_pydict()
+    order = np.argsort(train["audit_rank"])[:20]
+    assert [r[0] for r in worst] == [train["train_id"][i] for i in order]
+    counts = duckdb.sql("SELECT train_id, count(*) AS n FROM 'results/influence_topk.parquet' "
+                        "WHERE kind = 'opponent' AND rank = 1 GROUP BY train_id ORDER BY n DESC LIMIT 10").fetchall()
+    assert sum(n for _, n in counts) <= 20 and counts[0][1] >= 1

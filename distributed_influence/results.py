@@ -1,0 +1,54 @@
+"""Reading an audit's results back, for notebooks and scripts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Optional
+
+from . import storage, tables
+from .errors import InputError
+
+
+@dataclasses.dataclass
+class Results:
+    """The tables of one audit (pyarrow), and its manifest.
+
+    ``train_scores`` is None for the output of ``explain``, which has no training side.
+    """
+
+    influence_topk: object
+    train_scores: Optional[object]
+    test_scores: object
+    manifest: dict
+
+    def to_pandas(self) -> dict:
+        """The tables as pandas DataFrames (pandas must be installed)."""
+        return {name: t.to_pandas() for name, t in
+                (("influence_topk", self.influence_topk), ("train_scores", self.train_scores),
+                 ("test_scores", self.test_scores)) if t is not None}
+
+
+def load_results(out: str) -> Results:
+    """Loads the tables and manifest an audit (or explain) wrote to ``out`` (path or URI).
+
+    Raises:
+        InputError: ``out`` holds no finished results.
+    """
+    import pyarrow.parquet as pq
+
+    def read(name: str, required: bool = True):
+        spec = storage.join(out, name)
+        if not storage.exists(spec):
+            if required:
+                raise InputError(f"{spec}: not found (is {out} the --out of a finished audit?)")
+            return None
+        fs, path = storage.resolve(spec)
+        return pq.read_table(path, filesystem=fs)
+
+    manifest_spec = storage.join(out, tables.MANIFEST)
+    if not storage.exists(manifest_spec):
+        raise InputError(f"{manifest_spec}: not found (is {out} the --out of a finished audit?)")
+    manifest = json.loads(storage.read_bytes(manifest_spec))
+    return Results(read(tables.INFLUENCE_TOPK), read(tables.TRAIN_SCORES, required=False),
+                   read(tables.TEST_SCORES), manifest)
