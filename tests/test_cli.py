@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -102,6 +103,12 @@ def _bad_cases(files, root):
     nan_x[17, 2] = np.nan
     corrupt = root / "corrupt.parquet"
     corrupt.write_bytes(b"PAR1\x00\x00garbage")
+    truncated = root / "truncated.npz"
+    np.savez(str(truncated), x=x_tr, y=y_tr)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    taken = root / "out_taken_by_other_job"
+    taken.mkdir()
+    (taken / "manifest.json").write_text('{"run_key": "another-job"}')
     return {
         "missing model": (dict(model=str(root / "nope.keras")), "not found"),
         "lambda model": (dict(model=lam_path), "safe mode"),
@@ -116,16 +123,22 @@ def _bad_cases(files, root):
         "k zero": (dict(k="0"), "--k"),
         "lambda zero": (dict(lam="0"), "--lam"),
         "corrupt parquet": (dict(train=str(corrupt)), "corrupt"),
+        "truncated npz": (dict(train=str(truncated)), "truncated"),
+        "empty test": (dict(test=npz("empty_test.npz", x=x_tr[:0], y=y_tr[:0])), "empty"),
+        "out of another job": (dict(out=str(taken)), "different job"),
     }
 
 
 def test_bad_inputs_exit_2_with_one_line_and_no_tables(files, tmp_path, capsys):
     cases = _bad_cases(files, tmp_path)
     for name, (override, needle) in cases.items():
-        args = dict(model=files["model"], train=files["train"], test=files["test"], k="3", lam="0.003")
-        args.update(override)
         out = tmp_path / f"out_{name.replace(' ', '_')}"
-        argv = ["audit", "--out", str(out), "--in-process"]
+        args = dict(model=files["model"], train=files["train"], test=files["test"], k="3", lam="0.003",
+                    out=str(out))
+        args.update(override)
+        out = Path(args["out"])
+        before = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else {}
+        argv = ["audit", "--in-process"]
         for key, val in args.items():
             argv += [f"--{key}", val]
         code = main(argv)
@@ -133,7 +146,8 @@ def test_bad_inputs_exit_2_with_one_line_and_no_tables(files, tmp_path, capsys):
         assert code == 2, name
         assert len(err.splitlines()) == 1, (name, err)
         assert needle in err, (name, err)
-        assert not any(out.glob("*.parquet")) and not (out / "manifest.json").exists(), name
+        after = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else {}
+        assert after == before, name  # nothing written, nothing changed
 
 
 def test_console_script_exit_code_and_stderr(files, tmp_path):
@@ -148,6 +162,19 @@ def test_console_script_exit_code_and_stderr(files, tmp_path):
 
 
 def test_help_documents_every_flag():
+    """Every option of every command appears in its --help with a help text."""
+    from distributed_influence.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, cmd in sub.choices.items():
+        text = cmd.format_help()
+        for action in cmd._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, (name, action.dest)
+            for flag in action.option_strings or [action.dest]:
+                assert flag in text, (name, flag)
     out = subprocess.run([sys.executable, "-m", "distributed_influence.cli", "audit", "--help"],
                          capture_output=True, text=True, timeout=60).stdout
     for flag in ("--model", "--train", "--test", "--out", "--k", "--lam", "--target", "--shards", "--address",
