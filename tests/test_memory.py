@@ -20,7 +20,7 @@ alpha = rng.normal(size=(s, C)) * 1e-3
 ids = np.arange(s)
 xt = rp.augment(rng.normal(size=(m, d)).astype(np.float32))
 pred = rng.integers(0, C, size=m)
-rp.score_shard(x, ids, alpha, xt[:block], pred[:block], 10, block)  # warm up: TF, traces, buffers
+rp.score_shard(x, ids, alpha, xt[:256], pred[:256], 10, 256)  # warm up: TF, traces, buffers
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 out = rp.score_shard(x, ids, alpha, xt, pred, 10, block)
 assert out["topk"]["proponent"]["ids"].shape == (m, 10)
