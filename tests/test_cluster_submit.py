@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -40,16 +41,37 @@ def head(tmp_path_factory):
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env.pop("RAY_ADDRESS", None)
     gcs, dash = _free_port(), _free_port()
+    # A short private temp dir (Unix socket paths are limited to ~107 bytes) that names every
+    # process of this head, so the teardown stops this head only, not other Ray instances.
+    temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")
     subprocess.run(
         [_ray_bin(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-         "--num-cpus=2", "--disable-usage-stats"],
+         "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         env=env, check=True, capture_output=True, timeout=180,
     )
     try:
         yield {"env": env, "url": f"http://127.0.0.1:{dash}", "gcs": gcs}
     finally:
-        subprocess.run([_ray_bin(), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_head(temp_dir, gcs)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_head(temp_dir: str, gcs_port: int) -> None:
+    """Terminates the processes of this head: those naming its temp dir or GCS port."""
+    import psutil
+
+    mine = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if temp_dir in cmd or f"--gcs_server_port={gcs_port}" in cmd or f"127.0.0.1:{gcs_port}" in cmd:
+            if proc.pid != os.getpid():
+                mine.append(proc)
+    for proc in mine:
+        proc.terminate()
+    _, alive = psutil.wait_procs(mine, timeout=20)
+    for proc in alive:
+        proc.kill()
 
 
 def test_job_submitted_to_a_ray_head_succeeds(head, files, tmp_path):
