@@ -6,8 +6,9 @@ machine's matrix-product speed, and that a worker's memory does not grow with th
 (test × train) pairs. This script checks those claims on the full Fashion-MNIST audit
 (60,000 train × 10,000 test, k = 10) from one run, on whatever machine runs it:
 
-1. trains a small CNN of the seed's shape (Conv-Pool-Conv-Pool-Flatten-Dense features-Dense
-   logits-softmax, saved with outputs [features, logits, softmax]);
+1. trains a small CNN of the seed's shape (Conv-Pool-Conv-Pool-Flatten-Dense logits-softmax,
+   the flattened conv output being the d = 1600 features; saved with outputs
+   [features, logits, softmax]);
 2. runs ``distributed-influence audit`` as a subprocess (Ray started locally), sampling the
    resident memory of the driver and every descendant process, and reads the stage timings
    from ``OUT/manifest.json``;
@@ -32,10 +33,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,8 @@ DEBIAN_PACKAGE = "dataset-fashion-mnist"
 STANDARD_DATA_DIRS = ("/usr/share/datasets/fashion-mnist",)
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TEST_IMAGES = "t10k-images-idx3-ubyte"
+#: A job run taking longer than this is killed (with its process group) and reported.
+JOB_TIMEOUT = 1800
 #: Seconds between two memory samples of the job's process tree.
 SAMPLE_INTERVAL = 0.2
 #: The reference matrix product: (M × K) by (K × N) float32, best of REPEATS.
@@ -188,8 +191,9 @@ def build_cnn(n_classes: int, features: int, seed: int):
     h = keras.layers.MaxPooling2D(2)(h)
     h = keras.layers.Conv2D(64, 3, activation="relu")(h)
     h = keras.layers.MaxPooling2D(2)(h)
-    h = keras.layers.Flatten()(h)
-    feats = keras.layers.Dense(features, activation="relu", name="features")(h)
+    feats = keras.layers.Flatten(name="flatten")(h)  # the seed's features: d = 5*5*64 = 1600
+    if features:
+        feats = keras.layers.Dense(features, activation="relu", name="features")(feats)
     logits = keras.layers.Dense(n_classes, name="logits")(feats)
     probs = keras.layers.Activation("softmax", name="softmax")(logits)
     trainable = keras.Model(inp, probs)
@@ -284,11 +288,13 @@ class TreeSampler(threading.Thread):
         self._halt = threading.Event()
 
     def run(self) -> None:
+        """Samples until :meth:`stop`."""
         while not self._halt.is_set():
             self.sample()
             self._halt.wait(self.interval)
 
     def stop(self) -> None:
+        """Stops sampling and waits for the thread."""
         self._halt.set()
         self.join()
 
@@ -326,9 +332,11 @@ class TreeSampler(threading.Thread):
         return out
 
     def tree_cpu_seconds(self) -> float:
+        """CPU seconds of every process of the tree, as last sampled."""
         return sum(s.cpu_seconds for s in self.seen.values())
 
     def count(self, role: str) -> int:
+        """How many processes of a role were seen."""
         return sum(1 for s in self.seen.values() if role_of(s, self.root_pid) == role)
 
 
@@ -353,9 +361,11 @@ class Contention:
 
     @property
     def cores(self) -> float:
+        """Average number of cores the other processes kept busy."""
         return self.foreign_cpu / self.wall if self.wall > 0 else 0.0
 
     def text(self) -> str:
+        """One line for the report."""
         return (f"other processes used {self.foreign_cpu:.1f} CPU-s meanwhile "
                 f"(on average {self.cores:.2f} of {os.cpu_count()} cores)")
 
@@ -392,16 +402,31 @@ def run_job(model: str, train: str, test: str, out: str, log_path: str) -> JobRu
            "--out", out, "--k", str(K)]
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # default Ray local mode: the job starts its own Ray
+    # ray.init() without an address joins the cluster of the last `ray start` on this machine
+    # (RAY_TMPDIR/ray/ray_current_cluster), e.g. one a test suite started meanwhile. A private
+    # Ray temp dir keeps the job on a Ray instance of its own, as a user's local run would be.
+    ray_tmp = tempfile.mkdtemp(prefix="fa_ray_", dir="/tmp")
+    env["RAY_TMPDIR"] = ray_tmp
     print("$ " + " ".join(cmd), flush=True)
     busy0, own0 = busy_cpu_seconds(), own_cpu_seconds()
     t0 = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-        sampler = TreeSampler(proc.pid)
-        sampler.start()
-        stdout, _ = proc.communicate()
-        wall = time.perf_counter() - t0
-        sampler.stop()
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                                    start_new_session=True)
+            sampler = TreeSampler(proc.pid)
+            sampler.start()
+            try:
+                stdout, _ = proc.communicate(timeout=JOB_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the job's own process group only
+                proc.communicate()
+                raise SystemExit(f"the job did not finish in {JOB_TIMEOUT} s (log: {log_path})")
+            finally:
+                wall = time.perf_counter() - t0
+                sampler.stop()
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     foreign = busy_cpu_seconds() - busy0 - (own_cpu_seconds() - own0) - sampler.tree_cpu_seconds()
     if proc.returncode != 0:
         with open(log_path) as fh:
@@ -433,6 +458,7 @@ class BareResult:
 
     @property
     def total(self) -> float:
+        """Seconds of all bare stages."""
         return sum(self.times.values())
 
 
@@ -551,12 +577,20 @@ class HeadProblem:
         return h / self.n + 2.0 * self.lam * np.eye(d1 * C)
 
 
+#: Largest head ((d+1)·C parameters) for which the bare fit builds the exact Hessian.
+MAX_HESSIAN = 4000
+#: Feature width of the seed's CNN: the flattened 5×5×64 output of the second pooling layer.
+FLATTEN_DIM = 5 * 5 * 64
+
+
 def bare_fit(X32: np.ndarray, y: np.ndarray, theta0: np.ndarray, lam: float, tol: float):
-    """The head fit: float32 L-BFGS from the trained head, then exact Newton steps.
+    """The head fit: float32 L-BFGS from the trained head, then exact Newton steps if cheap.
 
     L-BFGS with float32 sums stalls near max |∇J| ≈ 1e-5 (DESIGN.md §1.1), where J no longer
-    resolves its own decrease. From there one Newton step with the exact Hessian (factored
-    once, reused while it keeps dividing |∇J| by 10) and a float64 gradient reaches ≪ 1e-7.
+    resolves its own decrease. When the head is small ((d+1)·C ≤ MAX_HESSIAN), one Newton step
+    with the exact Hessian (factored once, reused while it keeps dividing |∇J| by 10) and a
+    float64 gradient reaches ≪ 1e-7; for the seed's d = 1600 the Hessian (16010²) would cost
+    far more than the whole job, so the bare fit stops where float32 L-BFGS stalls.
 
     Returns:
         (Θ (d+1, C) float64, info dict: L-BFGS iterations and evaluations, max |∇J| after
@@ -572,7 +606,7 @@ def bare_fit(X32: np.ndarray, y: np.ndarray, theta0: np.ndarray, lam: float, tol
     info = {"lbfgs_iterations": int(res.nit), "lbfgs_evaluations": int(res.nfev),
             "lbfgs_max_grad": float(np.max(np.abs(g))), "newton_steps": 0, "hessians": 0}
     factor = None
-    for _ in range(10):
+    for _ in range(10 if theta.size <= MAX_HESSIAN else 0):
         if np.max(np.abs(g)) <= tol:
             break
         if factor is None:
@@ -608,12 +642,12 @@ def chunk_size(n: int) -> int:
 def make_scorer(X: np.ndarray, alpha: np.ndarray, k: int):
     """A compiled scorer of test rows that share a predicted class c.
 
-    α is folded into the training features once per class (X ∘ α[:, c]), so the values
-    r = Xt (X ∘ α[:, c])ᵀ come straight out of one matrix product, with no gather and no
-    elementwise pass. Top-k is two-level and exact: the k largest values of a row lie in the
-    k chunks (of g contiguous columns) with the largest maxima, so only those k·g candidates
-    are sorted (likewise minima for opponents). Ties go to the lower column, as with
-    ``tf.math.top_k`` on the whole row.
+    α is folded into the training features per call (X ∘ α[:, c], n·(d+1) multiplies), so the
+    values r = Xt (X ∘ α[:, c])ᵀ come straight out of one matrix product, with no (b × n)
+    gather and no elementwise pass over r. Top-k is two-level and exact: the k largest values
+    of a row lie in the k chunks (of g contiguous columns) with the largest maxima, so only
+    those k·g candidates are sorted (likewise minima for opponents). Ties go to the lower
+    column, as with ``tf.math.top_k`` on the whole row.
 
     Returns:
         ``block(xt (b, d+1) float32, c) -> (top values, top columns, bottom values, bottom columns)``.
@@ -621,7 +655,8 @@ def make_scorer(X: np.ndarray, alpha: np.ndarray, k: int):
     tf = _tf()
     n, d1 = X.shape
     g = chunk_size(n)
-    folded = tf.constant(np.stack([X * alpha[:, c:c + 1].astype(np.float32) for c in range(alpha.shape[1])]))
+    x_const = tf.constant(X)
+    alpha_t = tf.constant(np.ascontiguousarray(alpha.T, dtype=np.float32))  # (C, n)
 
     def select(r, chunk_extreme, sign):
         if not g:
@@ -637,7 +672,8 @@ def make_scorer(X: np.ndarray, alpha: np.ndarray, k: int):
 
     @tf.function(input_signature=[tf.TensorSpec((None, d1), tf.float32), tf.TensorSpec((), tf.int32)])
     def block(xt, c):
-        r = tf.matmul(xt, tf.gather(folded, c), transpose_b=True)
+        folded = x_const * tf.gather(alpha_t, c)[:, None]
+        r = tf.matmul(xt, folded, transpose_b=True)
         tv, ti = select(r, tf.reduce_max, 1.0)
         bv, bi = select(r, tf.reduce_min, -1.0)
         return tv, ti, bv, bi
@@ -678,7 +714,27 @@ def bare_score(X: np.ndarray, alpha: np.ndarray, Xt: np.ndarray, pred: np.ndarra
             tv, ti, _bv, bi = scorer(Xt[r], np.int32(c))
             top_v[r], top_i[r], bot_i[r] = tv.numpy(), ti.numpy(), bi.numpy()
     col, col_abs = influence_sums(X, alpha, Xt, pred)
+    if col_abs is None:
+        col_abs = abs_sums_by_pass(X, alpha, Xt, pred, block)
     return top_i, top_v, bot_i, col, col_abs
+
+
+def abs_sums_by_pass(X: np.ndarray, alpha: np.ndarray, Xt: np.ndarray, pred: np.ndarray, block: int):
+    """Σ_t |r_i(t)| by blocks of test rows, for features with negative entries."""
+    tf = _tf()
+    x_const = tf.constant(X)
+    alpha_t = tf.constant(np.ascontiguousarray(alpha.T, dtype=np.float32))
+
+    @tf.function(input_signature=[tf.TensorSpec((None, X.shape[1]), tf.float32),
+                                  tf.TensorSpec((None,), tf.int32)])
+    def block_sums(xt, p):
+        r = tf.matmul(xt, x_const, transpose_b=True) * tf.gather(alpha_t, p)
+        return tf.reduce_sum(tf.abs(r), axis=0)
+
+    out = np.zeros(len(X))
+    for s in range(0, len(Xt), block):
+        out += block_sums(Xt[s:s + block], pred[s:s + block].astype(np.int32)).numpy()
+    return out
 
 
 def run_bare(model_path: str, train_npz: str, test_npz: str) -> BareResult:
@@ -697,8 +753,9 @@ def run_bare(model_path: str, train_npz: str, test_npz: str) -> BareResult:
     theta, info = timed("fit", bare_fit, X, y, head_theta(model), LAM, BARE_GRAD_TOL)
     alpha = timed("alpha", bare_alpha, X, y, theta, LAM)
     pred = np.argmax(test_logits, axis=1)
-    top_i, _top_v, bot_i, _, col_abs = timed("score", bare_score, X, alpha, Xt, pred)
-    info["abs_sums"] = "closed form (features >= 0)" if col_abs is not None else "not computed"
+    nonneg = bool((X >= 0).all() and (Xt >= 0).all())
+    top_i, _top_v, bot_i, _, _ = timed("score", bare_score, X, alpha, Xt, pred)
+    info["abs_sums"] = "closed form (features >= 0)" if nonneg else "by a pass over the values"
     wall = time.perf_counter() - t_all
     foreign = busy_cpu_seconds() - busy0 - (own_cpu_seconds() - own0)
     return BareResult(times, info, top_i, bot_i, Contention(wall, max(0.0, foreign)))
@@ -728,6 +785,7 @@ def agreement(job_ids: np.ndarray, bare_ids: np.ndarray) -> Tuple[float, float]:
 
 
 def gb(nbytes: float) -> str:
+    """Bytes as decimal gigabytes, the unit of the targets."""
     return f"{nbytes / 1e9:.2f} GB"
 
 
@@ -777,6 +835,7 @@ def print_bare(bare: BareResult, m: int, n: int, d: int) -> None:
 
 
 def pass_fail(ok: bool) -> str:
+    """PASS or FAIL."""
     return "PASS" if ok else "FAIL"
 
 
@@ -784,14 +843,19 @@ def pass_fail(ok: bool) -> str:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The command line (see ``--help``)."""
     p = argparse.ArgumentParser(
-        description="Time the full Fashion-MNIST influence audit through the real CLI against bare "
-                    "single-process code, the machine's matmul speed and memory targets.")
+        description="Time the full Fashion-MNIST influence audit (k=10) through the real CLI against "
+                    "bare single-process code, the machine's float32 matmul speed and memory targets. "
+                    "Every number printed is measured in this run.",
+        epilog="Targets: job <= 1.25 x bare; scoring >= 60% of matmul GFLOP/s; peak RSS of any "
+               "process <= 2.5 GB and < 10% growth when the test set doubles; total < 10 min.")
     p.add_argument("--n-train", type=int, default=60000, help="training examples used (default 60000)")
     p.add_argument("--n-test", type=int, default=10000, help="test examples used (default 10000)")
-    p.add_argument("--epochs", type=int, default=1, help="training epochs of the CNN (default 1)")
-    p.add_argument("--features", type=int, default=128,
-                   help="width d of the Dense 'features' layer (default 128)")
+    p.add_argument("--epochs", type=int, default=2, help="training epochs of the CNN (default 2)")
+    p.add_argument("--features", type=int, default=0,
+                   help="0 (default): the seed's CNN, whose features are the flattened conv output "
+                        "(d = 1600); N > 0: insert a Dense(N, relu) 'features' layer (d = N)")
     p.add_argument("--data-dir", default=None,
                    help="directory with {train,t10k}-images-idx3-ubyte[.gz] and their labels files "
                         "(default: the dataset-fashion-mnist Debian package's directory, found with "
@@ -820,19 +884,22 @@ def prepare(args, work: str) -> dict:
     print(f"data: {kind}; {len(train.y)} train x {len(test.y)} test, 28x28x1, 10 classes "
           f"({time.perf_counter() - t0:.1f} s to read and write .npz)")
     trained = train_model(train, test, args.epochs, args.features, paths["model"], args.seed)
-    print(f"model: Conv2D(32,3)-MaxPool-Conv2D(64,3)-MaxPool-Flatten-Dense({args.features}, 'features')"
-          f"-Dense(10, 'logits')-softmax; {args.epochs} epoch(s) in {trained['seconds']:.1f} s, "
+    head = f"Dense({args.features}, 'features')-" if args.features else ""
+    print(f"model: Conv2D(32,3)-MaxPool-Conv2D(64,3)-MaxPool-Flatten-{head}"
+          f"Dense(10, 'logits')-softmax; {args.epochs} epoch(s) in {trained['seconds']:.1f} s, "
           f"test accuracy {trained['test_accuracy']:.3f}")
     return paths
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Prepares data and model, runs every measurement, prints the report; returns 0."""
     args = parse_args(argv)
     t_start = time.perf_counter()
     work = args.work_dir or tempfile.mkdtemp(prefix="full_audit_")
     os.makedirs(work, exist_ok=True)
     print(f"machine: {os.cpu_count()} CPUs, {_mem_total() / GiB:.1f} GiB; load average at start "
           f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}; work dir {work}")
+    print(f"package: {package_revision()}")
     try:
         paths = prepare(args, work)
         report(args, paths, work, t_start)
@@ -842,13 +909,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def package_revision() -> str:
+    """The package's version, its git commit, and how many of its files differ from that commit."""
+    import distributed_influence
+
+    src = os.path.dirname(os.path.abspath(distributed_influence.__file__))
+    text = f"distributed_influence {distributed_influence.__version__} at {src}"
+    try:
+        head = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return text
+    if head.returncode != 0:
+        return text
+    changed = len([ln for ln in dirty.stdout.splitlines() if ln.strip()])
+    return f"{text}, git {head.stdout.strip()}" + (f" + {changed} uncommitted file(s)" if changed else "")
+
+
 def _mem_total() -> int:
     return import_psutil().virtual_memory().total
 
 
 def report(args, paths: dict, work: str, t_start: float) -> None:
     """Runs the measurements and prints them, then the targets."""
-    n, m, d = args.n_train, args.n_test, args.features
+    n, m = args.n_train, args.n_test
+    d = args.features or FLATTEN_DIM
     mm_peak = matmul_gflops(*MATMUL_SHAPE)
     mm_shaped = matmul_gflops(MATMUL_SHAPE[0], d + 1, MATMUL_SHAPE[2])
     print(f"machine float32 tf.matmul, best of {MATMUL_REPEATS}: {mm_peak:.1f} GFLOP/s at "

@@ -15,14 +15,8 @@ from typing import Optional
 
 import numpy as np
 
-from . import index, storage, tables
-from . import reduce as rd
-from . import representer as rp
+from . import storage
 from .errors import ConfigError, InputError
-from .inputs import _check_source as check_source
-from .model import Featurizer, load_model, read_model_bytes, split_model
-from .shard import check_finite
-from .sources import open_source
 
 
 def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int] = None,
@@ -41,6 +35,15 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
     Returns:
         The manifest written to ``out``.
     """
+    # Deferred: these import TensorFlow, which `--help` and argument errors should not wait for.
+    from . import index, tables
+    from . import reduce as rd
+    from . import representer as rp
+    from .inputs import check_source
+    from .model import Featurizer, load_model, read_model_bytes, split_model
+    from .shard import check_finite
+    from .sources import open_source
+
     t0 = time.perf_counter()
     index_dir = storage.join(index_out, index.INDEX_DIR)
     files = index.shard_files(index_dir)

@@ -35,7 +35,7 @@ class Inputs:
         return self.split.n_classes
 
 
-def _check_source(src: Source, role: str, n_classes: int, input_shape, need_labels: bool) -> None:
+def check_source(src: Source, role: str, n_classes: int, input_shape, need_labels: bool) -> None:
     if src.n_rows == 0:
         raise SourceError(f"{src.name}: the {role} set is empty")
     if need_labels and not src.has_labels:
@@ -86,8 +86,8 @@ def prepare_inputs(config: AuditConfig) -> Inputs:
     input_shape = tuple(config.input_shape) if config.input_shape else split.input_shape
     train = open_source(config.train, scale=config.scale)
     test = open_source(config.test, scale=config.scale)
-    _check_source(train, "training", split.n_classes, input_shape, need_labels=True)
-    _check_source(test, "test", split.n_classes, input_shape, need_labels=False)
+    check_source(train, "training", split.n_classes, input_shape, need_labels=True)
+    check_source(test, "test", split.n_classes, input_shape, need_labels=False)
     if config.k > train.n_rows:
         raise ConfigError(f"--k {config.k} exceeds the {train.n_rows} training examples")
     return Inputs(model_bytes, name, split, train, test, input_shape)

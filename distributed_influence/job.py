@@ -170,12 +170,12 @@ def _fit(config: AuditConfig, inputs: Inputs, pool, specs, test: dict, store: Wo
     if cached is not None:
         return cached
 
-    def sums(theta):
-        res = pool.map("objective", specs, theta)
+    def sums(theta, precision):
+        res = pool.map("objective", specs, theta, precision)
         return sum(r[0] for r in res), np.sum([r[1] for r in res], axis=0)
 
-    def hvp(theta, v):
-        return np.sum(pool.map("hvp", specs, theta, v), axis=0)
+    def hvp(theta, v, precision):
+        return np.sum(pool.map("hvp", specs, theta, v, precision), axis=0)
 
     with progress_bar(None, "fit head", "it") as bar:
         def on_iteration(it, g):

@@ -43,7 +43,9 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
         ray.init(address=address, log_to_driver=True)
     else:
         use_loopback()
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+        # address="local": always a new instance, never a cluster some earlier `ray start`
+        # left running on this machine (whose token and resources are not ours).
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
         log.info("started a local Ray instance on 127.0.0.1")
     return True

@@ -52,6 +52,8 @@ class ShardData:
     labels: np.ndarray  # (s,) int64
     ids: np.ndarray  # (s,) int64
     targets: np.ndarray  # (s, C) float64 t_i of the fit
+    x_tf: object = None  # x as a resident tensor: the fit evaluates it hundreds of times
+    targets32: object = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,16 +141,17 @@ class ShardWorker:
                 targets = rp.one_hot(labels, n_classes)
             else:
                 targets = rp.softmax(logits)
-            self._shards[spec.index] = ShardData(x, logits, labels, ids, targets)
+            self._shards[spec.index] = ShardData(x, logits, labels, ids, targets, x_tf=rp.tf.constant(x),
+                                                 targets32=rp.tf.constant(targets, rp.tf.float32))
         return self._shards[spec.index]
 
     # ----------------------------------------------------------------------------- head fit
-    def objective(self, spec: ShardSpec, theta: np.ndarray) -> Tuple[float, np.ndarray]:
+    def objective(self, spec: ShardSpec, theta: np.ndarray, precision: str = "float64") -> Tuple[float, np.ndarray]:
         d = self._data(spec)
-        return rp.objective_sums(d.x, d.targets, theta)
+        return rp.objective_sums(d.x_tf, d.targets32 if precision == "float32" else d.targets, theta, precision)
 
-    def hvp(self, spec: ShardSpec, theta: np.ndarray, v: np.ndarray) -> np.ndarray:
-        return rp.hvp_sums(self._data(spec).x, theta, v)
+    def hvp(self, spec: ShardSpec, theta: np.ndarray, v: np.ndarray, precision: str = "float64") -> np.ndarray:
+        return rp.hvp_sums(self._data(spec).x_tf, theta, v, precision)
 
     def fidelity(self, spec: ShardSpec, theta: np.ndarray) -> np.ndarray:
         d = self._data(spec)

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 #: Times Ray restarts a dead worker actor (and re-runs its call) before the job fails.
 MAX_RESTARTS = 3
+#: Shared call arguments larger than this are put in the object store once, not sent per call.
+INLINE_BYTES = 1 << 20
 
 
 def configure_devices(num_gpus: float, num_cpus: float) -> dict:
@@ -166,7 +168,9 @@ class RayPool:
         A worker that dies is restarted by Ray and its call re-run (``MAX_RESTARTS`` times).
         """
         ray = self._ray
-        shared_refs = [a if isinstance(a, ray.ObjectRef) else ray.put(a) for a in shared]
+        # Big shared arguments go to the object store once; small ones (Θ, a precision name)
+        # travel inline with each call, which is cheaper than a put per fit evaluation.
+        shared_refs = [ray.put(a) if getattr(a, "nbytes", 0) > INLINE_BYTES else a for a in shared]
         refs = [getattr(self.actor_for(s), method).remote(s, *shared_refs) for s in specs]
         index = {ref: i for i, ref in enumerate(refs)}
         pending = list(refs)

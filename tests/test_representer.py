@@ -94,8 +94,8 @@ def test_fit_reaches_stationary_point_and_theta_is_sum_of_alphas(problem, target
     x, labels, theta0 = problem
     C = theta0.shape[1]
     t = rp.one_hot(labels, C) if target == "labels" else oracle.softmax(x.astype(np.float64) @ theta0)
-    res = fit_head(lambda th: rp.objective_sums(x, t, th), lambda th, v: rp.hvp_sums(x, th, v),
-                   len(x), LAM, theta0, tol=1e-10)
+    res = fit_head(lambda th, prec: rp.objective_sums(x, t, th, prec),
+                   lambda th, v, prec: rp.hvp_sums(x, th, v, prec), len(x), LAM, theta0, tol=1e-10)
     assert res.converged and res.max_abs_grad <= 1e-7
     # The stationary point of an independent explicit-Hessian Newton fit.
     ref = oracle.newton_fit(x.astype(np.float64), t, LAM, theta0)
