@@ -100,26 +100,40 @@ def objective_sums(x, targets, theta: np.ndarray, precision: str = "float64") ->
 
 
 @tf.function(reduce_retracing=True)
-def _hvp_block(x, theta, v):
-    xc = tf.cast(x, theta.dtype)
-    p = tf.nn.softmax(tf.matmul(xc, theta))
+def _probs_block(x, theta):
+    return tf.nn.softmax(tf.matmul(tf.cast(x, theta.dtype), theta))
+
+
+@tf.function(reduce_retracing=True)
+def _hvp_block(x, p, v):
+    xc = tf.cast(x, v.dtype)
     pu = p * tf.matmul(xc, v)
     return tf.matmul(xc, pu - p * tf.reduce_sum(pu, axis=1, keepdims=True), transpose_a=True)
 
 
-def hvp_sums(x, theta: np.ndarray, v: np.ndarray, precision: str = "float64") -> np.ndarray:
+def softmax_blocks(x, theta: np.ndarray, precision: str = "float64") -> list:
+    """softmax(XΘ) per row block: fixed during one Newton step, so computed once for all its
+    Hessian-vector products (each then reads the features twice instead of three times)."""
+    theta = tf.constant(theta, dtype=PRECISIONS[precision])
+    return [_probs_block(xb, theta) for xb, _ in _row_blocks(x, None, precision)]
+
+
+def hvp_sums(x, theta: np.ndarray, v: np.ndarray, precision: str = "float64", probs=None) -> np.ndarray:
     """Σ_i of the cross-entropy Hessian at Θ applied to V: Xᵀ(P∘U − P∘rowsum(P∘U)), U = XV.
 
     Hessian-vector products let Newton steps finish the fit to ~1e-12, which L-BFGS alone
     does not reach reliably (DESIGN.md §1.1). They only steer the step, so float32 products
     are enough; the gradient that judges each step stays float64.
+
+    Args:
+        probs: :func:`softmax_blocks` at this Θ and precision, if already at hand.
     """
-    dtype = PRECISIONS[precision]
-    theta = tf.constant(theta, dtype=dtype)
-    v = tf.constant(v, dtype=dtype)
-    out = np.zeros(theta.shape, dtype=np.float64)
-    for xb, _ in _row_blocks(x, None, precision):
-        out += _hvp_block(xb, theta, v).numpy()
+    if probs is None:
+        probs = softmax_blocks(x, theta, precision)
+    v = tf.constant(v, dtype=PRECISIONS[precision])
+    out = np.zeros(v.shape, dtype=np.float64)
+    for (xb, _), p in zip(_row_blocks(x, None, precision), probs):
+        out += _hvp_block(xb, p, v).numpy()
     return out
 
 
@@ -182,48 +196,62 @@ def fidelity_from_moments(m: np.ndarray) -> dict:
 
 
 @tf.function(reduce_retracing=True)
-def _score_block(xt, x, alpha_sel, k):
+def _score_block(xt, x, alpha, pred, k, with_abs):
     # r[t, i] = α_{i, j_t} (x_i · x_t): one large matrix product, then an elementwise scale.
-    r = tf.matmul(xt, x, transpose_b=True) * alpha_sel
+    r = tf.matmul(xt, x, transpose_b=True) * tf.transpose(tf.gather(alpha, pred, axis=1))
     top = tf.math.top_k(r, k=k, sorted=True)
     bottom = tf.math.top_k(-r, k=k, sorted=True)
-    return top.values, top.indices, -bottom.values, bottom.indices, tf.reduce_sum(r, axis=0), tf.reduce_sum(tf.abs(r), axis=0)
+    abs_sum = tf.reduce_sum(tf.abs(r), axis=0) if with_abs else tf.zeros([0])
+    return top.values, top.indices, -bottom.values, bottom.indices, abs_sum
 
 
-def score_block(xt: np.ndarray, x: np.ndarray, alpha: np.ndarray, pred: np.ndarray, k: int):
+def score_block(xt, x, alpha, pred: np.ndarray, k: int, with_abs: bool = True):
     """Representer values of a shard for a block of test examples, reduced on the spot.
 
     The (b, s) matrix of values lives only inside this call: it is reduced to a per-test
-    top-k (largest = proponents, smallest = opponents) and per-train column sums. Ties go to the
-    lower row index, so rows must be sorted by id for "smaller id first".
+    top-k (largest = proponents, smallest = opponents) and, when asked, per-train sums of
+    |r|. Ties go to the lower row index, so rows must be sorted by id for "smaller id first".
 
     Args:
         xt: (b, d+1) float32 augmented test features.
-        x: (s, d+1) float32 augmented shard features.
-        alpha: (s, C) float32 α of the shard.
+        x: (s, d+1) float32 augmented shard features (array or resident tensor).
+        alpha: (s, C) float32 α of the shard (array or resident tensor).
         pred: (b,) int class j_t explained for each test example.
         k: entries kept per test example (≤ s).
+        with_abs: also return Σ_t |r_ti| over the block.
 
     Returns:
-        dict with ``top_values``/``top_index`` and ``bottom_values``/``bottom_index`` (b, k),
-        ``col_sum`` and ``col_abs_sum`` (s,) float32.
+        dict with ``top_values``/``top_index`` and ``bottom_values``/``bottom_index`` (b, k)
+        and, with ``with_abs``, ``col_abs_sum`` (s,) float32.
     """
-    alpha_sel = np.ascontiguousarray(alpha[:, pred].T)  # (b, s): α_{i, j_t}
-    tv, ti, bv, bi, cs, cas = _score_block(
-        tf.constant(xt, tf.float32), tf.constant(x, tf.float32), tf.constant(alpha_sel, tf.float32), tf.constant(k)
+    tv, ti, bv, bi, cas = _score_block(
+        tf.convert_to_tensor(xt, tf.float32), tf.convert_to_tensor(x, tf.float32),
+        tf.convert_to_tensor(alpha, tf.float32), tf.constant(pred, tf.int64), tf.constant(k), bool(with_abs),
     )
-    return {
-        "top_values": tv.numpy(),
-        "top_index": ti.numpy(),
-        "bottom_values": bv.numpy(),
-        "bottom_index": bi.numpy(),
-        "col_sum": cs.numpy(),
-        "col_abs_sum": cas.numpy(),
-    }
+    out = {"top_values": tv.numpy(), "top_index": ti.numpy(),
+           "bottom_values": bv.numpy(), "bottom_index": bi.numpy()}
+    if with_abs:
+        out["col_abs_sum"] = cas.numpy()
+    return out
+
+
+def _class_sums(test_x: np.ndarray, test_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """S_c = Σ_{t: j_t = c} x_t, float64 (C, d+1)."""
+    s = np.zeros((n_classes, test_x.shape[1]))
+    np.add.at(s, test_pred, test_x.astype(np.float64))
+    return s
+
+
+def _per_class_similarity(x: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """x_i · S_c for every training row and class, float64 (n, C), in row blocks."""
+    out = np.empty((len(x), len(s)))
+    for b in range(0, len(x), ROW_BLOCK):
+        out[b : b + ROW_BLOCK] = np.asarray(x[b : b + ROW_BLOCK], dtype=np.float64) @ s.T
+    return out
 
 
 def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x: np.ndarray,
-                test_pred: np.ndarray, k: int, block: int) -> dict:
+                test_pred: np.ndarray, k: int, block: int, x_tf=None) -> dict:
     """Scores one shard against all test examples, ``block`` test examples at a time.
 
     The (block × shard) matrix of values is the largest thing allocated, whatever the size of
@@ -237,6 +265,7 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x: np.nd
         test_pred: (m,) class explained for each test example.
         k: entries kept per test example and kind (capped at the shard size).
         block: test examples per block; halved if a block runs out of device memory.
+        x_tf: ``x`` as a resident tensor, if the caller keeps one (saves a copy per call).
 
     Returns:
         dict with ``topk[kind]`` arrays ``values``, ``ids``, ``alpha``, ``similarity`` of shape
@@ -247,26 +276,33 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x: np.nd
         raise ValueError("score_shard needs rows sorted by strictly increasing id")
     k = min(k, len(ids))
     m = len(test_x)
-    alpha32 = alpha.astype(np.float32)
+    x_t = tf.convert_to_tensor(x if x_tf is None else x_tf, tf.float32)
+    alpha_t = tf.constant(alpha, tf.float32)
+    # Σ_t r_ti = Σ_c α_ic (x_i · S_c) by linearity: the per-train sums need no pass over the
+    # (test × train) values. So do the sums of |r_ti| when every similarity is positive
+    # (non-negative features, e.g. after a ReLU: x_i · x_t ≥ 1 with the bias 1), because then
+    # |r_ti| = |α_{i,j_t}| (x_i · x_t).
+    class_sim = _per_class_similarity(x, _class_sums(test_x, test_pred, alpha.shape[1]))
+    col_sum = np.sum(alpha * class_sim, axis=1)
+    abs_closed = bool(np.min(x) >= 0 and (m == 0 or np.min(test_x) >= 0))
+    col_abs = np.sum(np.abs(alpha) * class_sim, axis=1) if abs_closed else np.zeros(len(ids))
     topk = {kind: {"values": np.empty((m, k), np.float32), "ids": np.empty((m, k), np.int64),
                    "alpha": np.empty((m, k), np.float32), "similarity": np.empty((m, k), np.float32)}
             for kind in ("proponent", "opponent")}
-    col_sum = np.zeros(len(ids), np.float64)
-    col_abs = np.zeros(len(ids), np.float64)
     b0 = 0
     while b0 < m:
         b1 = min(m, b0 + block)
         xt, pred = test_x[b0:b1], test_pred[b0:b1]
         try:
-            res = score_block(xt, x, alpha32, pred, k)
+            res = score_block(xt, x_t, alpha_t, pred, k, with_abs=not abs_closed)
         except tf.errors.ResourceExhaustedError:
             if block == 1:
                 raise
             block = max(1, block // 2)  # the (block × shard) matrix did not fit: halve it
             log.warning("out of memory while scoring: test block now %d", block)
             continue
-        col_sum += res["col_sum"]
-        col_abs += res["col_abs_sum"]
+        if not abs_closed:
+            col_abs += res["col_abs_sum"]
         for kind, vals, idx in (("proponent", res["top_values"], res["top_index"]),
                                 ("opponent", res["bottom_values"], res["bottom_index"])):
             out = topk[kind]

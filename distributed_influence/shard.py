@@ -9,6 +9,7 @@ re-runs a call gives the same answer.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 from typing import Dict, Optional, Tuple
@@ -92,6 +93,7 @@ class ShardWorker:
         self._model_bytes = model_bytes
         self._featurizer: Optional[Featurizer] = None
         self._shards: Dict[int, ShardData] = {}
+        self._probs: Dict[int, tuple] = {}  # shard → (Θ key, softmax blocks) for Newton's CG
         self._sources = {}
 
     # ------------------------------------------------------------------ state, rebuilt on demand
@@ -151,7 +153,14 @@ class ShardWorker:
         return rp.objective_sums(d.x_tf, d.targets32 if precision == "float32" else d.targets, theta, precision)
 
     def hvp(self, spec: ShardSpec, theta: np.ndarray, v: np.ndarray, precision: str = "float64") -> np.ndarray:
-        return rp.hvp_sums(self._data(spec).x_tf, theta, v, precision)
+        """Hessian-vector product sums; softmax(XΘ) is kept while Θ stays (one Newton step)."""
+        d = self._data(spec)
+        key = (hashlib.sha1(np.ascontiguousarray(theta).tobytes()).hexdigest(), precision)
+        cached = self._probs.get(spec.index)
+        if cached is None or cached[0] != key:
+            cached = (key, rp.softmax_blocks(d.x_tf, theta, precision))
+            self._probs[spec.index] = cached
+        return rp.hvp_sums(d.x_tf, theta, v, precision, probs=cached[1])
 
     def fidelity(self, spec: ShardSpec, theta: np.ndarray) -> np.ndarray:
         d = self._data(spec)
@@ -173,7 +182,7 @@ class ShardWorker:
         t0 = time.perf_counter()
         alpha = rp.alpha_by_tape(d.x, theta, d.targets, s.lam, s.n_train)
         maybe_kill_worker(s.fault, spec.index)
-        scored = rp.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block)
+        scored = rp.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block, x_tf=d.x_tf)
         if s.index_dir:
             index.write_shard(index.shard_file(s.index_dir, spec.index), d.ids, d.labels, d.x, alpha)
         rows = np.arange(len(d.ids))

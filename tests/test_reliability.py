@@ -130,10 +130,10 @@ def test_out_of_memory_while_scoring_halves_the_test_block(monkeypatch, caplog):
     expected = rp.score_shard(x, ids, alpha, xt, pred, 4, 25)
     real = rp.score_block
 
-    def score_block_with_small_memory(xt_block, *args):
+    def score_block_with_small_memory(xt_block, *args, **kwargs):
         if len(xt_block) > 6:
             raise tf.errors.ResourceExhaustedError(None, None, "OOM (injected)")
-        return real(xt_block, *args)
+        return real(xt_block, *args, **kwargs)
 
     monkeypatch.setattr(rp, "score_block", score_block_with_small_memory)
     with caplog.at_level(logging.WARNING):

@@ -86,3 +86,18 @@ def test_score_shard_requires_rows_sorted_by_id():
     x, alpha, xt, pred, ids = _exact_problem(0)
     with pytest.raises(ValueError):
         score_shard(x, ids, alpha, xt, pred, 3, 4)
+
+
+def test_nonnegative_features_use_the_closed_form_sums_and_match_the_full_matrix():
+    """ReLU-like features: Σ_t |r| comes from per-class sums, not a pass over the values."""
+    rng = np.random.default_rng(11)
+    n, m, d, C = 200, 30, 12, 4
+    x = np.hstack([np.abs(rng.normal(size=(n, d))), np.ones((n, 1))]).astype(np.float32)
+    x[:, 3] = 0.0  # a dead unit
+    alpha = rng.normal(size=(n, C)) * 1e-3
+    xt = np.hstack([np.abs(rng.normal(size=(m, d))), np.ones((m, 1))]).astype(np.float32)
+    pred = rng.integers(0, C, size=m)
+    r = oracle.representer_matrix(x.astype(np.float64), alpha, xt.astype(np.float64), pred)
+    parts = _sharded(x, alpha, xt, pred, np.arange(n), [0, 90, 200], 6, 7)
+    np.testing.assert_allclose(np.concatenate([p["influence_sum"] for p in parts]), r.sum(axis=0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.concatenate([p["influence_abs_sum"] for p in parts]), np.abs(r).sum(axis=0), rtol=1e-9)
