@@ -172,6 +172,8 @@ class RayPool:
         # travel inline with each call, which is cheaper than a put per fit evaluation.
         shared_refs = [ray.put(a) if getattr(a, "nbytes", 0) > INLINE_BYTES else a for a in shared]
         refs = [getattr(self.actor_for(s), method).remote(s, *shared_refs) for s in specs]
+        if desc is None and on_result is None:
+            return ray.get(refs)  # the fit's many small calls: one round trip, nothing to show
         index = {ref: i for i, ref in enumerate(refs)}
         pending = list(refs)
         with progress_bar(sum(s.rows for s in specs), desc, "rows") as bar:
