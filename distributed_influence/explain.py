@@ -79,7 +79,8 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
         results.append({"topk": scored["topk"]})
     theta, alpha_head = index.read_head(index_dir)
     topk = rd.merge_topk_table(results, k, rows.ids, pred)
-    dec = rd.test_table(rows.ids, rows.y, pred, logits, test_x, theta, alpha_head)
+    dec = rd.test_table(rows.ids, rows.y, pred, logits, rp.linear_logits(test_x, theta),
+                        rp.linear_logits(test_x, alpha_head))
     manifest = {
         "command": "explain",
         "index": index_out if storage.is_uri(index_out) else os.path.abspath(index_out),

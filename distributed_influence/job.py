@@ -148,23 +148,20 @@ def _publish_index(store: WorkStore, out: str) -> None:
     storage.move_tree(storage.join(store.path, index.INDEX_DIR), final)
 
 
-def _featurize_test(pool, inputs: Inputs, store: WorkStore) -> dict:
-    """Test features, computed by the workers in parallel (or reused from a previous run)."""
-    cached = store.load("test")
-    if cached is not None:
-        return cached
-    parts = pool.call_all("featurize_rows", [("test", p.start, p.stop)
-                                             for p in plan_shards(inputs.test.n_rows, pool.n_workers)])
-    test = {"x": np.concatenate([p[0] for p in parts]),
-            "logits": np.concatenate([p[1] for p in parts]),
-            "ids": np.concatenate([p[2] for p in parts])}
-    if parts[0][3] is not None:
-        test["labels"] = np.concatenate([p[3] for p in parts])
-    store.save("test", test)
+def _featurize_test(pool, inputs: Inputs) -> dict:
+    """Test features, computed by the workers in parallel and left where they are (in Ray's
+    object store): the driver keeps only references, logits, ids and labels."""
+    parts = plan_shards(inputs.test.n_rows, pool.n_workers)
+    x_parts, metas = pool.call_split("featurize_test", [(p.start, p.stop) for p in parts])
+    test = {"x_parts": x_parts,
+            "logits": np.concatenate([m["logits"] for m in metas]),
+            "ids": np.concatenate([m["ids"] for m in metas])}
+    if metas[0]["labels"] is not None:
+        test["labels"] = np.concatenate([m["labels"] for m in metas])
     return test
 
 
-def _fit(config: AuditConfig, inputs: Inputs, pool, specs, test: dict, store: WorkStore) -> dict:
+def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> dict:
     """The head fit on the shards' sums, and the fidelity of the surrogate; persisted."""
     cached = store.load("fit")
     if cached is not None:
@@ -194,7 +191,6 @@ def _fit(config: AuditConfig, inputs: Inputs, pool, specs, test: dict, store: Wo
                  "max_abs_grad": fit.max_abs_grad, "objective": fit.objective,
                  "converged": fit.converged, "method": fit.method},
         "train_moments": np.sum(pool.map("fidelity", specs, fit.theta), axis=0),
-        "test_moments": fidelity_moments(test["x"].astype(np.float64) @ fit.theta, test["logits"]),
     }
     store.save("fit", result)
     return result
@@ -215,11 +211,11 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         # The fit needs every shard; afterwards only the shards still to be scored.
         for p in pool.map("prepare", specs if fit is None else todo, desc="featurize train"):
             shard_info[p["shard"]].update(node=p["node"], featurize_seconds=round(p["seconds"], 4))
-        test = _featurize_test(pool, inputs, store)
+        test = _featurize_test(pool, inputs)
         test_pred = np.argmax(test["logits"], axis=1).astype(np.int64)
 
     with timer.stage("fit"):
-        fit = _fit(config, inputs, pool, specs, test, store)
+        fit = _fit(config, inputs, pool, specs, store)
     theta = fit["theta"]
 
     with timer.stage("score"):
@@ -230,7 +226,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
             saved.append(spec.index)
             faults.maybe_stop_driver(fault, len(saved))
 
-        shared = (pool.put(theta), pool.put(test["x"]), pool.put(test_pred))
+        shared = (theta, test["x_parts"], pool.put(test_pred))
         for spec, r in zip(todo, pool.map("score", todo, *shared, desc="alpha + score", on_result=persist)):
             results[spec.index] = r
     for i, r in results.items():
@@ -242,8 +238,9 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         topk = rd.merge_topk_table(ordered, config.k, test["ids"], test_pred)
         train = rd.train_table(ordered)
         alpha_head = np.sum([r["alpha_head"] for r in ordered], axis=0)
-        dec = rd.test_table(test["ids"], test.get("labels"), test_pred, test["logits"], test["x"],
-                            theta, alpha_head)
+        surrogate = ordered[0]["test_surrogate"]
+        dec = rd.test_table(test["ids"], test.get("labels"), test_pred, test["logits"], surrogate,
+                            np.sum([r["test_alpha_head"] for r in ordered], axis=0))
         residual = float(np.max(np.abs(theta - alpha_head)) / np.max(np.abs(theta)))
         index.write_head(storage.join(store.path, index.INDEX_DIR), theta, alpha_head)
 
@@ -267,7 +264,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         "k": int(config.k),
         "head_fit": {**fit["info"], "grad_tol": config.grad_tol},
         "fidelity": {"train": fidelity_from_moments(fit["train_moments"]),
-                     "test": fidelity_from_moments(fit["test_moments"])},
+                     "test": fidelity_from_moments(fidelity_moments(surrogate, test["logits"]))},
         "decomposition": {"max_error": dec["max_error"], "max_relative_error": dec["max_relative_error"],
                           "theta_residual": residual},
         "shards": [shard_info[s.index] for s in specs],

@@ -67,21 +67,24 @@ def train_table(results: List[dict]) -> pa.Table:
 
 
 def test_table(test_ids: np.ndarray, test_labels: Optional[np.ndarray], test_pred: np.ndarray,
-               model_logits: np.ndarray, test_x: np.ndarray, theta: np.ndarray,
-               alpha_head: np.ndarray) -> Dict[str, object]:
+               model_logits: np.ndarray, surrogate_logits: np.ndarray,
+               alpha_head_logits: np.ndarray) -> Dict[str, object]:
     """Per-test decomposition check: Σ_i r_ij(t) against the surrogate logit z_tj.
 
     Σ_i r_ij(t) = Σ_i α_ij (x_i·x_t) = x_t · (Σ_i x_iᵀ α_i)[:, j] exactly (linearity), so the
-    shards' float64 Σ_i x_iᵀα_i gives the sum over *all* training examples without the float32
-    rounding of n separate terms.
+    shards' float64 x_t Σ_(i in shard) x_iᵀα_i, added up, give the sum over *all* training
+    examples without the float32 rounding of n separate terms.
+
+    Args:
+        surrogate_logits: (m, C) x_t Θ.
+        alpha_head_logits: (m, C) x_t Σ_i x_iᵀα_i summed over all shards.
 
     Returns:
         dict with the ``table`` and summary numbers for the manifest.
     """
     rows = np.arange(len(test_ids))
-    x64 = test_x.astype(np.float64)
-    surrogate = np.einsum("td,dt->t", x64, theta[:, test_pred])
-    rep_sum = np.einsum("td,dt->t", x64, alpha_head[:, test_pred])
+    surrogate = surrogate_logits[rows, test_pred]
+    rep_sum = alpha_head_logits[rows, test_pred]
     err = np.abs(rep_sum - surrogate)
     labels = pa.nulls(len(test_ids), pa.int32()) if test_labels is None else test_labels
     table = tables.to_table(

@@ -167,9 +167,26 @@ def alpha_by_tape(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: fl
     return grad.numpy() / (-2.0 * lam * n_total)
 
 
+def row_blocks(n: int, size: int = ROW_BLOCK):
+    """[start, stop) ranges covering n rows: float64 work on features goes block by block, so
+    no process ever holds a float64 copy of a whole shard (twice the float32 features)."""
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
 def head_from_alpha(x: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Σ_i x_iᵀ α_i over a block (float64): at the fit's stationary point the shards' sum is Θ."""
-    return np.asarray(x, dtype=np.float64).T @ alpha
+    """Σ_i x_iᵀ α_i (float64): at the fit's stationary point the shards' sum is Θ."""
+    out = np.zeros((x.shape[1], alpha.shape[1]))
+    for s, e in row_blocks(len(x)):
+        out += np.asarray(x[s:e], dtype=np.float64).T @ alpha[s:e]
+    return out
+
+
+def linear_logits(x: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """x_i Θ for every row in float64 (n, C), e.g. the surrogate's logits."""
+    out = np.empty((len(x), theta.shape[1]))
+    for s, e in row_blocks(len(x)):
+        out[s:e] = np.asarray(x[s:e], dtype=np.float64) @ theta
+    return out
 
 
 def fidelity_moments(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -242,12 +259,6 @@ def _class_sums(test_x: np.ndarray, test_pred: np.ndarray, n_classes: int) -> np
     return s
 
 
-def _per_class_similarity(x: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """x_i · S_c for every training row and class, float64 (n, C), in row blocks."""
-    out = np.empty((len(x), len(s)))
-    for b in range(0, len(x), ROW_BLOCK):
-        out[b : b + ROW_BLOCK] = np.asarray(x[b : b + ROW_BLOCK], dtype=np.float64) @ s.T
-    return out
 
 
 def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x: np.ndarray,
@@ -282,7 +293,7 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x: np.nd
     # (test × train) values. So do the sums of |r_ti| when every similarity is positive
     # (non-negative features, e.g. after a ReLU: x_i · x_t ≥ 1 with the bias 1), because then
     # |r_ti| = |α_{i,j_t}| (x_i · x_t).
-    class_sim = _per_class_similarity(x, _class_sums(test_x, test_pred, alpha.shape[1]))
+    class_sim = linear_logits(x, _class_sums(test_x, test_pred, alpha.shape[1]).T)  # x_i · S_c
     col_sum = np.sum(alpha * class_sim, axis=1)
     abs_closed = bool(np.min(x) >= 0 and (m == 0 or np.min(test_x) >= 0))
     col_abs = np.sum(np.abs(alpha) * class_sim, axis=1) if abs_closed else np.zeros(len(ids))

@@ -113,17 +113,22 @@ class WorkStore:
 
     def save(self, name: str, tree: dict) -> None:
         storage.makedirs(self.path)
-        buf = io.BytesIO()
-        np.savez(buf, **flatten(tree))
         tmp = storage.join(self.path, name + ".tmp.npz")
-        with storage.open_output(tmp) as fh:
-            fh.write(buf.getvalue())
+        if storage.is_uri(tmp):
+            buf = io.BytesIO()  # object stores take whole objects
+            np.savez(buf, **flatten(tree))
+            with storage.open_output(tmp) as fh:
+                fh.write(buf.getvalue())
+        else:
+            np.savez(tmp, **flatten(tree))  # straight to disk: no second copy in memory
         storage.move(tmp, self._file(name))
 
     def load(self, name: str) -> Optional[dict]:
         if not self.has(name):
             return None
-        with np.load(io.BytesIO(storage.read_bytes(self._file(name))), allow_pickle=False) as data:
+        path = self._file(name)
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_uri(path) else path
+        with np.load(source, allow_pickle=False) as data:
             return unflatten({k: data[k] for k in data.files})
 
     def remove(self) -> None:

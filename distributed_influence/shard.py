@@ -123,6 +123,15 @@ class ShardWorker:
         check_finite(feats, f"{src.name}: the model's features", start)
         return rp.augment(feats), logits, rows.ids, rows.y
 
+    def featurize_test(self, start: int, stop: int):
+        """Test rows [start, stop): (augmented features, {logits, ids, labels}).
+
+        Two return values, so that under Ray the features can stay in the object store (the
+        driver passes them on to the scoring calls without ever holding them).
+        """
+        x, logits, ids, labels = self.featurize_rows("test", start, stop)
+        return x, {"logits": logits, "ids": ids, "labels": labels}
+
     def prepare(self, spec: ShardSpec) -> dict:
         """Featurizes a training shard and keeps it; returns its size and where it ran."""
         t0 = time.perf_counter()
@@ -164,31 +173,45 @@ class ShardWorker:
 
     def fidelity(self, spec: ShardSpec, theta: np.ndarray) -> np.ndarray:
         d = self._data(spec)
-        return rp.fidelity_moments(d.x.astype(np.float64) @ theta, d.logits)
+        return rp.fidelity_moments(rp.linear_logits(d.x, theta), d.logits)
 
     # ------------------------------------------------------------------------------ scoring
-    def score(self, spec: ShardSpec, theta: np.ndarray, test_x: np.ndarray, test_pred: np.ndarray) -> dict:
+    def score(self, spec: ShardSpec, theta: np.ndarray, test_parts: list, test_pred: np.ndarray) -> dict:
         """α of the shard, then its representer values against all test examples, reduced.
 
         Test examples are taken ``test_block`` at a time, so the (block × shard) matrix of
         values is the largest thing this call allocates, whatever the size of the test set.
 
+        Args:
+            spec: the shard.
+            theta: the fitted head.
+            test_parts: the test features in parts (arrays or object-store references).
+            test_pred: the class explained for each test example.
+
         Returns:
             dict with the shard's partial top-k (values, ids, α, similarity for each kind),
-            its per-train rows, and Σ_i x_iᵀα_i (for the decomposition).
+            its per-train rows, Σ_i x_iᵀα_i, and the test rows' surrogate logits and
+            x_t Σ_i x_iᵀα_i (for the decomposition).
         """
         s = self.settings
         d = self._data(spec)
         t0 = time.perf_counter()
-        alpha = rp.alpha_by_tape(d.x, theta, d.targets, s.lam, s.n_train)
+        test_x = _join_parts(test_parts)
+        alpha = np.concatenate([rp.alpha_by_tape(d.x[a:b], theta, d.targets[a:b], s.lam, s.n_train)
+                                for a, b in rp.row_blocks(len(d.ids))])
         maybe_kill_worker(s.fault, spec.index)
         scored = rp.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block, x_tf=d.x_tf)
         if s.index_dir:
             index.write_shard(index.shard_file(s.index_dir, spec.index), d.ids, d.labels, d.x, alpha)
         rows = np.arange(len(d.ids))
+        alpha_head = rp.head_from_alpha(d.x, alpha)
         return {
             "shard": spec.index,
             "topk": scored["topk"],
+            # x_t Θ and x_t Σ_(i in shard) x_iᵀα_i for every test row: the driver adds the
+            # latter over shards for the decomposition, without holding test features.
+            "test_surrogate": rp.linear_logits(test_x, theta),
+            "test_alpha_head": rp.linear_logits(test_x, alpha_head),
             "train": {
                 "train_id": d.ids,
                 "label": d.labels,
@@ -196,10 +219,19 @@ class ShardWorker:
                 "influence_sum": scored["influence_sum"],
                 "influence_abs_sum": scored["influence_abs_sum"],
             },
-            "alpha_head": rp.head_from_alpha(d.x, alpha),
+            "alpha_head": alpha_head,
             "seconds": time.perf_counter() - t0,
             "node": _node_id(),
         }
+
+
+def _join_parts(parts: list) -> np.ndarray:
+    """The test features from their parts: arrays, or references into Ray's object store."""
+    if any(not isinstance(p, np.ndarray) for p in parts):
+        import ray
+
+        parts = ray.get(list(parts))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _node_id() -> Optional[str]:

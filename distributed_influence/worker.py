@@ -124,6 +124,11 @@ class InProcessPool:
     def call_all(self, method: str, args_per_worker: List[tuple]) -> list:
         return [getattr(self.worker, method)(*args) for args in args_per_worker]
 
+    def call_split(self, method: str, args_per_worker: List[tuple]):
+        """Like :meth:`call_all` for methods returning (big, small): two lists."""
+        out = self.call_all(method, args_per_worker)
+        return [o[0] for o in out], [o[1] for o in out]
+
     def devices(self) -> list:
         return []
 
@@ -189,6 +194,13 @@ class RayPool:
     def call_all(self, method: str, args_per_worker: List[tuple]) -> list:
         refs = [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_worker)]
         return self._ray.get(refs)
+
+    def call_split(self, method: str, args_per_worker: List[tuple]):
+        """Calls a method returning (big, small) on every worker: the big values stay in the
+        object store (references are returned), only the small ones are fetched."""
+        pairs = [getattr(a, method).options(num_returns=2).remote(*args)
+                 for a, args in zip(self.actors, args_per_worker)]
+        return [p[0] for p in pairs], self._ray.get([p[1] for p in pairs])
 
     def devices(self) -> list:
         """What each worker was given: Ray GPU ids, CUDA_VISIBLE_DEVICES, TensorFlow GPUs, node."""
