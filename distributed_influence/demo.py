@@ -44,8 +44,7 @@ def build_cnn(input_shape, n_classes: int, seed: int):
     h = keras.layers.MaxPooling2D(2)(h)
     h = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(h)
     h = keras.layers.MaxPooling2D(2)(h)
-    h = keras.layers.Flatten()(h)
-    feats = keras.layers.Dense(64, activation="relu", name="features")(h)
+    feats = keras.layers.Flatten(name="features")(h)  # the head's input: 2×2×32 = 128 features
     logits = keras.layers.Dense(n_classes, name="logits")(feats)
     probs = keras.layers.Activation("softmax", name="softmax")(logits)
     trainable = keras.Model(inp, probs)

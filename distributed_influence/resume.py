@@ -5,8 +5,8 @@ The run key hashes everything that changes the numbers (configuration, model byt
 fingerprints, shard plan), so a re-run of the same command finds and reuses its own finished
 work, and a run with different settings can never mix its partials with old ones.
 
-What is kept: the test features (the broadcast), the fitted head, and every shard's scored
-partial results. Files are written under a temporary name and renamed, so a crash mid-write
+What is kept: the fitted head and every shard's scored partial results (test features are
+cheap to recompute and are not kept). Files are written under a temporary name and renamed, so a crash mid-write
 leaves no half file that could be mistaken for a finished one.
 """
 
