@@ -402,9 +402,8 @@ def run_job(model: str, train: str, test: str, out: str, log_path: str) -> JobRu
            "--out", out, "--k", str(K)]
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # default Ray local mode: the job starts its own Ray
-    # ray.init() without an address joins the cluster of the last `ray start` on this machine
-    # (RAY_TMPDIR/ray/ray_current_cluster), e.g. one a test suite started meanwhile. A private
-    # Ray temp dir keeps the job on a Ray instance of its own, as a user's local run would be.
+    # A private Ray temp dir keeps the job's session files (logs, sockets) apart from any other
+    # Ray instance on this machine, e.g. one a test suite starts meanwhile.
     ray_tmp = tempfile.mkdtemp(prefix="fa_ray_", dir="/tmp")
     env["RAY_TMPDIR"] = ray_tmp
     print("$ " + " ".join(cmd), flush=True)

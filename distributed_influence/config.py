@@ -31,7 +31,8 @@ class AuditConfig:
             ``predictions`` (the model's softmax: highest fidelity to the model).
         shards: number of row-range shards of the training set; None derives it from the
             available workers.
-        address: Ray address to join; None starts Ray in-process on this machine.
+        address: Ray address to join; None joins ``$RAY_ADDRESS`` when set, else starts Ray
+            in-process on this machine.
         feature_layer: name of the layer whose output is the penultimate feature vector.
         logit_layer: name of the Dense layer producing the logits.
         batch_size: rows per forward pass.
@@ -43,7 +44,8 @@ class AuditConfig:
         max_iter: iteration cap of the head fit.
         input_shape: shape of one example for sources that store flat rows; None takes the
             model's input shape.
-        scale: factor applied to `image` bytes of Parquet sources (default 1/255).
+        scale: factor applied to input values: Parquet `image` bytes and IDX pixels (default
+            1/255), Parquet `x` lists (default 1).
         overwrite: replace results or partials of a different job found in ``out``.
     """
 
@@ -110,6 +112,6 @@ class AuditConfig:
     def digest(self) -> str:
         """Hash of the settings that change the numbers (not where they are written)."""
         d = self.to_dict()
-        for key in ("out", "address", "workers", "gpus_per_worker", "overwrite", "batch_size"):
+        for key in ("out", "address", "workers", "gpus_per_worker", "overwrite", "batch_size", "test_block"):
             d.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -91,7 +91,8 @@ def run_demo(out: str, n_train: Optional[int] = None, flip_fraction: float = 0.1
     keras.backend.clear_session()
 
     config = AuditConfig(model=model_path, train=os.path.join(data, "train.npz"),
-                         test=os.path.join(data, "test.npz"), out=out, k=k, shards=shards)
+                         test=os.path.join(data, "test.npz"), out=out, k=k, shards=shards,
+                         overwrite=True)  # the demo owns its output directory: rerunning replaces it
     manifest = run_audit(config, use_ray=use_ray)
     import pyarrow.parquet as pq
 

@@ -51,11 +51,20 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
         audit = tables.read_manifest(index_out)
     except (OSError, ValueError):
         raise InputError(f"{index_out}: no readable manifest.json of an audit") from None
+    if "config" not in audit or "index" not in audit:
+        raise InputError(f"{index_out}: manifest.json is not an audit's (was --out of explain?)")
+    if len(files) != audit["index"]["shards"]:
+        raise InputError(f"{index_dir}: {len(files)} shard files but the audit wrote "
+                         f"{audit['index']['shards']}; the index is incomplete")
+    if storage.exists(storage.join(out, tables.MANIFEST)):
+        previous = tables.read_manifest(out)
+        if previous.get("command") != "explain":
+            raise ConfigError(f"{out}: holds the results of an audit; choose another --out for explain")
     cfg = audit["config"]
     data = read_model_bytes(model)
     if hashlib.sha256(data).hexdigest() != audit.get("model_sha256"):
         raise InputError(f"{model}: not the model the index in {index_out} was built with")
-    k = int(k or audit["k"])
+    k = int(audit["k"] if k is None else k)
     if k < 1 or k > audit["n_train"]:
         raise ConfigError(f"--k must be between 1 and the {audit['n_train']} training examples, got {k}")
     if batch_size < 1 or test_block < 1:

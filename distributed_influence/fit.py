@@ -1,9 +1,9 @@
 """The surrogate head fit: minimise J(Θ) = (1/n) Σ_i CE(softmax(x_i Θ), t_i) + λ‖Θ‖².
 
 J is strongly convex, so its stationary point is unique and worth reaching exactly: the
-decomposition error a user sees is x_t·∇J/(2λ). The fit runs L-BFGS (scipy) from the trained
-head, then trust-region Newton-CG steps with exact Hessian-vector products until
-max |∇J| ≤ tol. The data enters only through two callbacks returning *sums over rows*, so the
+decomposition error a user sees is x_t·∇J/(2λ). The fit runs L-BFGS (scipy) on float32 sums
+from the trained head, then Newton steps (conjugate gradients on Hessian-vector products,
+each step accepted when it lowers the float64 max |∇J|) until max |∇J| ≤ tol. The data enters only through two callbacks returning *sums over rows*, so the
 same function drives an in-memory fit and one whose rows are spread over Ray workers.
 """
 
@@ -45,14 +45,14 @@ def fit_head(
     n: int,
     lam: float,
     theta0: np.ndarray,
-    tol: float = 1e-7,
+    tol: float = 1e-10,
     max_iter: int = 1000,
     on_iteration: Optional[Callable[[int, float], None]] = None,
 ) -> FitResult:
     """Fits the surrogate head to a stationary point.
 
     Three phases, each as cheap as the accuracy it needs: L-BFGS on float32 sums (about 4×
-    cheaper per evaluation; stalls near max |∇J| ~ 1e-6 where float32 cannot resolve J), then
+    cheaper per evaluation; handed over at max |∇J| ~ 1e-5, near where float32 stalls), then
     Newton steps whose direction comes from CG on float32 Hessian-vector products and whose
     acceptance is judged on the float64 gradient. Should that stall, float64 L-BFGS and float64
     Newton steps finish the job.

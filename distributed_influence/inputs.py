@@ -8,6 +8,7 @@ Per-row checks that need the data (NaN/inf) run in the workers as they read thei
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional, Tuple
 
 import numpy as np
@@ -70,6 +71,13 @@ def _check_out(out: str) -> None:
         storage.resolve(out)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{out}: cannot write results there ({storage.reason(exc)})") from None
+    if not storage.is_uri(out):
+        # The nearest existing directory must be writable: checked without creating anything.
+        probe = os.path.abspath(out)
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+            raise ConfigError(f"{out}: cannot write results there ({probe} is not a writable directory)")
 
 
 def prepare_inputs(config: AuditConfig) -> Inputs:

@@ -1,17 +1,18 @@
 """The audit as stages: plan, featurize, fit head, α + score, reduce (DESIGN.md §2).
 
 :func:`run_audit` drives the same stages over either pool: an in-process one (the
-single-process engine) or Ray actors. Nothing big passes through the driver except the test
-features, which are broadcast once with ``ray.put``.
+single-process engine) or Ray actors. Nothing big passes through the driver: training
+features stay in the workers, and test features stay in Ray's object store, where the workers
+that computed them put them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
 import time
-from typing import Optional
 
 import numpy as np
 
@@ -110,7 +111,8 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
                       [(s.start, s.stop) for s in specs])
         store = WorkStore.open(config.out, key, config.overwrite)
         settings = WorkerSettings(
-            model_name=inputs.model_name, train=config.train, test=config.test, target=config.target,
+            model_name=inputs.model_name, train=_absolute(config.train), test=_absolute(config.test),
+            target=config.target,
             lam=config.lam, k=config.k, n_train=inputs.train.n_rows, batch_size=config.batch_size,
             test_block=config.test_block, feature_layer=config.feature_layer,
             logit_layer=config.logit_layer, input_shape=inputs.input_shape, scale=config.scale,
@@ -135,10 +137,15 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
     manifest["run_key"] = key
     manifest["workers"]["gpus_per_worker"] = gpus
     manifest["timings"]["total"] = round(time.perf_counter() - t_start, 4)
+    _publish_index(store, config.out)  # before the manifest: a reader that sees it sees all
     tables.write_outputs(config.out, manifest.pop("_tables"), manifest)
-    _publish_index(store, config.out)
     store.remove()
     return manifest
+
+
+def _absolute(spec: str) -> str:
+    """Local paths as absolute paths: workers may not share the driver's working directory."""
+    return spec if storage.is_uri(spec) or spec.startswith("digits") else os.path.abspath(spec)
 
 
 def _publish_index(store: WorkStore, out: str) -> None:
@@ -210,7 +217,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
     with timer.stage("featurize"):
         # The fit needs every shard; afterwards only the shards still to be scored.
         for p in pool.map("prepare", specs if fit is None else todo, desc="featurize train"):
-            shard_info[p["shard"]].update(node=p["node"], featurize_seconds=round(p["seconds"], 4))
+            shard_info[p["shard"]].update(node=p["node"] or None, featurize_seconds=round(p["seconds"], 4))
         test = _featurize_test(pool, inputs)
         test_pred = np.argmax(test["logits"], axis=1).astype(np.int64)
 
@@ -230,7 +237,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         for spec, r in zip(todo, pool.map("score", todo, *shared, desc="alpha + score", on_result=persist)):
             results[spec.index] = r
     for i, r in results.items():
-        shard_info[i].setdefault("node", str(r.get("node", "")) or None)
+        shard_info[i].setdefault("node", str(r.get("node", "")) or None)  # reused: node of the first run
         shard_info[i].update(score_seconds=round(float(r["seconds"]), 4), reused=i in reused)
 
     with timer.stage("reduce"):

@@ -78,6 +78,11 @@ def plan_workers(n_shards: Optional[int], workers: Optional[int],
         capacity = int(total_gpus // gpus_per_worker)
     else:
         capacity = max(1, int(total_cpus))
+    if workers is not None and workers > capacity:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--workers {workers} but the cluster has room for {capacity} "
+                          f"({total_cpus:g} CPUs, {total_gpus:g} GPUs)")
     n = workers or capacity
     if n_shards is not None:
         n = min(n, n_shards)

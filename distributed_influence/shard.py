@@ -137,7 +137,7 @@ class ShardWorker:
         t0 = time.perf_counter()
         data = self._data(spec)
         return {"shard": spec.index, "rows": len(data.ids), "seconds": time.perf_counter() - t0,
-                "node": _node_id(), "pid": os.getpid()}
+                "node": _node_id() or ""}
 
     def _data(self, spec: ShardSpec) -> ShardData:
         """The shard's featurized rows; featurized again if this process lost them (restart)."""
@@ -210,7 +210,7 @@ class ShardWorker:
             "topk": scored["topk"],
             # x_t Θ and x_t Σ_(i in shard) x_iᵀα_i for every test row: the driver adds the
             # latter over shards for the decomposition, without holding test features.
-            "test_surrogate": rp.linear_logits(test_x, theta),
+            "test_surrogate": rp.linear_logits(test_x, theta) if spec.index == 0 else np.zeros((0, 0)),
             "test_alpha_head": rp.linear_logits(test_x, alpha_head),
             "train": {
                 "train_id": d.ids,
@@ -221,7 +221,7 @@ class ShardWorker:
             },
             "alpha_head": alpha_head,
             "seconds": time.perf_counter() - t0,
-            "node": _node_id(),
+            "node": _node_id() or "",  # a string even outside Ray: stored without pickling
         }
 
 

@@ -325,6 +325,7 @@ class ParquetSource(Source):
 
     def _read_x(self, start, stop):
         import pyarrow as pa
+        import pyarrow.compute as pc
 
         if stop <= start:
             return np.zeros((0, 0), dtype=np.float32)
@@ -339,6 +340,14 @@ class ParquetSource(Source):
         if col.null_count:
             raise SourceError(f"{self.name}: column '{self._col}' has null values")
         n = stop - start
+        lengths = (pc.binary_length(col) if self._col == "image" and
+                   (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type))
+                   else pc.list_value_length(col) if self._col == "x" and not pa.types.is_fixed_size_list(col.type)
+                   and (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)) else None)
+        if lengths is not None and n and pc.min_max(lengths)["min"] != pc.min_max(lengths)["max"]:
+            bad = int(np.argmax(lengths.to_numpy() != lengths.to_numpy()[0]))
+            raise SourceError(f"{self.name}: rows of '{self._col}' have different lengths "
+                              f"(row {start + bad} differs from row {start})")
         if self._col == "image":
             if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
                 raise SourceError(f"{self.name}: 'image' must be a binary column, got {col.type}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from typing import Callable, List, Optional, Sequence
 
 from .errors import InfluenceError
@@ -181,14 +180,25 @@ class RayPool:
             return ray.get(refs)  # the fit's many small calls: one round trip, nothing to show
         index = {ref: i for i, ref in enumerate(refs)}
         pending = list(refs)
-        with progress_bar(sum(s.rows for s in specs), desc, "rows") as bar:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                spec = specs[index[done[0]]]
-                result = ray.get(done[0])  # raises the first failure at once
-                if on_result is not None:
-                    on_result(spec, result)
-                bar.update(spec.rows)
+        try:
+            with progress_bar(sum(s.rows for s in specs), desc, "rows") as bar:
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    spec = specs[index[done[0]]]
+                    result = ray.get(done[0])  # raises the first failure at once
+                    if on_result is not None:
+                        on_result(spec, result)
+                    bar.update(spec.rows)
+        except BaseException:
+            # The job fails with the first error; the other calls are cancelled and their
+            # outcome collected here, so Ray does not print their errors as unhandled.
+            for ref in pending:
+                ray.cancel(ref)
+            try:
+                ray.get(pending)
+            except Exception:  # noqa: BLE001 - already failing with the first error
+                pass
+            raise
         return ray.get(refs)
 
     def call_all(self, method: str, args_per_worker: List[tuple]) -> list:

@@ -59,7 +59,7 @@ def head(tmp_path_factory):
 
 def _stop_head(temp_dir: str, gcs_port: int) -> None:
     """Terminates the processes of this head: those naming its temp dir or GCS port."""
-    import psutil
+    import psutil  # in the test extra (Ray depends on it too)
 
     mine = []
     for proc in psutil.process_iter(["cmdline"]):

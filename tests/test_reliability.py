@@ -143,3 +143,22 @@ def test_out_of_memory_while_scoring_halves_the_test_block(monkeypatch, caplog):
         np.testing.assert_array_equal(got["topk"][kind]["ids"], expected["topk"][kind]["ids"])
         np.testing.assert_allclose(got["topk"][kind]["values"], expected["topk"][kind]["values"], rtol=1e-6)
     np.testing.assert_allclose(got["influence_abs_sum"], expected["influence_abs_sum"], rtol=1e-6)
+
+
+def test_in_process_run_resumes_after_a_crash(files, reference, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    monkeypatch.setenv(FAULT_ENV, "stop-driver-after:1")
+    with pytest.raises(InjectedFault):
+        run_audit(_cfg(files, out, shards=3), use_ray=False)
+    monkeypatch.delenv(FAULT_ENV)
+    m = run_audit(_cfg(files, out, shards=3, test_block=7), use_ray=False)  # test_block: same job
+    assert m["resume"]["reused_shards"] == [0]
+    assert_same_results(reference, out)
+
+
+def test_unwritable_output_is_refused_before_any_work(files, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="cannot write results there"):
+        run_audit(_cfg(files, str(blocker / "out")), use_ray=False)
+    assert blocker.read_text() == "not a directory"

@@ -49,7 +49,6 @@ def test_gradient_of_a_slice_is_none_but_alpha_of_that_class_is_right(problem):
         loss = tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=t, logits=logits))
     assert tape.gradient(loss, logits[:, j]) is None
     alpha = rp.alpha_by_tape(x, theta, t, LAM, len(x))
-    assert alpha[:, j] is not None and np.all(np.isfinite(alpha[:, j]))
     expected = oracle.closed_form_alpha(x.astype(np.float64), t, theta, LAM)[:, j]
     np.testing.assert_allclose(alpha[:, j], expected, rtol=1e-9, atol=1e-15)
 

@@ -146,3 +146,13 @@ def test_missing_and_unknown_sources(tmp_path):
     other.write_text("1,2\n")
     with pytest.raises(SourceError, match="unknown source kind"):
         open_source(str(other))
+
+
+@pytest.mark.parametrize("column", ["x", "image"])
+def test_parquet_rows_of_different_lengths_are_refused(tmp_path, column):
+    rows = [[0.1, 0.2, 0.3], [0.1, 0.2, 0.3, 0.4, 0.5]] + [[0.0] * 4] * 2
+    values = rows if column == "x" else [bytes(len(r)) for r in rows]
+    path = str(tmp_path / "ragged.parquet")
+    pq.write_table(pa.table({"label": [0, 1, 0, 1], column: values}), path)
+    with pytest.raises(SourceError, match="different lengths"):
+        open_source(path).read(0, 4)
