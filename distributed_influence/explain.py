@@ -92,10 +92,10 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
                         rp.linear_logits(test_x, alpha_head))
     manifest = {
         "command": "explain",
-        "index": index_out if storage.is_uri(index_out) else os.path.abspath(index_out),
+        "index": storage.redact(index_out) if storage.is_uri(index_out) else os.path.abspath(index_out),
         "audit_run_key": audit.get("run_key"),
         "model_sha256": audit.get("model_sha256"),
-        "test": test,
+        "test": storage.redact(test),
         "k": k,
         "n_train": audit["n_train"],
         "n_test": int(src.n_rows),

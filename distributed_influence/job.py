@@ -255,7 +255,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
     return {
         "_tables": {tables.INFLUENCE_TOPK: topk, tables.TRAIN_SCORES: train,
                     tables.TEST_SCORES: dec["table"]},
-        "config": config.to_dict(),
+        "config": {key: storage.redact(val) for key, val in config.to_dict().items()},
         "config_digest": config.digest(),
         "model_sha256": hashlib.sha256(inputs.model_bytes).hexdigest(),
         "index": {"dir": index.INDEX_DIR, "shards": len(specs)},

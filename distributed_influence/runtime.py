@@ -19,6 +19,9 @@ def use_loopback() -> None:
     os.environ[_LOOPBACK_ENV] = "0"
     import ray._private.ray_constants as rc
 
+    if not hasattr(rc, "ENABLE_RAY_CLUSTER"):
+        log.warning("this Ray version has no ENABLE_RAY_CLUSTER switch: a local run may bind to "
+                    "the machine's network address instead of 127.0.0.1")
     rc.ENABLE_RAY_CLUSTER = False
 
 
@@ -39,7 +42,9 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        log.info("joining the Ray cluster at %s", address)
+        from .storage import redact
+
+        log.info("joining the Ray cluster at %s", redact(address))
         ray.init(address=address, log_to_driver=True)
     else:
         use_loopback()

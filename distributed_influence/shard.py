@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import time
 from typing import Dict, Optional, Tuple
 

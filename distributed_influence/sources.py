@@ -40,23 +40,29 @@ class Rows:
 
 
 class Source(abc.ABC):
-    """A table of examples that can be read by row range."""
+    """A table of examples that can be read by row range.
+
+    Labels and ids are small (one integer per row), so every source reads them whole when it
+    is opened (into ``_y`` and ``_ids``); only the inputs are read by row range.
+    """
 
     name: str
     n_rows: int
+    _y: Optional[np.ndarray]
+    _ids: np.ndarray
 
     @property
-    @abc.abstractmethod
     def has_labels(self) -> bool:
         """Whether the source carries labels."""
+        return self._y is not None
 
-    @abc.abstractmethod
     def labels(self) -> Optional[np.ndarray]:
-        """All labels as int64 (small: one integer per row), or None."""
+        """All labels as int64, or None."""
+        return self._y
 
-    @abc.abstractmethod
     def ids(self) -> np.ndarray:
         """All ids as int64: the source's ``id`` column, else the 0-based row numbers."""
+        return self._ids
 
     @abc.abstractmethod
     def _read_x(self, start: int, stop: int) -> np.ndarray:
@@ -242,16 +248,6 @@ class NpzSource(Source):
         self._ids = ids if ids is not None else np.arange(self.n_rows, dtype=np.int64)
 
     @property
-    def has_labels(self) -> bool:
-        return self._y is not None
-
-    def labels(self):
-        return self._y
-
-    def ids(self):
-        return self._ids
-
-    @property
     def example_shape(self):
         return tuple(self._x.shape[1:])
 
@@ -306,16 +302,6 @@ class ParquetSource(Source):
         if arr.null_count:
             raise SourceError(f"{self.name}: column '{col}' has {arr.null_count} null values")
         return arr.to_numpy()
-
-    @property
-    def has_labels(self):
-        return self._y is not None
-
-    def labels(self):
-        return self._y
-
-    def ids(self):
-        return self._ids
 
     @property
     def example_shape(self):
@@ -413,16 +399,6 @@ class ArraySource(Source):
         self._y = None if y is None else _check_labels(np.asarray(y), name)
         self.n_rows = int(len(x))
         self._ids = np.arange(self.n_rows, dtype=np.int64) if ids is None else _check_ids(ids, name)
-
-    @property
-    def has_labels(self):
-        return self._y is not None
-
-    def labels(self):
-        return self._y
-
-    def ids(self):
-        return self._ids
 
     @property
     def example_shape(self):

@@ -70,6 +70,14 @@ def dirname(spec: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(path=posixpath.dirname(parts.path)))
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/@]+@")
+
+
+def redact(spec: str) -> str:
+    """A location safe to record or log: credentials in a URI (``s3://KEY:SECRET@bucket``) hidden."""
+    return _USERINFO.sub(r"\1***@", spec) if isinstance(spec, str) else spec
+
+
 def reason(exc: BaseException) -> str:
     """The first line of an error's message: pyarrow's storage errors run over several lines."""
     text = str(exc).strip()

@@ -123,6 +123,18 @@ def files(tmp_path_factory, data):
     return {"model": model_path, "train": train, "test": test, "root": root}
 
 
+@pytest.fixture(scope="session")
+def reference(files, tmp_path_factory):
+    """The single-process engine's tables (k = 4) on `files`: what every distributed run must equal."""
+    from distributed_influence.config import AuditConfig
+    from distributed_influence.job import run_audit
+
+    out = str(tmp_path_factory.mktemp("ref") / "out")
+    run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=out, k=4),
+              use_ray=False)
+    return out
+
+
 def assert_same_results(out_a: str, out_b: str, rtol: float = 1e-5) -> None:
     """Tables of two runs: same ids, kinds and ranks; float columns within rtol (relative to scale)."""
     import pyarrow.parquet as pq

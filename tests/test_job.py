@@ -19,14 +19,6 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def reference(files, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ref") / "out")
-    run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=out, k=4),
-              use_ray=False)
-    return out
-
-
 def _cfg(files, out, **kw):
     return AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=out, k=4, **kw)
 

@@ -24,13 +24,10 @@ def cluster():
     c.shutdown()
 
 
-def test_two_nodes_share_the_shards_and_match_single_process(cluster, files, tmp_path):
+def test_two_nodes_share_the_shards_and_match_single_process(cluster, files, reference, tmp_path):
     import ray
 
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    ref = str(tmp_path / "ref")
-    run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=ref, k=4),
-              use_ray=False)
     out = str(tmp_path / "out")
     m = run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=out, k=4,
                               shards=4), use_ray=True)
@@ -38,4 +35,4 @@ def test_two_nodes_share_the_shards_and_match_single_process(cluster, files, tmp
     assert len(shard_nodes) == 2, m["shards"]
     assert m["workers"]["nodes"] == 2
     assert {d["node"] for d in m["workers"]["devices"]} == shard_nodes
-    assert_same_results(ref, out)
+    assert_same_results(reference, out)

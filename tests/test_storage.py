@@ -301,3 +301,11 @@ def test_ray_workers_read_their_rows_from_s3(ray_local, s3, inputs_local_and_on_
     assert os.listdir(empty_cwd) == []
     _assert_published(s3.listing("results/ray"))
     assert_same_results(local_reference, s3.download_dir("results/ray", str(tmp_path / "dl")))
+
+
+def test_credentials_in_uris_are_not_recorded():
+    from distributed_influence.storage import redact
+
+    assert redact("s3://AKIAXX:secret@bucket/data/train.npz") == "s3://***@bucket/data/train.npz"
+    assert redact("s3://bucket/data/train.npz?region=us-east-1") == "s3://bucket/data/train.npz?region=us-east-1"
+    assert redact("/local/dir@2/file.npz") == "/local/dir@2/file.npz"
