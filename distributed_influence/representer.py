@@ -212,14 +212,44 @@ def fidelity_from_moments(m: np.ndarray) -> dict:
     return {"pearson": float(pearson), "mean_abs_diff": sad / n}
 
 
+#: Chunk width of the two-level top-k.
+TOPK_CHUNK = 64
+
+
+def _top_k_by_chunks(r, k, chunk: int):
+    """Exact top-k of each row (largest first, ties to the lower index) in two cheap passes.
+
+    The row is cut into chunks; the k chunks with the largest maxima (ties: lower chunk) hold
+    every element of the row's top-k, because an element outside them is beaten by the maxima
+    of k chunks that come before it in (value desc, index asc) order. Taking the chunks back in
+    index order keeps "ties to the lower index" in the final ``top_k`` over k·chunk candidates,
+    instead of a heap pass over the whole row.
+    """
+    b, s = tf.shape(r)[0], tf.shape(r)[1]
+    padded = tf.pad(r, [[0, 0], [0, (-s) % chunk]], constant_values=float("-inf"))
+    chunks = tf.reshape(padded, [b, -1, chunk])
+    picked = tf.sort(tf.math.top_k(tf.reduce_max(chunks, axis=2), k=k).indices, axis=1)
+    candidates = tf.reshape(tf.gather(chunks, picked, batch_dims=1), [b, k * chunk])
+    position = tf.reshape(picked[:, :, None] * chunk + tf.range(chunk)[None, None, :], [b, k * chunk])
+    best = tf.math.top_k(candidates, k=k)
+    return best.values, tf.gather(position, best.indices, batch_dims=1)
+
+
+def _top_k(r, k, by_chunks: bool):
+    if by_chunks:
+        return _top_k_by_chunks(r, k, TOPK_CHUNK)
+    top = tf.math.top_k(r, k=k, sorted=True)
+    return top.values, top.indices
+
+
 @tf.function(reduce_retracing=True)
-def _score_block(xt, x, alpha, pred, k, with_abs):
+def _score_block(xt, x, alpha, pred, k, with_abs, by_chunks):
     # r[t, i] = α_{i, j_t} (x_i · x_t): one large matrix product, then an elementwise scale.
     r = tf.matmul(xt, x, transpose_b=True) * tf.transpose(tf.gather(alpha, pred, axis=1))
-    top = tf.math.top_k(r, k=k, sorted=True)
-    bottom = tf.math.top_k(-r, k=k, sorted=True)
+    top_v, top_i = _top_k(r, k, by_chunks)
+    bottom_v, bottom_i = _top_k(-r, k, by_chunks)
     abs_sum = tf.reduce_sum(tf.abs(r), axis=0) if with_abs else tf.zeros([0])
-    return top.values, top.indices, -bottom.values, bottom.indices, abs_sum
+    return top_v, top_i, -bottom_v, bottom_i, abs_sum
 
 
 def score_block(xt, x, alpha, pred: np.ndarray, k: int, with_abs: bool = True):
@@ -241,9 +271,12 @@ def score_block(xt, x, alpha, pred: np.ndarray, k: int, with_abs: bool = True):
         dict with ``top_values``/``top_index`` and ``bottom_values``/``bottom_index`` (b, k)
         and, with ``with_abs``, ``col_abs_sum`` (s,) float32.
     """
+    x = tf.convert_to_tensor(x, tf.float32)
+    # Chunked selection pays off once the shard holds many chunks per kept entry.
+    by_chunks = int(x.shape[0]) >= 8 * k * TOPK_CHUNK
     tv, ti, bv, bi, cas = _score_block(
-        tf.convert_to_tensor(xt, tf.float32), tf.convert_to_tensor(x, tf.float32),
-        tf.convert_to_tensor(alpha, tf.float32), tf.constant(pred, tf.int64), tf.constant(k), bool(with_abs),
+        tf.convert_to_tensor(xt, tf.float32), x, tf.convert_to_tensor(alpha, tf.float32),
+        tf.constant(pred, tf.int64), tf.constant(k), bool(with_abs), by_chunks,
     )
     out = {"top_values": tv.numpy(), "top_index": ti.numpy(),
            "bottom_values": bv.numpy(), "bottom_index": bi.numpy()}

@@ -101,3 +101,21 @@ def test_nonnegative_features_use_the_closed_form_sums_and_match_the_full_matrix
     parts = _sharded(x, alpha, xt, pred, np.arange(n), [0, 90, 200], 6, 7)
     np.testing.assert_allclose(np.concatenate([p["influence_sum"] for p in parts]), r.sum(axis=0), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(np.concatenate([p["influence_abs_sum"] for p in parts]), np.abs(r).sum(axis=0), rtol=1e-9)
+
+
+def test_chunked_selection_on_a_large_shard_equals_full_sort_with_ties():
+    """Shards of ≥ 8·k·64 rows take the two-level (chunk maxima) selection: still exact."""
+    from distributed_influence.representer import TOPK_CHUNK
+
+    k = 3
+    n = 8 * k * TOPK_CHUNK + 37  # not a multiple of the chunk: the last chunk is padded
+    x, alpha, xt, pred, ids = _exact_problem(seed=21, n=n, m=12)
+    r = oracle.representer_matrix(x.astype(np.float64), alpha, xt.astype(np.float64), pred)
+    assert len(np.unique(r)) < r.size / 20  # heavy ties
+    parts = _sharded(x, alpha, xt, pred, ids, [0, n], k, 5)
+    for kind, largest in (("proponent", True), ("opponent", False)):
+        vals, got = merge_topk([p["topk"][kind]["values"] for p in parts], [p["topk"][kind]["ids"] for p in parts],
+                               k, largest)
+        ref_v, ref_i = oracle.sorted_topk(r, ids, k, largest)
+        np.testing.assert_array_equal(got, ref_i)
+        np.testing.assert_allclose(vals, ref_v, rtol=1e-6)
