@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 #: Smallest batch the forward pass falls back to when memory runs out.
 MIN_BATCH = 1
 
-_MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+# Only the Keras 3 format: its safe mode refuses embedded Python code; legacy HDF5 files are not
+# covered the same way, so they are not accepted.
+_MODEL_SUFFIXES = (".keras",)
 _SHAPE_HELP = (
     "expected a model whose output is Dense(C) (optionally followed by a softmax Activation or "
     "Softmax layer), or Dense(C, activation='softmax'), or a multi-output model such as "
@@ -63,7 +65,7 @@ def load_model(data: bytes, name: str = "model.keras"):
     on every worker of the cluster; we surface that refusal as one actionable line.
 
     Args:
-        data: the bytes of a `.keras` (or `.h5`) file.
+        data: the bytes of a `.keras` file.
         name: the file's name, used in messages and for its suffix.
 
     Returns:
