@@ -101,6 +101,20 @@ MODEL_FACTORIES = {
 }
 
 
+#: Row ranges every source is read by in the source tests: whole, edges, middle, empty.
+RANGES = [(0, 50), (0, 1), (7, 23), (49, 50), (10, 10)]
+
+
+@pytest.fixture
+def arrays():
+    """50 rows of (4, 3) examples, labels, and ids not in row order."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 4, 3)).astype(np.float32)
+    y = rng.integers(0, 5, size=50)
+    ids = rng.permutation(1000)[:50].astype(np.int64)
+    return x, y, ids
+
+
 @pytest.fixture(scope="session")
 def data():
     x_tr, y_tr = blobs(60, seed=0)

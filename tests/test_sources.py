@@ -11,7 +11,7 @@ import pytest
 from distributed_influence.errors import SourceError
 from distributed_influence.sources import open_source
 
-RANGES = [(0, 50), (0, 1), (7, 23), (49, 50), (10, 10)]
+from conftest import RANGES
 
 
 def _check(src, x, y, ids, shape):
@@ -22,15 +22,6 @@ def _check(src, x, y, ids, shape):
         if y is not None:
             np.testing.assert_array_equal(rows.y, y[a:b])
         np.testing.assert_array_equal(rows.ids, ids[a:b])
-
-
-@pytest.fixture
-def arrays():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(50, 4, 3)).astype(np.float32)
-    y = rng.integers(0, 5, size=50)
-    ids = rng.permutation(1000)[:50].astype(np.int64)
-    return x, y, ids
 
 
 @pytest.mark.parametrize("compressed", [False, True])

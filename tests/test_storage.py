@@ -26,7 +26,7 @@ from distributed_influence.model import read_model_bytes
 from distributed_influence.runtime import start_ray
 from distributed_influence.sources import _RemoteRows, open_source
 
-from conftest import assert_same_results
+from conftest import RANGES, assert_same_results
 
 BUCKET = "influence"
 
@@ -85,16 +85,6 @@ def s3():
             server.stop()
 
 
-@pytest.fixture
-def arrays():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(50, 4, 3)).astype(np.float32)
-    y = rng.integers(0, 5, size=50)
-    ids = rng.permutation(1000)[:50].astype(np.int64)
-    return x, y, ids
-
-
-RANGES = [(0, 50), (0, 1), (7, 23), (49, 50), (10, 10)]
 
 
 def _same_rows(remote, local):
