@@ -85,8 +85,6 @@ def s3():
             server.stop()
 
 
-
-
 def _same_rows(remote, local):
     assert remote.n_rows == local.n_rows and remote.example_shape == local.example_shape
     np.testing.assert_array_equal(remote.labels(), local.labels())
