@@ -126,15 +126,50 @@ def hvp_sums(x, theta: np.ndarray, v: np.ndarray, precision: str = "float64", pr
     are enough; the gradient that judges each step stays float64.
 
     Args:
+        v: (d+1, C) one direction, or (d+1, C, l) l directions at once. A pass over the
+            features costs about the same for one direction as for dozens (it is bound by
+            reading the features from memory), which is what makes the fit's sketch of the
+            Hessian cheap.
         probs: :func:`softmax_blocks` at this Θ and precision, if already at hand.
+
+    Returns:
+        float64 array shaped like ``v``.
     """
     if probs is None:
         probs = softmax_blocks(x, theta, precision)
-    v = tf.constant(v, dtype=PRECISIONS[precision])
+    dtype = PRECISIONS[precision]
     out = np.zeros(v.shape, dtype=np.float64)
-    for (xb, _), p in zip(_row_blocks(x, None, precision), probs):
-        out += _hvp_block(xb, p, v).numpy()
+    if v.ndim == 2:
+        vt = tf.constant(v, dtype=dtype)
+        for (xb, _), p in zip(_row_blocks(x, None, precision), probs):
+            out += _hvp_block(xb, p, vt).numpy()
+        return out
+    # Many directions: columns in chunks and rows in blocks bound the (rows × C·l) temporaries.
+    step = max(1, MULTI_HVP_COLUMNS // v.shape[1])
+    for c0 in range(0, v.shape[2], step):
+        vt = tf.constant(v[:, :, c0:c0 + step], dtype=dtype)
+        for (xb, _), p in zip(_row_blocks(x, None, precision), probs):
+            rows = int(xb.shape[0])
+            for a, b in row_blocks(rows, MULTI_HVP_ROWS):
+                xs = xb if (a, b) == (0, rows) else xb[a:b]
+                out[:, :, c0:c0 + step] += _hvp_multi_block(xs, p[a:b], vt).numpy()
     return out
+
+
+#: Bounds of one step of a many-direction Hessian product: columns of U = XV, and rows.
+MULTI_HVP_COLUMNS = 1024
+MULTI_HVP_ROWS = 4096
+
+
+@tf.function(reduce_retracing=True)
+def _hvp_multi_block(x, p, v):
+    d1, n_classes, width = tf.shape(v)[0], tf.shape(v)[1], tf.shape(v)[2]
+    xc = tf.cast(x, v.dtype)
+    u = tf.reshape(tf.matmul(xc, tf.reshape(v, [d1, n_classes * width])), [-1, n_classes, width])
+    pu = p[:, :, None] * u
+    w = pu - p[:, :, None] * tf.reduce_sum(pu, axis=1, keepdims=True)
+    out = tf.matmul(xc, tf.reshape(w, [-1, n_classes * width]), transpose_a=True)
+    return tf.reshape(out, [d1, n_classes, width])
 
 
 def alpha_by_tape(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: float, n_total: int) -> np.ndarray:

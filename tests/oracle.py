@@ -30,6 +30,18 @@ def objective(x, t, theta, lam):
     return j, g
 
 
+def data_hessian(x, theta):
+    """The explicit Hessian of mean CE at Θ, indexed like Θ.ravel(); small problems only."""
+    n, D = x.shape
+    C = theta.shape[1]
+    p = softmax(x @ theta)
+    H = np.zeros((D * C, D * C))
+    for i in range(n):
+        s = np.diag(p[i]) - np.outer(p[i], p[i])
+        H += np.kron(np.outer(x[i], x[i]), s)
+    return H / n
+
+
 def newton_fit(x, t, lam, theta0, steps=50):
     """Newton's method with the explicit (d+1)C × (d+1)C Hessian; small problems only."""
     theta = np.array(theta0, dtype=np.float64)
@@ -39,12 +51,7 @@ def newton_fit(x, t, lam, theta0, steps=50):
         j, g = objective(x, t, theta, lam)
         if np.abs(g).max() < 1e-14:
             break
-        p = softmax(x @ theta)
-        H = np.zeros((D * C, D * C))
-        for i in range(n):
-            s = np.diag(p[i]) - np.outer(p[i], p[i])
-            H += np.kron(np.outer(x[i], x[i]), s)
-        H = H / n + 2 * lam * np.eye(D * C)
+        H = data_hessian(x, theta) + 2 * lam * np.eye(D * C)
         step = np.linalg.solve(H, g.ravel()).reshape(D, C)
         # backtracking keeps Newton safe far from the optimum
         a = 1.0

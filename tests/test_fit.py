@@ -1,0 +1,102 @@
+"""The head fit's machinery against explicit matrices: batched Hessian products, the Nyström
+preconditioner, and the fit with a partial sketch and with its fallback."""
+
+import numpy as np
+import pytest
+
+from distributed_influence import fit as fitmod
+from distributed_influence import representer as rp
+from distributed_influence.fit import fit_head, nystrom_preconditioner
+
+import oracle
+
+LAM = 0.003
+
+
+@pytest.fixture(scope="module")
+def wide():
+    """A head with more parameters than the sketch directions used below."""
+    rng = np.random.default_rng(11)
+    n, d, C = 300, 24, 5
+    f = np.abs(rng.normal(size=(n, d))).astype(np.float32) * rng.uniform(0.1, 3.0, size=d).astype(np.float32)
+    labels = rng.integers(0, C, size=n)
+    theta0 = rng.normal(scale=0.2, size=(d + 1, C))
+    return rp.augment(f), labels, theta0
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_many_direction_hvp_equals_explicit_hessian(wide, precision, monkeypatch):
+    x, _labels, theta = wide
+    # Small chunks, so that the column chunks and row blocks are all exercised.
+    monkeypatch.setattr(rp, "MULTI_HVP_COLUMNS", 15)
+    monkeypatch.setattr(rp, "MULTI_HVP_ROWS", 70)
+    v = np.random.default_rng(2).normal(size=theta.shape + (7,))
+    got = rp.hvp_sums(x, theta, v, precision) / len(x)
+    h = oracle.data_hessian(x.astype(np.float64), theta)
+    want = np.stack([(h @ v[:, :, j].ravel()).reshape(theta.shape) for j in range(v.shape[2])], axis=2)
+    tol = 1e-5 if precision == "float32" else 1e-11
+    assert np.abs(got - want).max() <= tol * np.abs(want).max()
+
+
+def _explicit_psd(size, rank, seed):
+    rng = np.random.default_rng(seed)
+    q = np.linalg.qr(rng.normal(size=(size, rank)))[0]
+    return (q * np.geomspace(100.0, 0.5, rank)) @ q.T
+
+
+def test_nystrom_with_the_whole_range_makes_the_system_perfectly_conditioned():
+    """A rank-5 A sketched with 10 directions is captured: P⁻¹(A + μI) = μI, up to the shift ν
+    (float32 rounding of the sketch's norm) that keeps the factorisation stable."""
+    size, mu = 40, 0.01
+    a = _explicit_psd(size, 5, 0)
+    pinv = nystrom_preconditioner(lambda om: a @ om, size, 10, mu)
+    m = np.column_stack([pinv(col) for col in (a + mu * np.eye(size)).T])
+    ev = np.linalg.eigvals(m).real
+    assert ev.max() / ev.min() <= 1.02
+    assert np.allclose(ev, mu, rtol=1e-2)
+
+
+def test_nystrom_with_few_directions_still_cuts_the_condition_number():
+    """Sketching 20 of 40 directions of a full-rank A bounds κ by about λ_21/μ, not λ_1/μ."""
+    size, mu = 40, 0.01
+    a = _explicit_psd(size, size, 1)
+    h = a + mu * np.eye(size)
+    pinv = nystrom_preconditioner(lambda om: a @ om, size, 20, mu)
+    m = np.column_stack([pinv(col) for col in h.T])
+    ev = np.sort(np.linalg.eigvals(m).real)
+    lam = np.sort(np.linalg.eigvalsh(a))[::-1]
+    assert ev.min() > 0
+    assert ev.max() / ev.min() < (lam[0] + mu) / mu / 100  # at least 100× better than none
+    assert ev.max() / ev.min() <= 10 * (lam[20] + mu) / mu
+
+
+@pytest.mark.parametrize("target", ["labels", "predictions"])
+def test_fit_with_a_partial_sketch_reaches_the_explicit_newton_optimum(wide, target, monkeypatch):
+    x, labels, theta0 = wide
+    monkeypatch.setattr(fitmod, "SKETCH_RANK", 12)  # 12 of 125 directions
+    C = theta0.shape[1]
+    t = rp.one_hot(labels, C) if target == "labels" else oracle.softmax(x.astype(np.float64) @ theta0)
+    res = fit_head(lambda th, prec: rp.objective_sums(x, t, th, prec),
+                   lambda th, v, prec: rp.hvp_sums(x, th, v, prec), len(x), LAM, theta0, tol=1e-10)
+    assert res.converged and res.max_abs_grad <= 1e-10
+    assert res.method.startswith("Newton-CG (Nyström")
+    ref = oracle.newton_fit(x.astype(np.float64), t, LAM, theta0)
+    assert np.abs(oracle.objective(x.astype(np.float64), t, ref, LAM)[1]).max() <= 1e-10
+    np.testing.assert_allclose(res.theta, ref, atol=1e-7)
+
+
+def test_fit_falls_back_to_lbfgs_when_newton_directions_are_useless(wide):
+    """Float32 Hessian products pointing the wrong way make every Newton step fail its test;
+    the fallback (L-BFGS, then Newton on float64 products) must still reach the optimum."""
+    x, labels, theta0 = wide
+    t = rp.one_hot(labels, theta0.shape[1])
+
+    def hvp(th, v, prec):
+        true = rp.hvp_sums(x, th, v, prec)
+        return -true if prec == "float32" else true
+
+    res = fit_head(lambda th, prec: rp.objective_sums(x, t, th, prec), hvp, len(x), LAM, theta0, tol=1e-10)
+    assert res.converged and res.max_abs_grad <= 1e-10
+    assert "L-BFGS-B" in res.method
+    ref = oracle.newton_fit(x.astype(np.float64), t, LAM, theta0)
+    np.testing.assert_allclose(res.theta, ref, atol=1e-7)
