@@ -46,8 +46,8 @@ def add_audit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-layer", default=None, help="name of the layer whose output is the feature vector")
     p.add_argument("--logit-layer", default=None, help="name of the Dense layer that produces the logits")
     p.add_argument("--batch-size", type=int, default=256, help="rows per forward pass (default 256)")
-    p.add_argument("--test-block", type=int, default=512,
-                   help="test examples scored at once per shard; bounds worker memory (default 512)")
+    p.add_argument("--test-block", type=int, default=1024,
+                   help="test examples scored at once per shard; bounds worker memory (default 1024)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs per Ray worker (default: 1 if the cluster has GPUs, else 0)")
     p.add_argument("--workers", type=int, default=None,

@@ -61,7 +61,7 @@ class AuditConfig:
     feature_layer: Optional[str] = None
     logit_layer: Optional[str] = None
     batch_size: int = 256
-    test_block: int = 512
+    test_block: int = 1024
     gpus_per_worker: Optional[float] = None
     workers: Optional[int] = None
     grad_tol: float = 1e-10

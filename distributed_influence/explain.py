@@ -20,7 +20,7 @@ from .errors import ConfigError, InputError
 
 
 def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int] = None,
-                batch_size: int = 256, test_block: int = 512) -> dict:
+                batch_size: int = 256, test_block: int = 1024) -> dict:
     """Scores the test source against the train index stored in ``index_out``.
 
     Args:
@@ -127,5 +127,5 @@ def add_parser(sub) -> None:
     p.add_argument("--k", type=int, default=None, help="proponents and opponents per test example "
                                                          "(default: the audit's k)")
     p.add_argument("--batch-size", type=int, default=256, help="rows per forward pass (default 256)")
-    p.add_argument("--test-block", type=int, default=512, help="test examples scored at once (default 512)")
+    p.add_argument("--test-block", type=int, default=1024, help="test examples scored at once (default 1024)")
     p.set_defaults(func=cmd_explain)

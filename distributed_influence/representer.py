@@ -251,40 +251,60 @@ def fidelity_from_moments(m: np.ndarray) -> dict:
 TOPK_CHUNK = 64
 
 
-def _top_k_by_chunks(r, k, chunk: int):
+def topk_chunk(n: int) -> int:
+    """Chunk width for a row of n values: a divisor of n near TOPK_CHUNK when there is one
+    (then the row is cut without a padded copy), else TOPK_CHUNK itself."""
+    for width in sorted(range(TOPK_CHUNK // 2, 2 * TOPK_CHUNK + 1), key=lambda w: abs(w - TOPK_CHUNK)):
+        if n % width == 0:
+            return width
+    return TOPK_CHUNK
+
+
+def _chunks(r, chunk: int, fill: float):
+    b, s = tf.shape(r)[0], tf.shape(r)[1]
+    if r.shape[1] is not None and r.shape[1] % chunk == 0:
+        return tf.reshape(r, [b, -1, chunk])
+    padded = tf.pad(r, [[0, 0], [0, (-s) % chunk]], constant_values=fill)
+    return tf.reshape(padded, [b, -1, chunk])
+
+
+def _top_k_by_chunks(r, k, chunk: int, largest: bool = True):
     """Exact top-k of each row (largest first, ties to the lower index) in two cheap passes.
 
     The row is cut into chunks; the k chunks with the largest maxima (ties: lower chunk) hold
     every element of the row's top-k, because an element outside them is beaten by the maxima
     of k chunks that come before it in (value desc, index asc) order. Taking the chunks back in
     index order keeps "ties to the lower index" in the final ``top_k`` over k·chunk candidates,
-    instead of a heap pass over the whole row.
+    instead of a heap pass over the whole row. ``largest=False`` gives the k smallest (smallest
+    first) the same way, from chunk minima, without a negated copy of the row.
     """
-    b, s = tf.shape(r)[0], tf.shape(r)[1]
-    padded = tf.pad(r, [[0, 0], [0, (-s) % chunk]], constant_values=float("-inf"))
-    chunks = tf.reshape(padded, [b, -1, chunk])
-    picked = tf.sort(tf.math.top_k(tf.reduce_max(chunks, axis=2), k=k).indices, axis=1)
-    candidates = tf.reshape(tf.gather(chunks, picked, batch_dims=1), [b, k * chunk])
+    b = tf.shape(r)[0]
+    sign = 1.0 if largest else -1.0
+    chunks = _chunks(r, chunk, float("-inf") if largest else float("inf"))
+    extreme = tf.reduce_max(chunks, axis=2) if largest else -tf.reduce_min(chunks, axis=2)
+    picked = tf.sort(tf.math.top_k(extreme, k=k).indices, axis=1)
+    candidates = sign * tf.reshape(tf.gather(chunks, picked, batch_dims=1), [b, k * chunk])
     position = tf.reshape(picked[:, :, None] * chunk + tf.range(chunk)[None, None, :], [b, k * chunk])
     best = tf.math.top_k(candidates, k=k)
-    return best.values, tf.gather(position, best.indices, batch_dims=1)
+    return sign * best.values, tf.gather(position, best.indices, batch_dims=1)
 
 
-def _top_k(r, k, by_chunks: bool):
-    if by_chunks:
-        return _top_k_by_chunks(r, k, TOPK_CHUNK)
-    top = tf.math.top_k(r, k=k, sorted=True)
-    return top.values, top.indices
+def _top_k(r, k, chunk: int, largest: bool):
+    if chunk:
+        return _top_k_by_chunks(r, k, chunk, largest)
+    top = tf.math.top_k(r if largest else -r, k=k, sorted=True)
+    return (top.values if largest else -top.values), top.indices
 
 
 @tf.function(reduce_retracing=True)
-def _score_block(xt, x, alpha, pred, k, with_abs, by_chunks):
-    # r[t, i] = α_{i, j_t} (x_i · x_t): one large matrix product, then an elementwise scale.
-    r = tf.matmul(xt, x, transpose_b=True) * tf.transpose(tf.gather(alpha, pred, axis=1))
-    top_v, top_i = _top_k(r, k, by_chunks)
-    bottom_v, bottom_i = _top_k(-r, k, by_chunks)
+def _score_block(xt, x, alpha_t, pred, k, with_abs, chunk):
+    # r[t, i] = α_{i, j_t} (x_i · x_t): one large matrix product, then an elementwise scale by
+    # rows of αᵀ (C, s), gathered already in (test, train) order.
+    r = tf.matmul(xt, x, transpose_b=True) * tf.gather(alpha_t, pred)
+    top_v, top_i = _top_k(r, k, chunk, True)
+    bottom_v, bottom_i = _top_k(r, k, chunk, False)
     abs_sum = tf.reduce_sum(tf.abs(r), axis=0) if with_abs else tf.zeros([0])
-    return top_v, top_i, -bottom_v, bottom_i, abs_sum
+    return top_v, top_i, bottom_v, bottom_i, abs_sum
 
 
 def score_block(xt, x, alpha, pred: np.ndarray, k: int, with_abs: bool = True):
@@ -297,7 +317,8 @@ def score_block(xt, x, alpha, pred: np.ndarray, k: int, with_abs: bool = True):
     Args:
         xt: (b, d+1) float32 augmented test features.
         x: (s, d+1) float32 augmented shard features (array or resident tensor).
-        alpha: (s, C) float32 α of the shard (array or resident tensor).
+        alpha: (s, C) float32 α of the shard (array), or its transpose (C, s) as a resident
+            tensor (what :func:`score_shard` passes, made once per shard).
         pred: (b,) int class j_t explained for each test example.
         k: entries kept per test example (≤ s).
         with_abs: also return Σ_t |r_ti| over the block.
@@ -307,11 +328,13 @@ def score_block(xt, x, alpha, pred: np.ndarray, k: int, with_abs: bool = True):
         and, with ``with_abs``, ``col_abs_sum`` (s,) float32.
     """
     x = tf.convert_to_tensor(x, tf.float32)
+    n = int(x.shape[0])
+    alpha_t = alpha if tf.is_tensor(alpha) else tf.constant(np.asarray(alpha, np.float32).T)
     # Chunked selection pays off once the shard holds many chunks per kept entry.
-    by_chunks = int(x.shape[0]) >= 8 * k * TOPK_CHUNK
+    chunk = topk_chunk(n) if n >= 8 * k * TOPK_CHUNK else 0
     tv, ti, bv, bi, cas = _score_block(
-        tf.convert_to_tensor(xt, tf.float32), x, tf.convert_to_tensor(alpha, tf.float32),
-        tf.constant(pred, tf.int64), tf.constant(k), bool(with_abs), by_chunks,
+        tf.convert_to_tensor(xt, tf.float32), x, alpha_t,
+        tf.constant(pred, tf.int64), tf.constant(k), bool(with_abs), chunk,
     )
     out = {"top_values": tv.numpy(), "top_index": ti.numpy(),
            "bottom_values": bv.numpy(), "bottom_index": bi.numpy()}
@@ -321,12 +344,8 @@ def score_block(xt, x, alpha, pred: np.ndarray, k: int, with_abs: bool = True):
 
 
 def _class_sums(test_x: np.ndarray, test_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """S_c = Σ_{t: j_t = c} x_t, float64 (C, d+1)."""
-    s = np.zeros((n_classes, test_x.shape[1]))
-    np.add.at(s, test_pred, test_x.astype(np.float64))
-    return s
-
-
+    """S_c = Σ_{t: j_t = c} x_t, float64 (C, d+1), as one product with the one-hot of j_t."""
+    return one_hot(test_pred, n_classes).T @ np.asarray(test_x, np.float64)
 
 
 def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x: np.ndarray,
@@ -356,7 +375,7 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x: np.nd
     k = min(k, len(ids))
     m = len(test_x)
     x_t = tf.convert_to_tensor(x if x_tf is None else x_tf, tf.float32)
-    alpha_t = tf.constant(alpha, tf.float32)
+    alpha_t = tf.constant(np.ascontiguousarray(alpha.T, np.float32))  # (C, s): rows gathered per test row
     # Σ_t r_ti = Σ_c α_ic (x_i · S_c) by linearity: the per-train sums need no pass over the
     # (test × train) values. So do the sums of |r_ti| when every similarity is positive
     # (non-negative features, e.g. after a ReLU: x_i · x_t ≥ 1 with the bias 1), because then
@@ -388,7 +407,8 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x: np.nd
             out["values"][b0:b1] = vals
             out["ids"][b0:b1] = ids[idx]
             out["alpha"][b0:b1] = alpha[idx, pred[:, None]]
-            out["similarity"][b0:b1] = np.einsum(
-                "bkd,bd->bk", x[idx].astype(np.float64), xt.astype(np.float64))
+            # Only b·k dot products: float32 batched products, accurate far beyond the float32
+            # the table stores them in (a float64 copy of the gathered rows cost 10% of scoring).
+            out["similarity"][b0:b1] = np.matmul(x[idx], xt[:, :, None])[:, :, 0]
         b0 = b1
     return {"topk": topk, "influence_sum": col_sum, "influence_abs_sum": col_abs}

@@ -103,12 +103,17 @@ def test_nonnegative_features_use_the_closed_form_sums_and_match_the_full_matrix
     np.testing.assert_allclose(np.concatenate([p["influence_abs_sum"] for p in parts]), np.abs(r).sum(axis=0), rtol=1e-9)
 
 
-def test_chunked_selection_on_a_large_shard_equals_full_sort_with_ties():
-    """Shards of ≥ 8·k·64 rows take the two-level (chunk maxima) selection: still exact."""
-    from distributed_influence.representer import TOPK_CHUNK
+@pytest.mark.parametrize("n", [1543, 1600])
+def test_chunked_selection_on_a_large_shard_equals_full_sort_with_ties(n):
+    """Shards of ≥ 8·k·64 rows take the two-level (chunk extremes) selection: still exact.
+
+    1543 is prime, so its last chunk is padded; 1600 is cut into chunks of 64 without padding.
+    """
+    from distributed_influence.representer import TOPK_CHUNK, topk_chunk
 
     k = 3
-    n = 8 * k * TOPK_CHUNK + 37  # not a multiple of the chunk: the last chunk is padded
+    assert n >= 8 * k * TOPK_CHUNK
+    assert (n % topk_chunk(n) != 0) == (n == 1543)
     x, alpha, xt, pred, ids = _exact_problem(seed=21, n=n, m=12)
     r = oracle.representer_matrix(x.astype(np.float64), alpha, xt.astype(np.float64), pred)
     assert len(np.unique(r)) < r.size / 20  # heavy ties
