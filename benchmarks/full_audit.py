@@ -14,9 +14,11 @@ machine's matrix-product speed, and that a worker's memory does not grow with th
    from ``OUT/manifest.json``;
 3. does the same math with the fastest bare single-process code we could write (one batched
    forward pass, in-memory L-BFGS of the head, closed-form α, one blocked test×train product
-   with an exact top-k) and checks it finds the same proponents and opponents;
+   with an exact top-k) and checks it finds the same proponents and opponents; and, as a second
+   reference, times the job's own fit algorithm on all features in memory;
 4. measures the machine's float32 matrix-product speed, to put the scoring stage in proportion;
-5. runs the job again with the test set doubled, to show memory does not grow with m × n;
+5. runs the job again with the test set doubled, to show memory does not grow with m × n, and
+   with one worker, to show how the scoring stage scales with workers;
 6. prints each target with PASS/FAIL.
 
 Every number printed is measured in the run that prints it. The data are the Debian package
@@ -390,7 +392,7 @@ class JobRun:
     out_dir: str
 
 
-def run_job(model: str, train: str, test: str, out: str, log_path: str) -> JobRun:
+def run_job(model: str, train: str, test: str, out: str, log_path: str, extra: Tuple[str, ...] = ()) -> JobRun:
     """Runs ``distributed-influence audit`` as a subprocess (Ray started locally) and measures it.
 
     Raises:
@@ -401,7 +403,7 @@ def run_job(model: str, train: str, test: str, out: str, log_path: str) -> JobRu
     shutil.rmtree(out, ignore_errors=True)
     exe = os.path.join(os.path.dirname(sys.executable), "distributed-influence")
     cmd = [exe, "-v", "audit", "--model", model, "--train", train, "--test", test,
-           "--out", out, "--k", str(K)]
+           "--out", out, "--k", str(K), *extra]
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # default Ray local mode: the job starts its own Ray
     # A private Ray temp dir keeps the job's session files (logs, sockets) apart from any other
@@ -896,6 +898,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None,
                    help="where inputs, model and outputs are written (default: a temporary "
                         "directory, removed at the end)")
+    p.add_argument("--skip-scaling", action="store_true",
+                   help="skip the run with one worker (the scaling of the scoring stage)")
     p.add_argument("--skip-doubled", action="store_true",
                    help="skip the second job run with the test set doubled")
     p.add_argument("--seed", type=int, default=0, help="seed of the CNN's initialisation (default 0)")
@@ -1005,6 +1009,17 @@ def report(args, paths: dict, work: str, t_start: float) -> None:
         for role in ("driver", "worker"):
             a, b = job.peaks[role], doubled.peaks[role]
             print(f"  {role} peak RSS: {gb(a)} at m={m}, {gb(b)} at m={2 * m}: growth {(b - a) / a:+.1%}")
+
+    if not args.skip_scaling:
+        one = run_job(paths["model"], paths["train"], paths["test"], os.path.join(work, "out1"),
+                      os.path.join(work, "job1.log"), ("--workers", "1"))
+        print_job("job with one worker (--workers 1)", one, m, n)
+        t1, t2 = one.manifest["timings"]["score"], job.manifest["timings"]["score"]
+        n2 = job.manifest["workers"]["count"]
+        print(f"  scaling of the scoring stage: 1 worker {t1:.2f} s "
+              f"({score_flops(m, n, d) / t1 / 1e9:.1f} GFLOP/s), {n2} workers {t2:.2f} s "
+              f"({score_flops(m, n, d) / t2 / 1e9:.1f} GFLOP/s): speed-up {t1 / t2:.2f} x; "
+              f"head fit {one.manifest['timings']['fit']:.2f} s against {job.manifest['timings']['fit']:.2f} s")
 
     print_targets(job, doubled, ratio, job_gflops / mm_peak, time.perf_counter() - t_start, m, n)
 
