@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 #: Rows per float64 block in the objective: bounds the float64 copy of a shard's features.
 ROW_BLOCK = 8192
+#: Bounds of one step of a many-direction Hessian product: columns of U = XV, and rows.
+MULTI_HVP_COLUMNS = 1024
+MULTI_HVP_ROWS = 4096
 
 
 def augment(features: np.ndarray) -> np.ndarray:
@@ -154,11 +157,6 @@ def hvp_sums(x, theta: np.ndarray, v: np.ndarray, precision: str = "float64", pr
                 xs = xb if (a, b) == (0, rows) else xb[a:b]
                 out[:, :, c0:c0 + step] += _hvp_multi_block(xs, p[a:b], vt).numpy()
     return out
-
-
-#: Bounds of one step of a many-direction Hessian product: columns of U = XV, and rows.
-MULTI_HVP_COLUMNS = 1024
-MULTI_HVP_ROWS = 4096
 
 
 @tf.function(reduce_retracing=True)
