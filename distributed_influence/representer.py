@@ -346,7 +346,35 @@ def _class_sums(test_x: np.ndarray, test_pred: np.ndarray, n_classes: int) -> np
     return one_hot(test_pred, n_classes).T @ np.asarray(test_x, np.float64)
 
 
-def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x: np.ndarray,
+class RowParts:
+    """Row-wise parts (e.g. object-store arrays, one per worker that computed them) read as one
+    matrix without concatenating them: a slice within a part is a zero-copy view; only a slice
+    across parts (one test block) is copied."""
+
+    def __init__(self, parts):
+        self.parts = [parts] if isinstance(parts, np.ndarray) else list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        """Rows [a, b)."""
+        pieces = []
+        for p, s in zip(self.parts, self.starts[:-1]):
+            lo, hi = max(a - s, 0), min(b - s, len(p))
+            if lo < hi:
+                pieces.append(p[lo:hi])
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate(pieces) if pieces else self.parts[0][:0]
+
+    def pieces(self, pred: np.ndarray):
+        """(part, the part's slice of ``pred``) for each part."""
+        return [(p, pred[s:s + len(p)]) for p, s in zip(self.parts, self.starts[:-1])]
+
+
+def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
                 test_pred: np.ndarray, k: int, block: int, x_tf=None) -> dict:
     """Scores one shard against all test examples, ``block`` test examples at a time.
 
@@ -357,7 +385,8 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x: np.nd
         x: (s, d+1) float32 augmented features of the shard, rows sorted by id.
         ids: (s,) int64 training ids, ascending.
         alpha: (s, C) float64 α of the shard.
-        test_x: (m, d+1) float32 augmented test features.
+        test_x: (m, d+1) float32 augmented test features, as one array or a list of row parts
+            (read in place, see :class:`RowParts`).
         test_pred: (m,) class explained for each test example.
         k: entries kept per test example and kind (capped at the shard size).
         block: test examples per block; halved if a block runs out of device memory.
@@ -371,6 +400,7 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x: np.nd
     if len(ids) > 1 and np.any(np.diff(ids) <= 0):
         raise ValueError("score_shard needs rows sorted by strictly increasing id")
     k = min(k, len(ids))
+    test_x = RowParts(test_x)
     m = len(test_x)
     x_t = tf.convert_to_tensor(x if x_tf is None else x_tf, tf.float32)
     alpha_t = tf.constant(np.ascontiguousarray(alpha.T, np.float32))  # (C, s): rows gathered per test row
@@ -378,9 +408,10 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x: np.nd
     # (test × train) values. So do the sums of |r_ti| when every similarity is positive
     # (non-negative features, e.g. after a ReLU: x_i · x_t ≥ 1 with the bias 1), because then
     # |r_ti| = |α_{i,j_t}| (x_i · x_t).
-    class_sim = linear_logits(x, _class_sums(test_x, test_pred, alpha.shape[1]).T)  # x_i · S_c
+    sums = sum(_class_sums(p, pred, alpha.shape[1]) for p, pred in test_x.pieces(test_pred))
+    class_sim = linear_logits(x, sums.T)  # x_i · S_c
     col_sum = np.sum(alpha * class_sim, axis=1)
-    abs_closed = bool(np.min(x) >= 0 and (m == 0 or np.min(test_x) >= 0))
+    abs_closed = bool(np.min(x) >= 0 and all(len(p) == 0 or np.min(p) >= 0 for p in test_x.parts))
     col_abs = np.sum(np.abs(alpha) * class_sim, axis=1) if abs_closed else np.zeros(len(ids))
     topk = {kind: {"values": np.empty((m, k), np.float32), "ids": np.empty((m, k), np.int64),
                    "alpha": np.empty((m, k), np.float32), "similarity": np.empty((m, k), np.float32)}
@@ -388,7 +419,7 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x: np.nd
     b0 = 0
     while b0 < m:
         b1 = min(m, b0 + block)
-        xt, pred = test_x[b0:b1], test_pred[b0:b1]
+        xt, pred = test_x.rows(b0, b1), test_pred[b0:b1]
         try:
             res = score_block(xt, x_t, alpha_t, pred, k, with_abs=not abs_closed)
         except tf.errors.ResourceExhaustedError:

@@ -195,7 +195,7 @@ class ShardWorker:
         s = self.settings
         d = self._data(spec)
         t0 = time.perf_counter()
-        test_x = _join_parts(test_parts)
+        test_x = _fetch_parts(test_parts)
         alpha = np.concatenate([rp.alpha_by_tape(d.x[a:b], theta, d.targets[a:b], s.lam, s.n_train)
                                 for a, b in rp.row_blocks(len(d.ids))])
         maybe_kill_worker(s.fault, spec.index)
@@ -209,8 +209,8 @@ class ShardWorker:
             "topk": scored["topk"],
             # x_t Θ and x_t Σ_(i in shard) x_iᵀα_i for every test row: the driver adds the
             # latter over shards for the decomposition, without holding test features.
-            "test_surrogate": rp.linear_logits(test_x, theta) if spec.index == 0 else np.zeros((0, 0)),
-            "test_alpha_head": rp.linear_logits(test_x, alpha_head),
+            "test_surrogate": _logits(test_x, theta) if spec.index == 0 else np.zeros((0, 0)),
+            "test_alpha_head": _logits(test_x, alpha_head),
             "train": {
                 "train_id": d.ids,
                 "label": d.labels,
@@ -224,13 +224,18 @@ class ShardWorker:
         }
 
 
-def _join_parts(parts: list) -> np.ndarray:
-    """The test features from their parts: arrays, or references into Ray's object store."""
+def _fetch_parts(parts: list) -> list:
+    """The test features' parts as arrays: references into Ray's object store come back as
+    zero-copy views of shared memory, and are scored in place, never concatenated."""
     if any(not isinstance(p, np.ndarray) for p in parts):
         import ray
 
         parts = ray.get(list(parts))
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return list(parts)
+
+
+def _logits(parts: list, theta: np.ndarray) -> np.ndarray:
+    return np.concatenate([rp.linear_logits(p, theta) for p in parts])
 
 
 def _node_id() -> Optional[str]:

@@ -124,3 +124,21 @@ def test_chunked_selection_on_a_large_shard_equals_full_sort_with_ties(n):
         ref_v, ref_i = oracle.sorted_topk(r, ids, k, largest)
         np.testing.assert_array_equal(got, ref_i)
         np.testing.assert_allclose(vals, ref_v, rtol=1e-6)
+
+
+@pytest.mark.parametrize("nonneg", [False, True])
+def test_test_features_in_parts_score_like_one_array(nonneg):
+    """Test features arrive as one part per worker that computed them, and are scored in place:
+    blocks that straddle parts, and an empty part, change nothing (both |r| sum methods)."""
+    x, alpha, xt, pred, ids = _exact_problem(seed=5, m=11)
+    if nonneg:
+        x, xt = np.abs(x), np.abs(xt)
+    order = np.argsort(ids)
+    whole = score_shard(x[order], ids[order], alpha[order], xt, pred, 4, 3)
+    pieces = [xt[:2], xt[2:2], xt[2:7], xt[7:]]
+    parted = score_shard(x[order], ids[order], alpha[order], pieces, pred, 4, 3)
+    for kind in ("proponent", "opponent"):
+        for field in ("values", "ids", "alpha", "similarity"):
+            np.testing.assert_array_equal(parted["topk"][kind][field], whole["topk"][kind][field])
+    for key in ("influence_sum", "influence_abs_sum"):
+        np.testing.assert_allclose(parted[key], whole[key], rtol=1e-12, atol=1e-12)
