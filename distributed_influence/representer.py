@@ -189,7 +189,10 @@ def alpha_by_tape(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: fl
     Returns:
         (n, C) float64 α.
     """
-    x64 = tf.cast(tf.constant(x), tf.float64)
+    return _alpha_block(tf.cast(tf.constant(x), tf.float64), theta, targets, lam, n_total).numpy()
+
+
+def _alpha_block(x64, theta: np.ndarray, targets: np.ndarray, lam: float, n_total: int):
     t = tf.constant(targets, dtype=tf.float64)
     with tf.GradientTape() as tape:
         logits = tf.matmul(x64, tf.constant(theta, dtype=tf.float64))
@@ -197,21 +200,42 @@ def alpha_by_tape(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: fl
         # Summed (not averaged) per-example loss: each row's gradient is its own ∂L_i/∂z_i.
         loss = tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=t, logits=logits))
     grad = tape.gradient(loss, logits)
-    return grad.numpy() / (-2.0 * lam * n_total)
+    return grad / (-2.0 * lam * n_total)
+
+
+def alpha_pass(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: float, n_total: int,
+               class_sums: np.ndarray):
+    """α of a shard (by :func:`alpha_by_tape`), Σ_i x_iᵀα_i and x_i·S_c, in one pass.
+
+    All three need the shard's features in float64; each row block is cast once and used
+    three times, instead of three casts of the whole shard (a third of the scoring stage's
+    time outside the block products).
+
+    Args:
+        x: (n, d+1) float32 augmented features.
+        theta, targets, lam, n_total: as for :func:`alpha_by_tape`.
+        class_sums: (C, d+1) float64 S_c, the sums of test features per explained class.
+
+    Returns:
+        (α (n, C), Σ_i x_iᵀα_i (d+1, C), x_i·S_c (n, C)), all float64.
+    """
+    alpha = np.empty((len(x), theta.shape[1]))
+    sims = np.empty((len(x), class_sums.shape[0]))
+    head = np.zeros(theta.shape)
+    s_t = tf.constant(np.asarray(class_sums, np.float64).T)
+    for a, b in row_blocks(len(x)):
+        x64 = tf.cast(tf.constant(x[a:b]), tf.float64)
+        block = _alpha_block(x64, theta, targets[a:b], lam, n_total)
+        alpha[a:b] = block.numpy()
+        head += tf.matmul(x64, block, transpose_a=True).numpy()
+        sims[a:b] = tf.matmul(x64, s_t).numpy()
+    return alpha, head, sims
 
 
 def row_blocks(n: int, size: int = ROW_BLOCK):
     """[start, stop) ranges covering n rows: float64 work on features goes block by block, so
     no process ever holds a float64 copy of a whole shard (twice the float32 features)."""
     return [(s, min(n, s + size)) for s in range(0, n, size)]
-
-
-def head_from_alpha(x: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Σ_i x_iᵀ α_i (float64): at the fit's stationary point the shards' sum is Θ."""
-    out = np.zeros((x.shape[1], alpha.shape[1]))
-    for s, e in row_blocks(len(x)):
-        out += np.asarray(x[s:e], dtype=np.float64).T @ alpha[s:e]
-    return out
 
 
 def linear_logits(x: np.ndarray, theta: np.ndarray) -> np.ndarray:
@@ -341,9 +365,11 @@ def score_block(xt, x, alpha, pred: np.ndarray, k: int, with_abs: bool = True):
     return out
 
 
-def _class_sums(test_x: np.ndarray, test_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """S_c = Σ_{t: j_t = c} x_t, float64 (C, d+1), as one product with the one-hot of j_t."""
-    return one_hot(test_pred, n_classes).T @ np.asarray(test_x, np.float64)
+def class_sums(test_x, test_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """S_c = Σ_{t: j_t = c} x_t, float64 (C, d+1), as one product with the one-hot of j_t per
+    part of the test features (an array or a :class:`RowParts`)."""
+    parts = RowParts(test_x) if not isinstance(test_x, RowParts) else test_x
+    return sum(one_hot(pred, n_classes).T @ np.asarray(p, np.float64) for p, pred in parts.pieces(test_pred))
 
 
 class RowParts:
@@ -375,7 +401,7 @@ class RowParts:
 
 
 def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
-                test_pred: np.ndarray, k: int, block: int, x_tf=None) -> dict:
+                test_pred: np.ndarray, k: int, block: int, x_tf=None, class_sim=None) -> dict:
     """Scores one shard against all test examples, ``block`` test examples at a time.
 
     The (block × shard) matrix of values is the largest thing allocated, whatever the size of
@@ -391,6 +417,7 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
         k: entries kept per test example and kind (capped at the shard size).
         block: test examples per block; halved if a block runs out of device memory.
         x_tf: ``x`` as a resident tensor, if the caller keeps one (saves a copy per call).
+        class_sim: (s, C) x_i·S_c if already computed (:func:`alpha_pass`), else computed here.
 
     Returns:
         dict with ``topk[kind]`` arrays ``values``, ``ids``, ``alpha``, ``similarity`` of shape
@@ -408,8 +435,8 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
     # (test × train) values. So do the sums of |r_ti| when every similarity is positive
     # (non-negative features, e.g. after a ReLU: x_i · x_t ≥ 1 with the bias 1), because then
     # |r_ti| = |α_{i,j_t}| (x_i · x_t).
-    sums = sum(_class_sums(p, pred, alpha.shape[1]) for p, pred in test_x.pieces(test_pred))
-    class_sim = linear_logits(x, sums.T)  # x_i · S_c
+    if class_sim is None:
+        class_sim = linear_logits(x, class_sums(test_x, test_pred, alpha.shape[1]).T)  # x_i · S_c
     col_sum = np.sum(alpha * class_sim, axis=1)
     abs_closed = bool(np.min(x) >= 0 and all(len(p) == 0 or np.min(p) >= 0 for p in test_x.parts))
     col_abs = np.sum(np.abs(alpha) * class_sim, axis=1) if abs_closed else np.zeros(len(ids))

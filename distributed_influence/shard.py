@@ -196,14 +196,15 @@ class ShardWorker:
         d = self._data(spec)
         t0 = time.perf_counter()
         test_x = _fetch_parts(test_parts)
-        alpha = np.concatenate([rp.alpha_by_tape(d.x[a:b], theta, d.targets[a:b], s.lam, s.n_train)
-                                for a, b in rp.row_blocks(len(d.ids))])
+        n_classes = d.targets.shape[1]
+        alpha, alpha_head, class_sim = rp.alpha_pass(d.x, theta, d.targets, s.lam, s.n_train,
+                                                     rp.class_sums(test_x, test_pred, n_classes))
         maybe_kill_worker(s.fault, spec.index)
-        scored = rp.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block, x_tf=d.x_tf)
+        scored = rp.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block, x_tf=d.x_tf,
+                                class_sim=class_sim)
         if s.index_dir:
             index.write_shard(index.shard_file(s.index_dir, spec.index), d.ids, d.labels, d.x, alpha)
         rows = np.arange(len(d.ids))
-        alpha_head = rp.head_from_alpha(d.x, alpha)
         return {
             "shard": spec.index,
             "topk": scored["topk"],

@@ -117,3 +117,17 @@ def test_fidelity_moments_give_pearson_and_mean_abs(problem):
     fid = rp.fidelity_from_moments(m)
     assert fid["pearson"] == pytest.approx(np.corrcoef(a.ravel(), b.ravel())[0, 1], rel=1e-10)
     assert fid["mean_abs_diff"] == pytest.approx(np.mean(np.abs(a - b)), rel=1e-12)
+
+
+def test_alpha_pass_gives_alpha_head_and_class_similarities_in_float64(problem, monkeypatch):
+    x, labels, theta = problem
+    monkeypatch.setattr(rp, "ROW_BLOCK", 30)  # several row blocks
+    C = theta.shape[1]
+    t = rp.one_hot(labels, C)
+    sums = np.random.default_rng(4).normal(size=(C, x.shape[1]))
+    alpha, head, sims = rp.alpha_pass(x, theta, t, LAM, len(x), sums)
+    x64 = x.astype(np.float64)
+    expected = oracle.closed_form_alpha(x64, t, theta, LAM)
+    np.testing.assert_allclose(alpha, expected, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(head, x64.T @ expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(sims, x64 @ sums.T, rtol=1e-12, atol=1e-12)
