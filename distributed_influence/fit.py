@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 #: Where the fallback's float32 L-BFGS phase hands over to Newton-CG.
 FLOAT32_GTOL = 1e-5
-#: Directions in the Hessian sketch. At 60,000 × 1601 × 10 (Fashion-MNIST), 100 cut the
-#: Hessian-vector products of the whole fit from ~480 (no preconditioner) to ~70 for ~1.2 s of
-#: sketching; 300 saved few more products than its sketch cost.
+#: Directions in the Hessian sketch. At 60,000 × 1601 × 10 (Fashion-MNIST, in memory), 100 cut
+#: the Hessian-vector products of the whole fit from 483 (no preconditioner) to 72 for 1.3 s of
+#: sketching; 300 saved 17 more products (~0.6 s) for 2.7 s more sketching.
 SKETCH_RANK = 100
 #: Cap on the sketch's size on the driver (N × rank float64), for very wide heads.
 SKETCH_BYTES = 1 << 28

@@ -365,13 +365,6 @@ def score_block(xt, x, alpha, pred: np.ndarray, k: int, with_abs: bool = True):
     return out
 
 
-def class_sums(test_x, test_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """S_c = Σ_{t: j_t = c} x_t, float64 (C, d+1), as one product with the one-hot of j_t per
-    part of the test features (an array or a :class:`RowParts`)."""
-    parts = RowParts(test_x) if not isinstance(test_x, RowParts) else test_x
-    return sum(one_hot(pred, n_classes).T @ np.asarray(p, np.float64) for p, pred in parts.pieces(test_pred))
-
-
 class RowParts:
     """Row-wise parts (e.g. object-store arrays, one per worker that computed them) read as one
     matrix without concatenating them: a slice within a part is a zero-copy view; only a slice
@@ -398,6 +391,13 @@ class RowParts:
     def pieces(self, pred: np.ndarray):
         """(part, the part's slice of ``pred``) for each part."""
         return [(p, pred[s:s + len(p)]) for p, s in zip(self.parts, self.starts[:-1])]
+
+
+def class_sums(test_x, test_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """S_c = Σ_{t: j_t = c} x_t, float64 (C, d+1), as one product with the one-hot of j_t per
+    part of the test features (an array or a :class:`RowParts`)."""
+    parts = RowParts(test_x) if not isinstance(test_x, RowParts) else test_x
+    return sum(one_hot(pred, n_classes).T @ np.asarray(p, np.float64) for p, pred in parts.pieces(test_pred))
 
 
 def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
