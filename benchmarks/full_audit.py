@@ -56,8 +56,6 @@ K = 10
 LAM = 0.003
 #: Stop the bare head fit when max |∇J| is at most this.
 BARE_GRAD_TOL = 1e-7
-#: The job's default fit tolerance (``--grad-tol``), for the second bare reference.
-JOB_GRAD_TOL = 1e-10
 #: Where Debian's ``dataset-fashion-mnist`` puts the IDX files (``dpkg -L`` is asked too).
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 STANDARD_DATA_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -792,7 +790,10 @@ def run_bare(model_path: str, train_npz: str, test_npz: str) -> BareResult:
     info["abs_sums"] = "closed form (features >= 0)" if nonneg else "by a pass over the values"
     wall = time.perf_counter() - t_all
     foreign = busy_cpu_seconds() - busy0 - (own_cpu_seconds() - own0)
-    newton = bare_newton_fit(X, y, head_theta(model), LAM, JOB_GRAD_TOL)
+    from distributed_influence.config import AuditConfig
+
+    job_tol = {f.name: f.default for f in dataclasses.fields(AuditConfig)}["grad_tol"]  # the job's default
+    newton = bare_newton_fit(X, y, head_theta(model), LAM, job_tol)
     return BareResult(times, info, top_i, bot_i, Contention(wall, max(0.0, foreign)), newton)
 
 

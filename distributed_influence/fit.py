@@ -82,7 +82,8 @@ def fit_head(
         lam: λ of the L2 penalty (bias row included).
         theta0: (d+1, C) starting head, normally the trained one.
         tol: stop when max |∇J| ≤ tol (measured in float64).
-        max_iter: cap on the iterations of each phase.
+        max_iter: cap on the iterations of each L-BFGS phase of the fallback, and (at least
+            50, at most MAX_CG_ITERATIONS) on the CG iterations of one Newton step.
         on_iteration: called with (iteration, max |∇J|) for progress display.
 
     Returns:
@@ -214,10 +215,12 @@ def sketch_rank(size: int) -> int:
 def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callback, max_steps: int = 50):
     """Newton steps whose directions come from preconditioned CG; the main phase of the fit.
 
-    Far from the optimum (max |∇J| > FLOAT32_NEWTON_GTOL) a step is accepted by an Armijo test
-    on the float32 J (a strongly convex J guarantees progress); near it, by a decrease of the
-    float64 max |∇J|, the quantity the fit is judged on. Each CG solve is only as exact as the
-    step needs (Eisenstat–Walker forcing far away; aimed at tol near the end).
+    Far from the optimum (max |∇J| above FLOAT32_NEWTON_GTOL, or above ``tol`` if that is
+    larger) a step is accepted by an Armijo test on J, evaluated in float32 (a strongly convex J
+    guarantees progress); should float32 no longer resolve the decrease, the same test runs on
+    the float64 J. Near the optimum a step is accepted by a decrease of the float64 max |∇J|,
+    the quantity the fit is judged on. Each CG solve is only as exact as the step needs
+    (Eisenstat–Walker forcing far away; aimed at tol near the end).
 
     Args:
         j64, g: the float64 J and ∇J at the starting point x.
@@ -226,20 +229,21 @@ def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callb
         (x, J(x), ∇J(x)) in float64 at the last accepted point.
     """
     size = x.size
+    near = max(tol, FLOAT32_NEWTON_GTOL)  # below this, steps are judged on the float64 |∇J|
     precond, resketches = None, 0
-    j32 = None  # the float32 J at x, once an Armijo test needs it
+    far_fun, far_j = fun32, None  # J for the Armijo test, and its value at x once needed
     exact = True  # is g the float64 gradient at x (else the float32 one)?
     for _ in range(max_steps):
         gmax = float(np.max(np.abs(g)))
-        if exact and gmax <= tol:
-            break
-        if not exact and gmax <= FLOAT32_NEWTON_GTOL:
+        if not exact and gmax <= near:
             j64, g = fun64(x)
             g, exact = g.reshape(-1), True
-            continue
+            gmax = float(np.max(np.abs(g)))
+        if gmax <= tol:
+            break
         if precond is None:
             precond = nystrom_preconditioner(lambda om: sketch(x, om), size, sketch_rank(size), mu)
-        if gmax > FLOAT32_NEWTON_GTOL:
+        if gmax > near:
             rtol = min(0.5, np.sqrt(gmax))
         else:
             rtol = min(1e-2, max(1e-6, 0.1 * tol / gmax))
@@ -251,22 +255,33 @@ def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callb
         if iters[0] > RESKETCH_ITERATIONS and resketches < 2:
             precond, resketches = None, resketches + 1
         accepted = False
-        if gmax > FLOAT32_NEWTON_GTOL:
-            if j32 is None:
-                j32 = fun32(x)[0]
+        if gmax > near:
             slope = float(np.dot(g.ravel(), step))
-            scale = 1.0
-            for _ls in range(30):
-                j_new, g_new = fun32(x + scale * step)
-                if j_new <= j32 + 1e-4 * scale * slope:
-                    x, j32, g, accepted, exact = x + scale * step, j_new, g_new, True, False
-                    break
-                scale *= 0.5
+            if slope < 0:  # a descent direction (CG's always is, up to rounding)
+                if far_j is None:
+                    far_j = far_fun(x)[0]
+                scale = 1.0
+                for _ls in range(30):
+                    j_new, g_new = far_fun(x + scale * step)
+                    if j_new <= far_j + 1e-4 * scale * slope:
+                        exact = far_fun is fun64
+                        x, far_j, g, accepted = x + scale * step, j_new, g_new.reshape(-1), True
+                        j64 = j_new if exact else j64
+                        break
+                    scale *= 0.5
+            if not accepted and far_fun is fun32:
+                # Float32 J could not resolve this step's decrease: judge far steps in float64.
+                far_fun, far_j = fun64, None
+                if not exact:
+                    j64, g = fun64(x)
+                    g, exact = g.reshape(-1), True
+                continue
         else:
             for scale in (1.0, 0.5, 0.25, 0.125):
                 j_new, g_new = fun64(x + scale * step)
                 if float(np.max(np.abs(g_new))) < gmax:
-                    x, j64, g, accepted, exact = x + scale * step, j_new, g_new, True, True
+                    x, j64, g, accepted, exact = x + scale * step, j_new, g_new.reshape(-1), True, True
+                    far_j = None
                     break
         callback(x)
         if not accepted:

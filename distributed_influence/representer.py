@@ -223,7 +223,7 @@ def alpha_pass(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: float
     sims = np.empty((len(x), class_sums.shape[0]))
     head = np.zeros(theta.shape)
     s_t = tf.constant(np.asarray(class_sums, np.float64).T)
-    for a, b in row_blocks(len(x)):
+    for a, b in row_blocks(len(x), ROW_BLOCK):
         x64 = tf.cast(tf.constant(x[a:b]), tf.float64)
         block = _alpha_block(x64, theta, targets[a:b], lam, n_total)
         alpha[a:b] = block.numpy()
@@ -282,15 +282,17 @@ def topk_chunk(n: int) -> int:
     return TOPK_CHUNK
 
 
-def _chunks(r, chunk: int, fill: float):
+def _chunks(r, chunk: int, pad: bool, fill: float):
+    # ``pad`` is a Python bool (part of the trace's signature): a traced function relaxed to an
+    # unknown row length must still reshape in place when the length is a multiple of chunk.
     b, s = tf.shape(r)[0], tf.shape(r)[1]
-    if r.shape[1] is not None and r.shape[1] % chunk == 0:
+    if not pad:
         return tf.reshape(r, [b, -1, chunk])
     padded = tf.pad(r, [[0, 0], [0, (-s) % chunk]], constant_values=fill)
     return tf.reshape(padded, [b, -1, chunk])
 
 
-def _top_k_by_chunks(r, k, chunk: int, largest: bool = True):
+def _top_k_by_chunks(r, k, chunk: int, pad: bool, largest: bool = True):
     """Exact top-k of each row (largest first, ties to the lower index) in two cheap passes.
 
     The row is cut into chunks; the k chunks with the largest maxima (ties: lower chunk) hold
@@ -302,7 +304,7 @@ def _top_k_by_chunks(r, k, chunk: int, largest: bool = True):
     """
     b = tf.shape(r)[0]
     sign = 1.0 if largest else -1.0
-    chunks = _chunks(r, chunk, float("-inf") if largest else float("inf"))
+    chunks = _chunks(r, chunk, pad, float("-inf") if largest else float("inf"))
     extreme = tf.reduce_max(chunks, axis=2) if largest else -tf.reduce_min(chunks, axis=2)
     picked = tf.sort(tf.math.top_k(extreme, k=k).indices, axis=1)
     candidates = sign * tf.reshape(tf.gather(chunks, picked, batch_dims=1), [b, k * chunk])
@@ -311,25 +313,25 @@ def _top_k_by_chunks(r, k, chunk: int, largest: bool = True):
     return sign * best.values, tf.gather(position, best.indices, batch_dims=1)
 
 
-def _top_k(r, k, chunk: int, largest: bool):
+def _top_k(r, k, chunk: int, pad: bool, largest: bool):
     if chunk:
-        return _top_k_by_chunks(r, k, chunk, largest)
+        return _top_k_by_chunks(r, k, chunk, pad, largest)
     top = tf.math.top_k(r if largest else -r, k=k, sorted=True)
     return (top.values if largest else -top.values), top.indices
 
 
 @tf.function(reduce_retracing=True)
-def _score_block(xt, x, alpha_t, pred, k, with_abs, chunk):
+def _score_block(xt, x, alpha_t, pred, k, with_abs, chunk, pad):
     # r[t, i] = α_{i, j_t} (x_i · x_t): one large matrix product, then an elementwise scale by
     # rows of αᵀ (C, s), gathered already in (test, train) order.
     r = tf.matmul(xt, x, transpose_b=True) * tf.gather(alpha_t, pred)
-    top_v, top_i = _top_k(r, k, chunk, True)
-    bottom_v, bottom_i = _top_k(r, k, chunk, False)
+    top_v, top_i = _top_k(r, k, chunk, pad, True)
+    bottom_v, bottom_i = _top_k(r, k, chunk, pad, False)
     abs_sum = tf.reduce_sum(tf.abs(r), axis=0) if with_abs else tf.zeros([0])
     return top_v, top_i, bottom_v, bottom_i, abs_sum
 
 
-def score_block(xt, x, alpha, pred: np.ndarray, k: int, with_abs: bool = True):
+def score_block(xt, x, alpha, pred: np.ndarray, k: int, with_abs: bool = True, alpha_t=None):
     """Representer values of a shard for a block of test examples, reduced on the spot.
 
     The (b, s) matrix of values lives only inside this call: it is reduced to a per-test
@@ -339,11 +341,11 @@ def score_block(xt, x, alpha, pred: np.ndarray, k: int, with_abs: bool = True):
     Args:
         xt: (b, d+1) float32 augmented test features.
         x: (s, d+1) float32 augmented shard features (array or resident tensor).
-        alpha: (s, C) float32 α of the shard (array), or its transpose (C, s) as a resident
-            tensor (what :func:`score_shard` passes, made once per shard).
+        alpha: (s, C) α of the shard (ignored when ``alpha_t`` is given).
         pred: (b,) int class j_t explained for each test example.
         k: entries kept per test example (≤ s).
         with_abs: also return Σ_t |r_ti| over the block.
+        alpha_t: αᵀ (C, s) float32 as a resident tensor, if the caller keeps one per shard.
 
     Returns:
         dict with ``top_values``/``top_index`` and ``bottom_values``/``bottom_index`` (b, k)
@@ -351,12 +353,13 @@ def score_block(xt, x, alpha, pred: np.ndarray, k: int, with_abs: bool = True):
     """
     x = tf.convert_to_tensor(x, tf.float32)
     n = int(x.shape[0])
-    alpha_t = alpha if tf.is_tensor(alpha) else tf.constant(np.asarray(alpha, np.float32).T)
+    if alpha_t is None:
+        alpha_t = tf.constant(np.ascontiguousarray(np.asarray(alpha, np.float32).T))
     # Chunked selection pays off once the shard holds many chunks per kept entry.
     chunk = topk_chunk(n) if n >= 8 * k * TOPK_CHUNK else 0
     tv, ti, bv, bi, cas = _score_block(
         tf.convert_to_tensor(xt, tf.float32), x, alpha_t,
-        tf.constant(pred, tf.int64), tf.constant(k), bool(with_abs), chunk,
+        tf.constant(pred, tf.int64), tf.constant(k), bool(with_abs), chunk, bool(chunk and n % chunk),
     )
     out = {"top_values": tv.numpy(), "top_index": ti.numpy(),
            "bottom_values": bv.numpy(), "bottom_index": bi.numpy()}
@@ -448,7 +451,7 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
         b1 = min(m, b0 + block)
         xt, pred = test_x.rows(b0, b1), test_pred[b0:b1]
         try:
-            res = score_block(xt, x_t, alpha_t, pred, k, with_abs=not abs_closed)
+            res = score_block(xt, x_t, None, pred, k, with_abs=not abs_closed, alpha_t=alpha_t)
         except tf.errors.ResourceExhaustedError:
             if block == 1:
                 raise
@@ -463,8 +466,8 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
             out["values"][b0:b1] = vals
             out["ids"][b0:b1] = ids[idx]
             out["alpha"][b0:b1] = alpha[idx, pred[:, None]]
-            # Only b·k dot products: float32 batched products, accurate far beyond the float32
-            # the table stores them in (a float64 copy of the gathered rows cost 10% of scoring).
+            # Only b·k dot products, as float32 batched products (a float64 copy of the gathered
+            # rows cost 10% of scoring); the table stores them in float32 anyway.
             out["similarity"][b0:b1] = np.matmul(x[idx], xt[:, :, None])[:, :, 0]
         b0 = b1
     return {"topk": topk, "influence_sum": col_sum, "influence_abs_sum": col_abs}

@@ -79,7 +79,7 @@ def test_fit_with_a_partial_sketch_reaches_the_explicit_newton_optimum(wide, tar
     res = fit_head(lambda th, prec: rp.objective_sums(x, t, th, prec),
                    lambda th, v, prec: rp.hvp_sums(x, th, v, prec), len(x), LAM, theta0, tol=1e-10)
     assert res.converged and res.max_abs_grad <= 1e-10
-    assert res.method.startswith("Newton-CG (Nyström")
+    assert res.method.startswith("Newton-CG (Nyström") and "L-BFGS" not in res.method  # no fallback
     ref = oracle.newton_fit(x.astype(np.float64), t, LAM, theta0)
     assert np.abs(oracle.objective(x.astype(np.float64), t, ref, LAM)[1]).max() <= 1e-10
     np.testing.assert_allclose(res.theta, ref, atol=1e-7)
@@ -100,3 +100,20 @@ def test_fit_falls_back_to_lbfgs_when_newton_directions_are_useless(wide):
     assert "L-BFGS-B" in res.method
     ref = oracle.newton_fit(x.astype(np.float64), t, LAM, theta0)
     np.testing.assert_allclose(res.theta, ref, atol=1e-7)
+
+
+def test_newton_judges_far_steps_in_float64_when_float32_j_cannot_resolve_them(wide):
+    """A float32 J that resolves nothing (NaN: every comparison false) fails every Armijo test:
+    the Newton phase must then judge its steps on the float64 J, not give up to the fallback
+    (which would show as L-BFGS in the method)."""
+    x, labels, theta0 = wide
+    t = rp.one_hot(labels, theta0.shape[1])
+
+    def sums(th, prec):
+        loss, grad = rp.objective_sums(x, t, th, prec)
+        return (float("nan") if prec == "float32" else loss), grad
+
+    res = fit_head(sums, lambda th, v, prec: rp.hvp_sums(x, th, v, prec), len(x), LAM, theta0, tol=1e-10)
+    assert res.converged and res.max_abs_grad <= 1e-10
+    assert "L-BFGS" not in res.method
+    np.testing.assert_allclose(res.theta, oracle.newton_fit(x.astype(np.float64), t, LAM, theta0), atol=1e-7)
