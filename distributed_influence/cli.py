@@ -54,7 +54,7 @@ def add_audit_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ray workers (default: one per GPU, or per CPU when there are no GPUs)")
     p.add_argument("--grad-tol", type=float, default=1e-10,
                    help="the head fit stops when max |grad J| <= this (default 1e-10)")
-    p.add_argument("--max-iter", type=int, default=1000, help="iteration cap of the head fit (default 1000)")
+    p.add_argument("--max-iter", type=int, default=1000, help="iteration cap of the head fit's L-BFGS fallback and of one Newton step's CG (CG at most 300; default 1000)")
     p.add_argument("--input-shape", type=_shape, default=None,
                    help="shape of one example for flat Parquet rows, e.g. 28,28,1 (default: the model's)")
     p.add_argument("--scale", type=float, default=None,

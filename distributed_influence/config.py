@@ -41,7 +41,7 @@ class AuditConfig:
         gpus_per_worker: GPUs per Ray worker; None means 1 when the cluster has GPUs, else 0.
         workers: number of Ray workers; None means one per GPU (or per CPU slot).
         grad_tol: the head fit stops when max |∇J| falls to this value.
-        max_iter: iteration cap of the head fit.
+        max_iter: iteration cap of the head fit's L-BFGS fallback and of one Newton step's CG.
         input_shape: shape of one example for sources that store flat rows; None takes the
             model's input shape.
         scale: factor applied to input values: Parquet `image` bytes and IDX pixels (default

@@ -41,7 +41,7 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
     from . import representer as rp
     from .inputs import check_source
     from .model import Featurizer, load_model, read_model_bytes, split_model
-    from .shard import check_finite
+    from .shard import featurize
     from .sources import open_source
 
     t0 = time.perf_counter()
@@ -75,20 +75,19 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
     src = open_source(test, scale=cfg.get("scale"))
     check_source(src, "test", split.n_classes, input_shape, need_labels=False)
 
-    rows = src.read(0, src.n_rows, input_shape)
-    check_finite(rows.x, src.name, 0)
-    feats, logits = Featurizer(split, batch_size)(rows.x)
-    test_x = rp.augment(feats)
+    test_x, logits, test_ids, test_y = featurize(src, Featurizer(split, batch_size), input_shape, 0, src.n_rows)
     pred = np.argmax(logits, axis=1).astype(np.int64)
 
+    sums_t = rp.class_sums(test_x, pred, split.n_classes).T  # the same for every shard
     results = []
     for path in files:
         shard = index.read_shard(path)
-        scored = rp.score_shard(shard["x"], shard["ids"], shard["alpha"], test_x, pred, k, test_block)
+        scored = rp.score_shard(shard["x"], shard["ids"], shard["alpha"], test_x, pred, k, test_block,
+                                class_sim=rp.linear_logits(shard["x"], sums_t))
         results.append({"topk": scored["topk"]})
     theta, alpha_head = index.read_head(index_dir)
-    topk = rd.merge_topk_table(results, k, rows.ids, pred)
-    dec = rd.test_table(rows.ids, rows.y, pred, logits, rp.linear_logits(test_x, theta),
+    topk = rd.merge_topk_table(results, k, test_ids, pred)
+    dec = rd.test_table(test_ids, test_y, pred, logits, rp.linear_logits(test_x, theta),
                         rp.linear_logits(test_x, alpha_head))
     manifest = {
         "command": "explain",

@@ -246,7 +246,7 @@ def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callb
         if gmax > near:
             rtol = min(0.5, np.sqrt(gmax))
         else:
-            rtol = min(1e-2, max(1e-6, 0.1 * tol / gmax))
+            rtol = _near_rtol(tol, gmax)
         iters = [0]
         op = LinearOperator((size, size), matvec=lambda p: hessp(x, p), dtype=np.float64)
         m = LinearOperator((size, size), matvec=precond, dtype=np.float64)
@@ -277,12 +277,9 @@ def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callb
                     g, exact = g.reshape(-1), True
                 continue
         else:
-            for scale in (1.0, 0.5, 0.25, 0.125):
-                j_new, g_new = fun64(x + scale * step)
-                if float(np.max(np.abs(g_new))) < gmax:
-                    x, j64, g, accepted, exact = x + scale * step, j_new, g_new.reshape(-1), True, True
-                    far_j = None
-                    break
+            found = _step_lowering_grad(fun64, x, step, gmax)
+            if found is not None:
+                (x, j64, g), accepted, exact, far_j = found, True, True, None
         callback(x)
         if not accepted:
             log.info("Newton-CG stopped: no step makes progress at max|grad J| = %.3g", gmax)
@@ -290,6 +287,25 @@ def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callb
     if not exact:
         j64, g = fun64(x)
     return x, j64, g.reshape(-1)
+
+
+def _near_rtol(tol: float, gmax: float) -> float:
+    """CG's relative tolerance near the optimum: a Newton step there divides |∇J| by about the
+    CG residual, so aim at tol in one step (within reach of float32 Hessian products)."""
+    return min(1e-2, max(1e-6, 0.1 * tol / gmax))
+
+
+def _step_lowering_grad(fun, x, step, gmax):
+    """The first of step, step/2, step/4, step/8 whose max |∇J| is below ``gmax``.
+
+    Returns:
+        (x, J, ∇J flattened) there, or None when none of them lowers max |∇J|.
+    """
+    for scale in (1.0, 0.5, 0.25, 0.125):
+        j_new, g_new = fun(x + scale * step)
+        if float(np.max(np.abs(g_new))) < gmax:
+            return x + scale * step, j_new, g_new.reshape(-1)
+    return None
 
 
 def _newton_polish(fun, hessp, x, j, g, tol, max_iter, callback, max_steps: int = 20):
@@ -304,19 +320,12 @@ def _newton_polish(fun, hessp, x, j, g, tol, max_iter, callback, max_steps: int 
         if gmax <= tol:
             break
         op = LinearOperator((n, n), matvec=lambda p: hessp(x, p), dtype=np.float64)
-        # Solve only as exactly as this step needs: near the optimum a Newton step divides
-        # |∇J| by about the CG residual, so aim at tol in one step (within float32 reach).
-        rtol = min(1e-2, max(1e-6, 0.1 * tol / gmax))
-        step, _info = cg(op, -g.ravel(), rtol=rtol, atol=0.0, maxiter=max(50, max_iter))
-        accepted = False
-        for scale in (1.0, 0.5, 0.25, 0.125):
-            j_new, g_new = fun(x + scale * step)
-            if float(np.max(np.abs(g_new))) < gmax:
-                x, j, g = x + scale * step, j_new, g_new.reshape(g.shape)
-                accepted = True
-                break
+        step, _info = cg(op, -g.ravel(), rtol=_near_rtol(tol, gmax), atol=0.0, maxiter=max(50, max_iter))
+        found = _step_lowering_grad(fun, x, step, gmax)
+        if found is not None:
+            x, j, g = found
         callback(x)
-        if not accepted:
+        if found is None:
             log.info("Newton polish stopped: no step reduces max|grad J| below %.3g", gmax)
             break
     return x, j, g

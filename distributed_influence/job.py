@@ -119,7 +119,7 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
             n_workers, gpus, cpus = plan_workers(config.shards, config.workers, config.gpus_per_worker)
             n_shards = config.shards or n_workers
         else:
-            n_workers, cpus = 1, 0.0
+            n_workers = 1
             n_shards = config.shards or 1
         specs = plan_shards(inputs.train.n_rows, n_shards)
         key = run_key(config.digest(), inputs.model_bytes, config.train, config.test,
@@ -186,10 +186,6 @@ def _featurize_test(pool, inputs: Inputs) -> dict:
 
 def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> dict:
     """The head fit on the shards' sums, and the fidelity of the surrogate; persisted."""
-    cached = store.load("fit")
-    if cached is not None:
-        return cached
-
     def sums(theta, precision):
         res = pool.map("objective", specs, theta, precision)
         return sum(r[0] for r in res), np.sum([r[1] for r in res], axis=0)
@@ -238,7 +234,8 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         test_pred = np.argmax(test["logits"], axis=1).astype(np.int64)
 
     with timer.stage("fit"):
-        fit = _fit(config, inputs, pool, specs, store)
+        if fit is None:  # else resumed: the saved fit loaded above
+            fit = _fit(config, inputs, pool, specs, store)
     theta = fit["theta"]
 
     with timer.stage("score"):

@@ -80,7 +80,7 @@ def load_model(data: bytes, name: str = "model.keras"):
         try:
             return keras.models.load_model(local, safe_mode=True, compile=False)
         except Exception as exc:  # Keras raises ValueError/TypeError/OSError/zipfile errors
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = storage.reason(exc)
             if "safe_mode" in str(exc) or "Lambda" in str(exc):
                 raise ModelError(
                     f"{name}: refused by Keras safe mode (the model contains Python code, "

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import storage
 from .errors import ConfigError, InputError
 from .tables import INFLUENCE_TOPK, MANIFEST, TEST_SCORES, TRAIN_SCORES
 
@@ -64,7 +65,7 @@ def _read_columns(path: str, columns: Sequence[str], filters=None) -> Dict[str, 
     try:
         table = pq.read_table(path, columns=list(columns), filters=filters)
     except Exception as exc:  # pyarrow raises ArrowInvalid/KeyError/OSError on bad files
-        raise InputError(f"{path}: unreadable table ({str(exc).splitlines()[0]})") from None
+        raise InputError(f"{path}: unreadable table ({storage.reason(exc)})") from None
     out = {}
     for name in columns:
         col = table.column(name)

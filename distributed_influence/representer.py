@@ -331,7 +331,7 @@ def _score_block(xt, x, alpha_t, pred, k, with_abs, chunk, pad):
     return top_v, top_i, bottom_v, bottom_i, abs_sum
 
 
-def score_block(xt, x, alpha, pred: np.ndarray, k: int, with_abs: bool = True, alpha_t=None):
+def score_block(xt, x, alpha_t, pred: np.ndarray, k: int, with_abs: bool = True):
     """Representer values of a shard for a block of test examples, reduced on the spot.
 
     The (b, s) matrix of values lives only inside this call: it is reduced to a per-test
@@ -341,11 +341,11 @@ def score_block(xt, x, alpha, pred: np.ndarray, k: int, with_abs: bool = True, a
     Args:
         xt: (b, d+1) float32 augmented test features.
         x: (s, d+1) float32 augmented shard features (array or resident tensor).
-        alpha: (s, C) α of the shard (ignored when ``alpha_t`` is given).
+        alpha_t: αᵀ (C, s) float32 of the shard (array or resident tensor): its rows are
+            gathered per test example.
         pred: (b,) int class j_t explained for each test example.
         k: entries kept per test example (≤ s).
         with_abs: also return Σ_t |r_ti| over the block.
-        alpha_t: αᵀ (C, s) float32 as a resident tensor, if the caller keeps one per shard.
 
     Returns:
         dict with ``top_values``/``top_index`` and ``bottom_values``/``bottom_index`` (b, k)
@@ -353,12 +353,10 @@ def score_block(xt, x, alpha, pred: np.ndarray, k: int, with_abs: bool = True, a
     """
     x = tf.convert_to_tensor(x, tf.float32)
     n = int(x.shape[0])
-    if alpha_t is None:
-        alpha_t = tf.constant(np.ascontiguousarray(np.asarray(alpha, np.float32).T))
     # Chunked selection pays off once the shard holds many chunks per kept entry.
     chunk = topk_chunk(n) if n >= 8 * k * TOPK_CHUNK else 0
     tv, ti, bv, bi, cas = _score_block(
-        tf.convert_to_tensor(xt, tf.float32), x, alpha_t,
+        tf.convert_to_tensor(xt, tf.float32), x, tf.convert_to_tensor(alpha_t, tf.float32),
         tf.constant(pred, tf.int64), tf.constant(k), bool(with_abs), chunk, bool(chunk and n % chunk),
     )
     out = {"top_values": tv.numpy(), "top_index": ti.numpy(),
@@ -451,7 +449,7 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
         b1 = min(m, b0 + block)
         xt, pred = test_x.rows(b0, b1), test_pred[b0:b1]
         try:
-            res = score_block(xt, x_t, None, pred, k, with_abs=not abs_closed, alpha_t=alpha_t)
+            res = score_block(xt, x_t, alpha_t, pred, k, with_abs=not abs_closed)
         except tf.errors.ResourceExhaustedError:
             if block == 1:
                 raise

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Optional
 
 from . import storage, tables
@@ -49,6 +48,6 @@ def load_results(out: str) -> Results:
     manifest_spec = storage.join(out, tables.MANIFEST)
     if not storage.exists(manifest_spec):
         raise InputError(f"{manifest_spec}: not found (is {out} the --out of a finished audit?)")
-    manifest = json.loads(storage.read_bytes(manifest_spec))
+    manifest = tables.read_manifest(out)
     return Results(read(tables.INFLUENCE_TOPK), read(tables.TRAIN_SCORES, required=False),
                    read(tables.TEST_SCORES), manifest)

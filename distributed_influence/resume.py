@@ -19,7 +19,7 @@ from typing import Dict, Iterable, Optional
 
 import numpy as np
 
-from . import storage
+from . import storage, tables
 from .errors import ConfigError
 
 WORK_DIR = "_work"
@@ -86,11 +86,10 @@ class WorkStore:
         """
         work = storage.join(out_dir, WORK_DIR)
         others = [d for d in storage.list_names(work) if d != key]
-        manifest = storage.join(out_dir, "manifest.json")
         old_key = None
-        if storage.exists(manifest):
+        if storage.exists(storage.join(out_dir, tables.MANIFEST)):
             try:
-                old_key = json.loads(storage.read_bytes(manifest)).get("run_key")
+                old_key = tables.read_manifest(out_dir).get("run_key")
             except (OSError, ValueError):
                 old_key = "unreadable"
         conflict = others or (old_key is not None and old_key != key)

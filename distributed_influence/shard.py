@@ -77,6 +77,16 @@ class WorkerSettings:
     fault: Optional[Fault] = None  # test hook, see faults.py
 
 
+def featurize(src, featurizer: Featurizer, input_shape, start: int, stop: int):
+    """Rows [start, stop) of a source through the model: (augmented features, logits, ids,
+    labels), with NaN/inf refused in the inputs and in the features the model made of them."""
+    rows = src.read(start, stop, input_shape)
+    check_finite(rows.x, src.name, start)
+    feats, logits = featurizer(rows.x)
+    check_finite(feats, f"{src.name}: the model's features", start)
+    return rp.augment(feats), logits, rows.ids, rows.y
+
+
 def check_finite(arr: np.ndarray, what: str, first_row: int) -> None:
     """Refuses NaN/inf early: one bad row would silently poison the head fit and every α."""
     bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
@@ -115,12 +125,7 @@ class ShardWorker:
 
     def featurize_rows(self, which: str, start: int, stop: int):
         """Reads rows [start, stop) of a source and returns (augmented features, logits, ids, labels)."""
-        src = self._source(which)
-        rows = src.read(start, stop, self._input_shape())
-        check_finite(rows.x, src.name, start)
-        feats, logits = self.featurizer()(rows.x)
-        check_finite(feats, f"{src.name}: the model's features", start)
-        return rp.augment(feats), logits, rows.ids, rows.y
+        return featurize(self._source(which), self.featurizer(), self._input_shape(), start, stop)
 
     def featurize_test(self, start: int, stop: int):
         """Test rows [start, stop): (augmented features, {logits, ids, labels}).

@@ -275,7 +275,7 @@ class ParquetSource(Source):
         except FileNotFoundError:
             raise SourceError(f"{path}: file not found") from None
         except Exception as exc:  # pyarrow raises ArrowInvalid/OSError on corrupt files
-            raise SourceError(f"{path}: corrupt or unreadable Parquet ({str(exc).splitlines()[0]})") from None
+            raise SourceError(f"{path}: corrupt or unreadable Parquet ({storage.reason(exc)})") from None
         names = set(self._file.schema_arrow.names)
         if "x" in names:
             self._col = "x"
@@ -293,7 +293,7 @@ class ParquetSource(Source):
         except SourceError:
             raise
         except Exception as exc:
-            raise SourceError(f"{path}: corrupt or unreadable Parquet ({str(exc).splitlines()[0]})") from None
+            raise SourceError(f"{path}: corrupt or unreadable Parquet ({storage.reason(exc)})") from None
         self._ids = ids if ids is not None else np.arange(self.n_rows, dtype=np.int64)
         self._shape = None
 
@@ -309,6 +309,19 @@ class ParquetSource(Source):
             self._shape = tuple(self._read_x(0, min(1, self.n_rows)).shape[1:])
         return self._shape
 
+    def _check_equal_lengths(self, lengths, start: int) -> None:
+        """Refuses ragged rows, naming the first row whose length differs from the block's first."""
+        import pyarrow.compute as pc
+
+        if len(lengths) == 0:
+            return
+        mm = pc.min_max(lengths)
+        if mm["min"] != mm["max"]:
+            arr = lengths.to_numpy()
+            bad = int(np.argmax(arr != arr[0]))
+            raise SourceError(f"{self.name}: rows of '{self._col}' have different lengths "
+                              f"(row {start + bad} differs from row {start})")
+
     def _read_x(self, start, stop):
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -321,28 +334,22 @@ class ParquetSource(Source):
         try:
             table = self._file.read_row_groups(groups, columns=[self._col])
         except Exception as exc:
-            raise SourceError(f"{self.name}: corrupt or truncated Parquet ({str(exc).splitlines()[0]})") from None
+            raise SourceError(f"{self.name}: corrupt or truncated Parquet ({storage.reason(exc)})") from None
         col = table.column(self._col).slice(start - int(self._starts[first]), stop - start).combine_chunks()
         if col.null_count:
             raise SourceError(f"{self.name}: column '{self._col}' has null values")
         n = stop - start
-        lengths = (pc.binary_length(col) if self._col == "image" and
-                   (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type))
-                   else pc.list_value_length(col) if self._col == "x" and not pa.types.is_fixed_size_list(col.type)
-                   and (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)) else None)
-        if lengths is not None and n and pc.min_max(lengths)["min"] != pc.min_max(lengths)["max"]:
-            bad = int(np.argmax(lengths.to_numpy() != lengths.to_numpy()[0]))
-            raise SourceError(f"{self.name}: rows of '{self._col}' have different lengths "
-                              f"(row {start + bad} differs from row {start})")
         if self._col == "image":
             if not (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)):
                 raise SourceError(f"{self.name}: 'image' must be a binary column, got {col.type}")
+            self._check_equal_lengths(pc.binary_length(col), start)
             flat = np.frombuffer(b"".join(col.to_pylist()), dtype=np.uint8)
             scale = 1.0 / 255.0 if self.scale is None else self.scale
             x = flat.astype(np.float32) * np.float32(scale)
         else:
-            if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
-                    or pa.types.is_fixed_size_list(col.type)):
+            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                self._check_equal_lengths(pc.list_value_length(col), start)
+            elif not pa.types.is_fixed_size_list(col.type):
                 raise SourceError(f"{self.name}: 'x' must be a list column, got {col.type}")
             x = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
             if self.scale is not None:

@@ -137,15 +137,20 @@ def files(tmp_path_factory, data):
     return {"model": model_path, "train": train, "test": test, "root": root}
 
 
+def audit_config(files, out, k=4, **kw):
+    """The audit settings of `files` (model, train, test) writing to `out`."""
+    from distributed_influence.config import AuditConfig
+
+    return AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=str(out), k=k, **kw)
+
+
 @pytest.fixture(scope="session")
 def reference(files, tmp_path_factory):
     """The single-process engine's tables (k = 4) on `files`: what every distributed run must equal."""
-    from distributed_influence.config import AuditConfig
     from distributed_influence.job import run_audit
 
     out = str(tmp_path_factory.mktemp("ref") / "out")
-    run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=out, k=4),
-              use_ray=False)
+    run_audit(audit_config(files, out, k=4), use_ray=False)
     return out
 
 

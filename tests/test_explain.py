@@ -6,10 +6,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from distributed_influence.cli import main
-from distributed_influence.config import AuditConfig
 from distributed_influence.job import run_audit
 
-from conftest import multi_output_model
+from conftest import audit_config, multi_output_model
 
 
 def _subset_rows(out, ids, name):
@@ -20,8 +19,7 @@ def _subset_rows(out, ids, name):
 
 def test_explain_equals_full_audit_on_held_back_examples(files, tmp_path, capsys):
     full = str(tmp_path / "full")
-    run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=full, k=4,
-                          shards=3), use_ray=False)
+    run_audit(audit_config(files, full, k=4, shards=3), use_ray=False)
     assert len(os.listdir(os.path.join(full, "index"))) == 4  # 3 shards + the head
 
     d = np.load(files["test"])
@@ -48,8 +46,7 @@ def test_explain_equals_full_audit_on_held_back_examples(files, tmp_path, capsys
 def test_explain_refuses_another_model_and_missing_index(files, tmp_path, capsys):
     other = tmp_path / "other.keras"
     full = str(tmp_path / "full")
-    run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=full, k=2),
-              use_ray=False)
+    run_audit(audit_config(files, full, k=2), use_ray=False)
     d = np.load(files["train"])
     m = multi_output_model(d["x"][:20], d["y"][:20])
     m.save(str(other))
@@ -65,8 +62,7 @@ def test_load_results_returns_the_tables(files, tmp_path):
     import distributed_influence
 
     out = str(tmp_path / "out")
-    run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=out, k=3),
-              use_ray=False)
+    run_audit(audit_config(files, out, k=3), use_ray=False)
     res = distributed_influence.load_results(out)
     assert res.influence_topk.num_rows == 20 * 6 and res.train_scores.num_rows == 60
     assert res.test_scores.num_rows == 20 and res.manifest["k"] == 3
@@ -79,8 +75,7 @@ def test_load_results_returns_the_tables(files, tmp_path):
 def test_readme_duckdb_queries_run_on_the_tables(files, tmp_path, monkeypatch):
     import duckdb
     out = tmp_path / "results"
-    run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=str(out), k=3),
-              use_ray=False)
+    run_audit(audit_config(files, out, k=3), use_ray=False)
     monkeypatch.chdir(tmp_path)
     worst = duckdb.sql("SELECT train_id, label, audit_score FROM 'results/train_scores.parquet' "
                        "ORDER BY audit_rank LIMIT 20").fetchall()

@@ -3,11 +3,10 @@
 import numpy as np
 import pytest
 
-from distributed_influence.config import AuditConfig
 from distributed_influence.job import run_audit
 from distributed_influence.runtime import plan_workers, start_ray
 
-from conftest import assert_same_results
+from conftest import assert_same_results, audit_config
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +18,10 @@ def ray_local():
     ray.shutdown()
 
 
-def _cfg(files, out, **kw):
-    return AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=out, k=4, **kw)
-
-
 @pytest.mark.parametrize("shards", [1, 3, 7])
 def test_sharded_ray_job_equals_single_process(ray_local, files, reference, tmp_path, shards):
     out = str(tmp_path / "out")
-    m = run_audit(_cfg(files, out, shards=shards, gpus_per_worker=0), use_ray=True)
+    m = run_audit(audit_config(files, out, shards=shards, gpus_per_worker=0), use_ray=True)
     assert m["workers"]["backend"] == "ray"
     assert len(m["shards"]) == shards
     assert sum(s["rows"] for s in m["shards"]) == 60
@@ -37,7 +32,7 @@ def test_sharded_ray_job_equals_single_process(ray_local, files, reference, tmp_
 def test_gpu_workers_each_get_their_own_gpu(ray_local, files, reference, tmp_path):
     assert plan_workers(None, None, None) == (2, 1.0, 1.0)  # GPUs present: one worker per GPU
     out = str(tmp_path / "out")
-    m = run_audit(_cfg(files, out, shards=4, gpus_per_worker=1), use_ray=True)
+    m = run_audit(audit_config(files, out, shards=4, gpus_per_worker=1), use_ray=True)
     devices = m["workers"]["devices"]
     assert len(devices) == 2
     gpu_ids = [d["ray_gpu_ids"] for d in devices]
@@ -50,7 +45,7 @@ def test_gpu_workers_each_get_their_own_gpu(ray_local, files, reference, tmp_pat
 
 
 def test_cpu_workers_hide_gpus(ray_local, files, tmp_path):
-    m = run_audit(_cfg(files, str(tmp_path / "out"), shards=2, gpus_per_worker=0), use_ray=True)
+    m = run_audit(audit_config(files, str(tmp_path / "out"), shards=2, gpus_per_worker=0), use_ray=True)
     for d in m["workers"]["devices"]:
         assert d["ray_gpu_ids"] == [] and d["cuda_visible_devices"] == ""
 
@@ -61,7 +56,7 @@ def test_fit_worker_api_returns_only_sums(ray_local, files):
     from distributed_influence.shard import WorkerSettings, plan_shards
     from distributed_influence.worker import RayPool
 
-    cfg = _cfg(files, "unused")
+    cfg = audit_config(files, "unused")
     inputs = prepare_inputs(cfg)
     settings = WorkerSettings(model_name="model.keras", train=cfg.train, test=cfg.test, target="labels",
                               lam=cfg.lam, k=cfg.k, n_train=60, batch_size=16, test_block=8)

@@ -8,6 +8,7 @@ from distributed_influence.errors import ModelError
 from distributed_influence.model import Featurizer, load_model, read_model_bytes, split_model
 
 import conftest
+import oracle
 from conftest import MODEL_FACTORIES, N_CLASSES
 
 
@@ -15,11 +16,6 @@ def _roundtrip(model, tmp_path, name="m.keras"):
     path = str(tmp_path / name)
     model.save(path)
     return load_model(read_model_bytes(path), name)
-
-
-def _softmax(z):
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
 
 
 @pytest.mark.parametrize("factory", sorted(MODEL_FACTORIES))
@@ -33,7 +29,7 @@ def test_each_model_shape_splits_into_features_and_linear_head(factory, tmp_path
     out = original.predict(x, verbose=0)
     probs = out[-1] if isinstance(out, list) else out
     # The model's own probabilities are the softmax of our logits.
-    np.testing.assert_allclose(_softmax(logits.astype(np.float64)), probs, atol=1e-5)
+    np.testing.assert_allclose(oracle.softmax(logits.astype(np.float64)), probs, atol=1e-5)
     np.testing.assert_allclose(logits, feats @ split.kernel + split.bias, rtol=1e-5, atol=1e-5)
     if factory == "multi_output":
         np.testing.assert_allclose(feats, out[0], rtol=1e-5, atol=1e-6)

@@ -2,11 +2,10 @@
 
 import pytest
 
-from distributed_influence.config import AuditConfig
 from distributed_influence.job import run_audit
 from distributed_influence.runtime import use_loopback
 
-from conftest import assert_same_results
+from conftest import assert_same_results, audit_config
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +28,7 @@ def test_two_nodes_share_the_shards_and_match_single_process(cluster, files, ref
 
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     out = str(tmp_path / "out")
-    m = run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=out, k=4,
-                              shards=4), use_ray=True)
+    m = run_audit(audit_config(files, out, k=4, shards=4), use_ray=True)
     shard_nodes = {s["node"] for s in m["shards"]}
     assert len(shard_nodes) == 2, m["shards"]
     assert m["workers"]["nodes"] == 2

@@ -13,7 +13,7 @@ from distributed_influence.faults import FAULT_ENV, InjectedFault
 from distributed_influence.job import run_audit
 from distributed_influence.runtime import start_ray
 
-from conftest import assert_same_results
+from conftest import assert_same_results, audit_config
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +25,12 @@ def ray_local():
     ray.shutdown()
 
 
-def _cfg(files, out, **kw):
-    return AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=out, k=4, **kw)
-
-
 def test_worker_killed_mid_scoring_is_restarted_and_results_unchanged(ray_local, files, reference, tmp_path,
                                                                         monkeypatch):
     marker = tmp_path / "killed"
     monkeypatch.setenv(FAULT_ENV, f"kill-worker:1:{marker}")
     out = str(tmp_path / "out")
-    run_audit(_cfg(files, out, shards=4), use_ray=True)
+    run_audit(audit_config(files, out, shards=4), use_ray=True)
     assert marker.exists()  # the worker scoring shard 1 really died (its pid is in the file)
     assert int(marker.read_text()) != os.getpid()
     assert_same_results(reference, out)
@@ -44,7 +40,7 @@ def test_driver_crash_then_rerun_reuses_finished_shards(ray_local, files, refere
     out = str(tmp_path / "out")
     monkeypatch.setenv(FAULT_ENV, "stop-driver-after:2")
     with pytest.raises(InjectedFault):
-        run_audit(_cfg(files, out, shards=5), use_ray=True)
+        run_audit(audit_config(files, out, shards=5), use_ray=True)
     # A failed run leaves no final table, and keeps its partial results.
     assert not any(name.endswith(".parquet") for name in os.listdir(out))
     assert not os.path.exists(os.path.join(out, "manifest.json"))
@@ -55,9 +51,9 @@ def test_driver_crash_then_rerun_reuses_finished_shards(ray_local, files, refere
     # Other settings must not mix with these partials.
     monkeypatch.delenv(FAULT_ENV)
     with pytest.raises(ConfigError, match="different job"):
-        run_audit(_cfg(files, out, shards=5, lam=0.01), use_ray=True)
+        run_audit(audit_config(files, out, shards=5, lam=0.01), use_ray=True)
 
-    m = run_audit(_cfg(files, out, shards=5), use_ray=True)
+    m = run_audit(audit_config(files, out, shards=5), use_ray=True)
     assert len(m["resume"]["reused_shards"]) == 2
     assert len(m["resume"]["computed_shards"]) == 3
     assert sorted(m["resume"]["reused_shards"] + m["resume"]["computed_shards"]) == list(range(5))
@@ -66,8 +62,8 @@ def test_driver_crash_then_rerun_reuses_finished_shards(ray_local, files, refere
 
     # Results of a different job are refused too, unless --overwrite.
     with pytest.raises(ConfigError, match="different job"):
-        run_audit(_cfg(files, out, shards=5, lam=0.01), use_ray=False)
-    m2 = run_audit(_cfg(files, out, shards=5, lam=0.01, overwrite=True), use_ray=False)
+        run_audit(audit_config(files, out, shards=5, lam=0.01), use_ray=False)
+    m2 = run_audit(audit_config(files, out, shards=5, lam=0.01, overwrite=True), use_ray=False)
     assert m2["lambda"] == 0.01
 
 
@@ -141,9 +137,9 @@ def test_in_process_run_resumes_after_a_crash(files, reference, tmp_path, monkey
     out = str(tmp_path / "out")
     monkeypatch.setenv(FAULT_ENV, "stop-driver-after:1")
     with pytest.raises(InjectedFault):
-        run_audit(_cfg(files, out, shards=3), use_ray=False)
+        run_audit(audit_config(files, out, shards=3), use_ray=False)
     monkeypatch.delenv(FAULT_ENV)
-    m = run_audit(_cfg(files, out, shards=3, test_block=7), use_ray=False)  # test_block: same job
+    m = run_audit(audit_config(files, out, shards=3, test_block=7), use_ray=False)  # test_block: same job
     assert m["resume"]["reused_shards"] == [0]
     assert_same_results(reference, out)
 
@@ -152,5 +148,5 @@ def test_unwritable_output_is_refused_before_any_work(files, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     with pytest.raises(ConfigError, match="cannot write results there"):
-        run_audit(_cfg(files, str(blocker / "out")), use_ray=False)
+        run_audit(audit_config(files, str(blocker / "out")), use_ray=False)
     assert blocker.read_text() == "not a directory"

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from distributed_influence import report, tables
-from distributed_influence.config import AuditConfig
 from distributed_influence.errors import InputError
+
+from conftest import audit_config
 
 VOID_TAGS = {"meta", "img", "br", "hr", "link", "input"}
 
@@ -34,8 +35,7 @@ def flat_out(tmp_path_factory, files):
     from distributed_influence.job import run_audit
 
     out = str(tmp_path_factory.mktemp("report_flat") / "out")
-    run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=out, k=3),
-              use_ray=False)
+    run_audit(audit_config(files, out, k=3), use_ray=False)
     return out
 
 
