@@ -1,0 +1,399 @@
+"""Measuring helpers shared by the benchmarks: data, the seed-shaped CNN, the machine's
+matrix-product speed, a process-tree RSS/CPU sampler and a timed CLI run.
+
+Every benchmark imports these rather than carrying its own copy, so two scripts that report
+"peak RSS of the driver" or "job wall time" mean the same measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+#: Proponents and opponents per test example (the package's default).
+K = 10
+#: Where Debian's ``dataset-fashion-mnist`` puts the IDX files (``dpkg -L`` is asked too).
+DEBIAN_PACKAGE = "dataset-fashion-mnist"
+STANDARD_DATA_DIRS = ("/usr/share/datasets/fashion-mnist",)
+TRAIN_IMAGES = "train-images-idx3-ubyte"
+TEST_IMAGES = "t10k-images-idx3-ubyte"
+#: A job run taking longer than this is killed (with its process group) and reported.
+JOB_TIMEOUT = 1800
+#: Seconds between two memory samples of the job's process tree.
+SAMPLE_INTERVAL = 0.2
+#: Repeats of the reference matrix product (best of).
+MATMUL_REPEATS = 3
+
+GiB = 1024.0 ** 3
+
+# ------------------------------------------------------------------------------------ data
+
+
+@dataclasses.dataclass
+class Dataset:
+    """Images and labels of one split plus where they came from."""
+
+    x: np.ndarray  # (n, 28, 28, 1) float32 in [0, 1]
+    y: np.ndarray  # (n,) int64
+    origin: str
+
+
+def dpkg_data_dirs(package: str = DEBIAN_PACKAGE) -> List[str]:
+    """Directories holding the package's ``*-idx3-ubyte*`` files, as ``dpkg -L`` reports them.
+
+    Returns:
+        The directories (empty when dpkg or the package is missing).
+    """
+    try:
+        out = subprocess.run(["dpkg", "-L", package], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if out.returncode != 0:
+        return []
+    return sorted({os.path.dirname(p) for p in out.stdout.split() if "idx3-ubyte" in p})
+
+
+def find_idx(directory: str, stem: str) -> Optional[str]:
+    """The path of ``stem`` or ``stem.gz`` in ``directory``, or None."""
+    for name in (stem, stem + ".gz"):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def locate_fashion_mnist(data_dir: Optional[str]) -> Optional[Tuple[str, str]]:
+    """Finds the train and test image files of Fashion-MNIST.
+
+    Args:
+        data_dir: the user's ``--data-dir``; when given it is the only place searched.
+
+    Returns:
+        (train images path, test images path), or None when not found anywhere.
+
+    Raises:
+        SystemExit: ``--data-dir`` was given but does not hold both files.
+    """
+    dirs = [data_dir] if data_dir else list(dict.fromkeys(list(STANDARD_DATA_DIRS) + dpkg_data_dirs()))
+    for d in dirs:
+        train, test = find_idx(d, TRAIN_IMAGES), find_idx(d, TEST_IMAGES)
+        if train and test:
+            return train, test
+    if data_dir:
+        raise SystemExit(f"--data-dir {data_dir}: no {TRAIN_IMAGES}[.gz] and {TEST_IMAGES}[.gz] there")
+    return None
+
+
+def read_idx_split(path: str) -> Dataset:
+    """Reads an IDX images file and its labels with the package's own reader."""
+    from distributed_influence.sources import open_source
+
+    src = open_source(path)
+    rows = src.read(0, src.n_rows)
+    return Dataset(np.asarray(rows.x, np.float32), np.asarray(rows.y, np.int64), path)
+
+
+def synthetic_split(n: int, seed: int) -> Dataset:
+    """Learnable stand-in for Fashion-MNIST: 10 smooth class prototypes plus noise, in [0, 1]."""
+    protos = np.random.default_rng(1234).random((10, 7, 7)).repeat(4, axis=1).repeat(4, axis=2)
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, size=n).astype(np.int64)
+    x = protos[y] + rng.normal(0.0, 0.35, size=(n, 28, 28))
+    return Dataset(np.clip(x, 0.0, 1.0).astype(np.float32)[..., None], y, "synthetic")
+
+
+def load_data(data_dir: Optional[str], n_train: int, n_test: int) -> Tuple[Dataset, Dataset]:
+    """Fashion-MNIST when found (first n rows of each split), else synthetic data."""
+    found = locate_fashion_mnist(data_dir)
+    if found is None:
+        return synthetic_split(n_train, seed=1), synthetic_split(n_test, seed=2)
+    train, test = (read_idx_split(p) for p in found)
+    if n_train > len(train.y) or n_test > len(test.y):
+        raise SystemExit(f"asked for {n_train} x {n_test} rows; the data have {len(train.y)} x {len(test.y)}")
+    return (Dataset(train.x[:n_train], train.y[:n_train], train.origin),
+            Dataset(test.x[:n_test], test.y[:n_test], test.origin))
+
+
+def write_npz(path: str, x: np.ndarray, y: np.ndarray) -> str:
+    """Writes a job input: ``x`` float32 (n, 28, 28, 1), ``y`` int64, ``id`` 0..n-1 (uncompressed)."""
+    np.savez(path, x=np.asarray(x, np.float32), y=np.asarray(y, np.int64),
+             id=np.arange(len(y), dtype=np.int64))
+    return path
+
+
+# ----------------------------------------------------------------------------------- model
+
+
+def build_cnn(n_classes: int, features: int, seed: int):
+    """The seed's shape, sized for the time budget.
+
+    Returns:
+        (trainable model ending in softmax, functional model with outputs
+        [features, logits, softmax] sharing its layers).
+    """
+    from distributed_influence.tfimport import import_keras
+
+    keras = import_keras()
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((28, 28, 1), name="image")
+    h = keras.layers.Conv2D(32, 3, activation="relu")(inp)
+    h = keras.layers.MaxPooling2D(2)(h)
+    h = keras.layers.Conv2D(64, 3, activation="relu")(h)
+    h = keras.layers.MaxPooling2D(2)(h)
+    feats = keras.layers.Flatten(name="flatten")(h)  # the seed's features: d = 5*5*64 = 1600
+    if features:
+        feats = keras.layers.Dense(features, activation="relu", name="features")(feats)
+    logits = keras.layers.Dense(n_classes, name="logits")(feats)
+    probs = keras.layers.Activation("softmax", name="softmax")(logits)
+    trainable = keras.Model(inp, probs)
+    trainable.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+    return trainable, keras.Model(inp, [feats, logits, probs], name="fashion_cnn")
+
+
+def train_model(train: Dataset, test: Dataset, epochs: int, features: int, path: str, seed: int) -> dict:
+    """Trains the CNN briefly and saves the [features, logits, softmax] model to ``path``.
+
+    Returns:
+        dict with ``seconds`` of training and ``test_accuracy``.
+    """
+    trainable, model = build_cnn(10, features, seed)
+    t0 = time.perf_counter()
+    trainable.fit(train.x, train.y, epochs=epochs, batch_size=128, verbose=0)
+    seconds = time.perf_counter() - t0
+    _, acc = trainable.evaluate(test.x, test.y, batch_size=1024, verbose=0)
+    model.save(path)
+    return {"seconds": seconds, "test_accuracy": float(acc)}
+
+
+# ------------------------------------------------------------------------- machine matmul
+
+
+def matmul_gflops(m: int, k: int, n: int, repeats: int = MATMUL_REPEATS) -> float:
+    """Best-of-``repeats`` float32 ``tf.matmul`` speed of (m × k) by (k × n), in GFLOP/s."""
+    from distributed_influence.tfimport import import_tensorflow
+
+    tf = import_tensorflow()
+    a = tf.random.uniform((m, k), dtype=tf.float32)
+    b = tf.random.uniform((k, n), dtype=tf.float32)
+    _ = tf.matmul(a, b).numpy()[0, 0]  # warm-up: kernel selection, page faults
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _ = tf.matmul(a, b).numpy()[0, 0]
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * m * k * n / best / 1e9
+
+
+# ------------------------------------------------------------------- process-tree sampler
+
+
+def import_psutil():
+    """psutil, which Ray vendors in ``ray/thirdparty_files`` (put on sys.path by ``import ray``)."""
+    try:
+        import psutil
+    except ImportError:
+        import ray  # noqa: F401 - adds Ray's third-party directory to sys.path
+
+        import psutil
+    return psutil
+
+
+@dataclasses.dataclass
+class ProcSeen:
+    """What the sampler saw of one process."""
+
+    pid: int
+    titles: set
+    peak_rss: int = 0
+    cpu_seconds: float = 0.0
+
+
+def role_of(seen: ProcSeen, root_pid: int) -> str:
+    """driver, worker (a Ray actor of the job), raylet, gcs, or other."""
+    if seen.pid == root_pid:
+        return "driver"
+    text = " ".join(seen.titles)
+    if "ray::WorkerActor" in text or "default_worker.py" in text:
+        return "worker"
+    if "raylet" in text:
+        return "raylet"
+    if "gcs_server" in text:
+        return "gcs"
+    return "other"
+
+
+class TreeSampler(threading.Thread):
+    """Samples RSS and CPU time of a process and all its descendants every ``interval`` s."""
+
+    def __init__(self, root_pid: int, interval: float = SAMPLE_INTERVAL):
+        super().__init__(daemon=True)
+        self._psutil = import_psutil()
+        self.root_pid = root_pid
+        self.interval = interval
+        self.seen: Dict[int, ProcSeen] = {}
+        self.peak_tree_rss = 0
+        self.samples = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        """Samples until :meth:`stop`."""
+        while not self._halt.is_set():
+            self.sample()
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        """Stops sampling and waits for the thread."""
+        self._halt.set()
+        self.join()
+
+    def sample(self) -> None:
+        """One sample of every live process of the tree."""
+        ps = self._psutil
+        try:
+            root = ps.Process(self.root_pid)
+            procs = [root] + root.children(recursive=True)
+        except ps.Error:
+            return
+        total = 0
+        for p in procs:
+            try:
+                with p.oneshot():
+                    rss = p.memory_info().rss
+                    cpu = p.cpu_times()
+                    title = " ".join(p.cmdline()) or p.name()
+            except ps.Error:
+                continue
+            s = self.seen.setdefault(p.pid, ProcSeen(p.pid, set()))
+            s.titles.add(title[:200])
+            s.peak_rss = max(s.peak_rss, rss)
+            s.cpu_seconds = max(s.cpu_seconds, cpu.user + cpu.system)
+            total += rss
+        self.peak_tree_rss = max(self.peak_tree_rss, total)
+        self.samples += 1
+
+    def peaks(self) -> Dict[str, int]:
+        """Largest per-process peak RSS for each role (0 when the role was never seen)."""
+        out = {r: 0 for r in ("driver", "worker", "raylet", "gcs", "other")}
+        for s in self.seen.values():
+            r = role_of(s, self.root_pid)
+            out[r] = max(out[r], s.peak_rss)
+        return out
+
+    def tree_cpu_seconds(self) -> float:
+        """CPU seconds of every process of the tree, as last sampled."""
+        return sum(s.cpu_seconds for s in self.seen.values())
+
+    def count(self, role: str) -> int:
+        """How many processes of a role were seen."""
+        return sum(1 for s in self.seen.values() if role_of(s, self.root_pid) == role)
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine spent not idle since boot (all cores)."""
+    t = import_psutil().cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process (all threads)."""
+    t = os.times()
+    return t.user + t.system
+
+
+@dataclasses.dataclass
+class Contention:
+    """CPU used by processes outside the measured code while it ran (a noise indicator)."""
+
+    wall: float
+    foreign_cpu: float
+
+    @property
+    def cores(self) -> float:
+        """Average number of cores the other processes kept busy."""
+        return self.foreign_cpu / self.wall if self.wall > 0 else 0.0
+
+    def text(self) -> str:
+        """One line for the report."""
+        return (f"other processes used {self.foreign_cpu:.1f} CPU-s meanwhile "
+                f"(on average {self.cores:.2f} of {os.cpu_count()} cores)")
+
+
+# -------------------------------------------------------------------------------- the job
+
+
+@dataclasses.dataclass
+class JobRun:
+    """One run of the CLI: wall time, manifest, memory peaks, contention."""
+
+    wall: float
+    manifest: dict
+    peaks: Dict[str, int]
+    peak_tree_rss: int
+    n_workers_seen: int
+    samples: int
+    contention: Contention
+    stdout: str
+    out_dir: str
+
+
+def run_job(model: str, train: str, test: str, out: str, log_path: str, extra: Tuple[str, ...] = ()) -> JobRun:
+    """Runs ``distributed-influence audit`` as a subprocess (Ray started locally) and measures it.
+
+    Raises:
+        SystemExit: the job failed (its log is printed).
+    """
+    # A fresh output directory: the job resumes from results it finds there, which would
+    # make the timings meaningless.
+    shutil.rmtree(out, ignore_errors=True)
+    exe = os.path.join(os.path.dirname(sys.executable), "distributed-influence")
+    cmd = [exe, "-v", "audit", "--model", model, "--train", train, "--test", test,
+           "--out", out, "--k", str(K), *extra]
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)  # default Ray local mode: the job starts its own Ray
+    # A private Ray temp dir keeps the job's session files (logs, sockets) apart from any other
+    # Ray instance on this machine, e.g. one a test suite starts meanwhile.
+    ray_tmp = tempfile.mkdtemp(prefix="fa_ray_", dir="/tmp")
+    env["RAY_TMPDIR"] = ray_tmp
+    print("$ " + " ".join(cmd), flush=True)
+    busy0, own0 = busy_cpu_seconds(), own_cpu_seconds()
+    t0 = time.perf_counter()
+    try:
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env,
+                                    start_new_session=True)
+            sampler = TreeSampler(proc.pid)
+            sampler.start()
+            try:
+                stdout, _ = proc.communicate(timeout=JOB_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the job's own process group only
+                proc.communicate()
+                raise SystemExit(f"the job did not finish in {JOB_TIMEOUT} s (log: {log_path})")
+            finally:
+                wall = time.perf_counter() - t0
+                sampler.stop()
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    foreign = busy_cpu_seconds() - busy0 - (own_cpu_seconds() - own0) - sampler.tree_cpu_seconds()
+    if proc.returncode != 0:
+        with open(log_path) as fh:
+            sys.stderr.write(fh.read()[-5000:])
+        raise SystemExit(f"the job failed with exit code {proc.returncode} (log: {log_path})")
+    with open(os.path.join(out, "manifest.json")) as fh:
+        manifest = json.load(fh)
+    return JobRun(wall, manifest, sampler.peaks(), sampler.peak_tree_rss, sampler.count("worker"),
+                  sampler.samples, Contention(wall, max(0.0, foreign)), stdout, out)
