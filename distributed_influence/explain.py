@@ -13,8 +13,6 @@ import os
 import time
 from typing import Optional
 
-import numpy as np
-
 from . import storage
 from .errors import ConfigError, InputError
 

@@ -230,6 +230,35 @@ class ShardWorker:
         }
 
 
+def score_rows_against_index(files: list, query_x: np.ndarray, query_class: np.ndarray, k: int,
+                             block: int = 1024) -> Tuple[np.ndarray, np.ndarray]:
+    """The k strongest proponents of query rows in a stored train index, with the job's scoring.
+
+    Each query row (augmented features, like a test row) is scored against every shard of the
+    index for its class, exactly as the audit scores test examples, and the shards' lists are
+    merged exactly. The report uses it to show which training examples support a suspicious
+    training label (the query is then a training example itself).
+
+    Args:
+        files: the index's shard files (:func:`index.shard_files`).
+        query_x: (q, d+1) float32 augmented features.
+        query_class: (q,) class explained for each query row.
+        k: proponents per query row (capped at the index's size).
+
+    Returns:
+        (representer values, train ids), each (q, k), strongest first, ties to the smaller id.
+    """
+    from .topk import merge_topk
+
+    values, ids = [], []
+    for path in files:
+        shard = index.read_shard(path)
+        scored = rp.score_shard(shard["x"], shard["ids"], shard["alpha"], query_x, query_class, k, block)
+        values.append(scored["topk"]["proponent"]["values"])
+        ids.append(scored["topk"]["proponent"]["ids"])
+    return merge_topk(values, ids, min(k, sum(v.shape[1] for v in values)), largest=True)
+
+
 def _fetch_parts(parts: list) -> list:
     """The test features' parts as arrays: references into Ray's object store come back as
     zero-copy views of shared memory, and are scored in place, never concatenated."""
