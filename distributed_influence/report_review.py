@@ -94,7 +94,9 @@ def write_suspects_csv(path: str, table, n_rows: int) -> int:
 
     order = pc.sort_indices(table, sort_keys=[("audit_rank", "ascending")])
     rows = table.select(list(CSV_COLUMNS)).take(order.slice(0, n_rows))
-    pcsv.write_csv(rows, path, pcsv.WriteOptions(quoting_style="none"))
+    with open(path, "wb") as fh:  # a plain header line: spreadsheets and csv readers take either
+        fh.write((",".join(CSV_COLUMNS) + "\n").encode())
+        pcsv.write_csv(rows, fh, pcsv.WriteOptions(include_header=False, quoting_style="none"))
     return rows.num_rows
 
 
@@ -185,47 +187,56 @@ def _class_tables_html(train: Dict[str, np.ndarray]) -> str:
             + "\n<h3>Most common given → predicted pairs among them</h3>\n" + pairs)
 
 
-def _supporters_text(items: List[Tuple[int, float]], labels: Dict[int, int]) -> str:
-    return ", ".join(f"{tid} (label {labels.get(tid, '?')}, r = {r:.3g})" for tid, r in items) or "none"
+def _supporters_text(items: List[Tuple[int, float]], info: Dict[int, tuple]) -> str:
+    return ", ".join(f"{tid} (label {info[tid][0]}, #{info[tid][1]}, r = {r:.3g})" for tid, r in items) or "none"
 
 
 def _thumb(name: str, alt: str, cls: str = "thumb") -> str:
     return f'<img class="{cls}" src="{THUMB_DIR}/{html.escape(name)}" alt="{html.escape(alt)}" title="{html.escape(alt)}">'
 
 
-def _support_html(title: str, items, labels: Dict[int, int], thumbs: Dict[int, str]) -> str:
-    figs = "".join(
-        f"<figure>{_thumb(thumbs[tid], f'train {tid}, label {labels.get(tid, chr(63))}, r = {r:.3g}', 'mini')}"
-        f"<figcaption>{tid}<br>label {labels.get(tid, '?')}</figcaption></figure>"
-        for tid, r in items if tid in thumbs)
-    return f'<div class="support"><div class="why">{html.escape(title)}</div>{figs or "none"}</div>'
+def _support_html(kind: str, title: str, items, info: Dict[int, tuple], thumbs: Dict[int, str]) -> str:
+    """One row of supporters; each captioned with its id, label and own audit rank (a
+    supporter that is itself near the top of the ranking is a suspect too), known-bad ones
+    outlined."""
+    figs = []
+    for tid, r in items:
+        label, rank, bad = info.get(tid, ("?", "?", False))
+        alt = f"train {tid}, label {label}, audit rank {rank}, r = {r:.3g}"
+        figs.append(f'<figure class="{"bad" if bad else ""}" data-train-id="{tid}">'
+                    f'{_thumb(thumbs[tid], alt, "mini") if tid in thumbs else ""}'
+                    f"<figcaption>{tid}<br>label {label} · #{rank}</figcaption></figure>")
+    return (f'<div class="support" data-kind="{kind}"><div class="why">{html.escape(title)}</div>'
+            f'{"".join(figs) or "none"}</div>')
 
 
-def _card_html(s: dict, supporters: Optional[dict], labels: Dict[int, int], thumbs: Dict[int, str]) -> str:
+def _card_html(s: dict, supporters: Optional[dict], info: Dict[int, tuple], thumbs: Dict[int, str]) -> str:
     bad = ' <span class="badge">known bad</span>' if s["known_bad"] else ""
     meta = (f'<div class="meta"><b>#{s["rank"]}</b> · id {s["train_id"]}{bad}<br>'
             f'label <b>{s["label"]}</b>, model says <b>{s["predicted"]}</b><br>'
             f'p(label) = {s["probability"]:.3f}<br>audit score {s["score"]:.3g}</div>')
-    parts = [f'<div class="card{" bad" if s["known_bad"] else ""}">',
+    parts = [f'<div class="card{" bad" if s["known_bad"] else ""}" data-train-id="{s["train_id"]}" '
+             f'data-rank="{s["rank"]}">',
              _thumb(thumbs[s["train_id"]], f'train {s["train_id"]}, label {s["label"]}, predicted {s["predicted"]}'),
              meta]
     if supporters is not None:
         sup = supporters[s["train_id"]]
-        parts.append(_support_html(f"supports label {s['label']}:", sup["label"], labels, thumbs))
+        parts.append(_support_html("label", f"supports label {s['label']}:", sup["label"], info, thumbs))
         if s["predicted"] != s["label"]:
-            parts.append(_support_html(f"supports class {s['predicted']}:", sup["predicted"], labels, thumbs))
+            parts.append(_support_html("predicted", f"supports class {s['predicted']}:", sup["predicted"],
+                                       info, thumbs))
     parts.append("</div>")
     return "".join(parts)
 
 
-def _row_html(s: dict, supporters: Optional[dict], labels: Dict[int, int]) -> str:
+def _row_html(s: dict, supporters: Optional[dict], info: Dict[int, tuple]) -> str:
     cells = [str(s["rank"]), str(s["train_id"]) + (" (known bad)" if s["known_bad"] else ""), str(s["label"]),
              str(s["predicted"]), f"{s['probability']:.3f}", f"{s['score']:.4g}"]
     if supporters is not None:
         sup = supporters[s["train_id"]]
-        cells += [_supporters_text(sup["label"], labels),
-                  _supporters_text(sup["predicted"], labels) if s["predicted"] != s["label"] else "(same class)"]
-    return "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+        cells += [_supporters_text(sup["label"], info),
+                  _supporters_text(sup["predicted"], info) if s["predicted"] != s["label"] else "(same class)"]
+    return f'<tr data-train-id="{s["train_id"]}">' + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
 
 
 def review_section(out_dir: str, report_dir: str, manifest: dict, train: Dict[str, np.ndarray], train_table,
@@ -275,22 +286,24 @@ def review_section(out_dir: str, report_dir: str, manifest: dict, train: Dict[st
     if supporters:
         shown += [tid for sup in supporters.values() for items in sup.values() for tid, _r in items]
     shown_ids = np.unique(np.array(shown, dtype=np.int64))
-    labels = dict(zip(shown_ids.tolist(), train["label"][_positions(train["train_id"], shown_ids)].tolist()))
+    pos = _positions(train["train_id"], shown_ids)
+    info = {tid: (int(lab), int(rank), bool(bad)) for tid, lab, rank, bad in
+            zip(shown_ids.tolist(), train["label"][pos], train["audit_rank"][pos], is_bad[pos])}
     config = dict(manifest.get("config", {}))
     config["input_shape"] = manifest.get("input_shape") or config.get("input_shape")
     pictures, pic_note = load_role_pictures(config, "train", shown_ids) if len(shown_ids) else (None, None)
     if pictures is not None:
         thumbs = _write_thumbnails(os.path.join(report_dir, THUMB_DIR), pictures)
-        parts.append('<div class="gallery">' + "".join(_card_html(s, supporters, labels, thumbs) for s in suspects)
+        parts.append('<div class="gallery">' + "".join(_card_html(s, supporters, info, thumbs) for s in suspects)
                      + "</div>")
     else:
         if pic_note:
             parts.append(f'<p class="note">{html.escape(pic_note)}</p>')
         heads = ["rank", "train id", "label", "predicted", "p(label)", "audit score"]
         if supporters is not None:
-            heads += ["supports the label (id, label, r)", "supports the predicted class"]
+            heads += ["supports the label (id, label, audit rank, r)", "supports the predicted class"]
         parts.append('<table class="suspects"><tr>' + "".join(f"<th>{h}</th>" for h in heads) + "</tr>"
-                     + "".join(_row_html(s, supporters, labels) for s in suspects) + "</table>")
+                     + "".join(_row_html(s, supporters, info) for s in suspects) + "</table>")
     parts.append(_class_tables_html(train))
     return "\n".join(parts)
 
@@ -315,5 +328,6 @@ REVIEW_STYLE = (
     "img.thumb{width:64px;height:64px;float:left;margin-right:.5em;image-rendering:pixelated}"
     "img.mini{width:36px;height:36px;image-rendering:pixelated}.meta{min-height:64px}"
     ".support{clear:both;margin-top:.3em}.why{font-size:.85em;color:#555}"
-    "figure{display:inline-block;margin:0 .3em 0 0;text-align:center;font-size:.7em}"
+    "figure{display:inline-block;margin:0 .3em 0 0;text-align:center;font-size:.7em;border:1px solid transparent}"
+    "figure.bad{border-color:#c00}"
 )
