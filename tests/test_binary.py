@@ -196,3 +196,26 @@ def test_binary_label_audit_finds_flipped_labels(binary_audit, binary_data):
     ranks = np.asarray(train["audit_rank"])[np.isin(train["train_id"], flipped)]
     found = np.mean(ranks <= 0.2 * N_TRAIN)
     assert found >= 0.8, f"only {found:.0%} of the flipped labels in the top 20%"
+
+
+def test_binary_report_reviews_the_flipped_labels(binary_audit, binary_data, tmp_path):
+    """The label review of a binary audit: a table (flat data), both classes counted, the
+    flipped labels at the top of suspects.csv."""
+    import re
+    import shutil
+
+    from distributed_influence.report import write_report
+
+    flipped = binary_data[4]
+    out = str(tmp_path / "out")
+    shutil.copytree(binary_audit["out"], out)
+    known = tmp_path / "flipped.txt"
+    known.write_text(" ".join(map(str, flipped)))
+    page = write_report(out, known_bad=str(known), n_examples=2, n_review=20)
+    text = open(page, encoding="utf-8").read()
+    assert len(re.findall(r'<tr data-train-id="\d+">', text)) == 20
+    assert re.search(r"<tr><td>0</td><td>\d+</td>", text) and re.search(r"<tr><td>1</td><td>\d+</td>", text)
+    rows = [line.split(",") for line in open(f"{out}/report/suspects.csv").read().splitlines()[1:]]
+    assert len(rows) == 20  # max(20 reviewed, 10% of 200)
+    assert np.mean(np.isin([int(r[0]) for r in rows], flipped)) >= 0.8
+    assert all(int(r[2]) != int(r[1]) for r in rows[:10])  # the model disagrees with the top suspects
