@@ -108,6 +108,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     found = ", ".join(f"{v:.0%} in the top {k.split('_')[1].replace('pct', '%')}"
                       for k, v in d["flipped_found"].items())
     print(f"label audit: of the flipped labels, {found} of audit_rank")
+    known_bad = os.path.join(args.out, "data", "flipped_ids.txt")
+    print(f"review them: distributed-influence report {args.out} --known-bad {known_bad}")
     return 0
 
 
