@@ -270,7 +270,9 @@ def review_section(out_dir: str, report_dir: str, manifest: dict, train: Dict[st
         f"(rank 1 = most suspicious), with the model's class for each and its probability of the given "
         f"label. Beside each: the training examples that support its given label and its predicted class "
         f"most strongly (largest representer value r = α<sub>j,c</sub>(x<sub>j</sub>·x<sub>i</sub>), the "
-        f"audit's own scoring with the suspect in the place of a test example). "
+        f"audit's own scoring with the suspect in the place of a test example); each supporter shows "
+        f"its label and its own audit rank: a label supported mostly by other suspects is all the "
+        f"more likely wrong. "
         f'<a href="{SUSPECTS_CSV}">{SUSPECTS_CSV}</a> lists the first {n_csv} of the ranking '
         f"({', '.join(CSV_COLUMNS)}).</p>")
     if bad_ids is not None and rows.size:
