@@ -219,3 +219,23 @@ def test_binary_report_reviews_the_flipped_labels(binary_audit, binary_data, tmp
     assert len(rows) == 20  # max(20 reviewed, 10% of 200)
     assert np.mean(np.isin([int(r[0]) for r in rows], flipped)) >= 0.8
     assert all(int(r[2]) != int(r[1]) for r in rows[:10])  # the model disagrees with the top suspects
+
+
+def test_binary_explain_equals_the_audit(binary_audit, tmp_path):
+    """New test examples explained from the binary audit's train index give the audit's tables."""
+    from distributed_influence.explain import run_explain
+
+    out = str(tmp_path / "explained")
+    run_explain(binary_audit["out"], binary_audit["model"], binary_audit["test"], out)
+    for name in ("influence_topk.parquet", "test_scores.parquet"):
+        a = pq.read_table(f"{binary_audit['out']}/{name}")
+        b = pq.read_table(f"{out}/{name}")
+        assert a.column_names == b.column_names and a.num_rows == b.num_rows
+        for col in a.column_names:
+            x, y = a.column(col).to_numpy(zero_copy_only=False), b.column(col).to_numpy(zero_copy_only=False)
+            if col == "decomposition_error":
+                assert np.all(y <= 1e-5)
+            elif x.dtype.kind == "f":
+                np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7, err_msg=f"{name}:{col}")
+            else:
+                np.testing.assert_array_equal(x, y, err_msg=f"{name}:{col}")
