@@ -13,6 +13,7 @@ import sys
 from typing import List, Optional
 
 from .errors import InputError
+from .summary import summary_lines
 
 
 def _shape(text: str) -> tuple:
@@ -77,27 +78,6 @@ def config_from_args(args: argparse.Namespace):
         grad_tol=args.grad_tol, max_iter=args.max_iter, input_shape=args.input_shape, scale=args.scale,
         overwrite=args.overwrite,
     )
-
-
-def summary_lines(manifest: dict) -> List[str]:
-    """What a person wants to see at the end of an audit."""
-    fit = manifest["head_fit"]
-    fid = manifest["fidelity"]
-    dec = manifest["decomposition"]
-    return [
-        f"wrote {manifest['config']['out']}: influence_topk.parquet, train_scores.parquet, "
-        f"test_scores.parquet, manifest.json",
-        f"train {manifest['n_train']} x test {manifest['n_test']}, {manifest['n_classes']} classes, "
-        f"feature dim {manifest['feature_dim']}, {len(manifest['shards'])} shards on "
-        f"{manifest['workers']['count']} workers ({manifest['workers']['nodes']} node(s))",
-        f"head fit: {fit['iterations']} iterations, max|grad J| = {fit['max_abs_grad']:.2e}, "
-        f"objective {fit['objective']:.6g}",
-        f"decomposition: max |sum_i r_i(t) - z_t| = {dec['max_error']:.2e} "
-        f"(relative {dec['max_relative_error']:.2e})",
-        f"fidelity (Pearson, surrogate vs model logits): train {fid['train']['pearson']:.4f}, "
-        f"test {fid['test']['pearson']:.4f}",
-        f"time: {manifest['timings']['total']:.1f} s",
-    ]
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

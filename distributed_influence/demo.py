@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 
 from .sources import digits_arrays
+from .summary import flagged_fractions, summary_lines
 
 
 def flip_labels(y: np.ndarray, fraction: float, n_classes: int, seed: int):
@@ -53,15 +54,6 @@ def build_cnn(input_shape, n_classes: int, seed: int):
     return trainable, keras.Model(inp, [feats, logits, probs], name="seed_cnn")
 
 
-def flagged_fractions(audit_rank: np.ndarray, train_ids: np.ndarray, flipped_ids: np.ndarray,
-                      fractions=(0.05, 0.10, 0.20)) -> dict:
-    """Fraction of the flipped labels found when checking the top p of ``audit_rank``."""
-    n = len(audit_rank)
-    flipped = np.isin(train_ids, flipped_ids)
-    return {p: float(np.sum(flipped & (audit_rank <= int(np.ceil(p * n)))) / max(1, flipped.sum()))
-            for p in fractions}
-
-
 def run_demo(out: str, n_train: Optional[int] = None, flip_fraction: float = 0.1, epochs: int = 40,
              seed: int = 0, use_ray: bool = True, k: int = 10, shards: Optional[int] = None) -> dict:
     """Builds the demo data and model under ``out/data`` and audits them into ``out``."""
@@ -94,10 +86,10 @@ def run_demo(out: str, n_train: Optional[int] = None, flip_fraction: float = 0.1
                          test=os.path.join(data, "test.npz"), out=out, k=k, shards=shards,
                          overwrite=True)  # the demo owns its output directory: rerunning replaces it
     manifest = run_audit(config, use_ray=use_ray)
-    import pyarrow.parquet as pq
+    from .results import load_results
 
-    train = pq.read_table(os.path.join(out, "train_scores.parquet")).to_pydict()
-    found = flagged_fractions(np.asarray(train["audit_rank"]), np.asarray(train["train_id"]), flipped)
+    train = load_results(out).train_scores
+    found = flagged_fractions(train.column("audit_rank").to_numpy(), train.column("train_id").to_numpy(), flipped)
     manifest["demo"] = {"test_accuracy": acc, "n_flipped": int(len(flipped)),
                         "flipped_found": {f"top_{int(p * 100)}pct": v for p, v in found.items()}}
     with open(os.path.join(out, "demo.json"), "w") as fh:
@@ -106,8 +98,6 @@ def run_demo(out: str, n_train: Optional[int] = None, flip_fraction: float = 0.1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .cli import summary_lines
-
     m = run_demo(args.out, n_train=args.n_train, flip_fraction=args.flip_fraction, epochs=args.epochs,
                  seed=args.seed, use_ray=not args.in_process)
     d = m["demo"]
@@ -118,6 +108,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     found = ", ".join(f"{v:.0%} in the top {k.split('_')[1].replace('pct', '%')}"
                       for k, v in d["flipped_found"].items())
     print(f"label audit: of the flipped labels, {found} of audit_rank")
+    known_bad = os.path.join(args.out, "data", "flipped_ids.txt")
+    print(f"review them: distributed-influence report {args.out} --known-bad {known_bad}")
     return 0
 
 

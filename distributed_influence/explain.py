@@ -13,8 +13,6 @@ import os
 import time
 from typing import Optional
 
-import numpy as np
-
 from . import storage
 from .errors import ConfigError, InputError
 
@@ -76,7 +74,7 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
     check_source(src, "test", split.n_classes, input_shape, need_labels=False)
 
     test_x, logits, test_ids, test_y = featurize(src, Featurizer(split, batch_size), input_shape, 0, src.n_rows)
-    pred = np.argmax(logits, axis=1).astype(np.int64)
+    pred = rp.predicted_classes(logits)
 
     sums_t = rp.class_sums(test_x, pred, split.n_classes).T  # the same for every shard
     results = []
@@ -87,8 +85,8 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
         results.append({"topk": scored["topk"]})
     theta, alpha_head = index.read_head(index_dir)
     topk = rd.merge_topk_table(results, k, test_ids, pred)
-    dec = rd.test_table(test_ids, test_y, pred, logits, rp.linear_logits(test_x, theta),
-                        rp.linear_logits(test_x, alpha_head))
+    dec = rd.test_table(test_ids, test_y, pred, rp.per_class(logits), rp.per_class(rp.linear_logits(test_x, theta)),
+                        rp.per_class(rp.linear_logits(test_x, alpha_head)))
     manifest = {
         "command": "explain",
         "index": storage.redact(index_out) if storage.is_uri(index_out) else os.path.abspath(index_out),

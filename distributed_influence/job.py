@@ -25,7 +25,7 @@ from . import tables
 from .config import AuditConfig
 from .fit import fit_head
 from .inputs import Inputs, prepare_inputs
-from .representer import fidelity_from_moments, fidelity_moments
+from .representer import fidelity_from_moments, fidelity_moments, per_class, predicted_classes
 from .resume import WorkStore, run_key
 from .shard import WorkerSettings, plan_shards
 from .worker import InProcessPool, RayPool, progress_bar, unwrap_ray_error
@@ -231,7 +231,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         for p in pool.map("prepare", specs if fit is None else todo, desc="featurize train"):
             shard_info[p["shard"]].update(node=p["node"] or None, featurize_seconds=round(p["seconds"], 4))
         test = _featurize_test(pool, inputs)
-        test_pred = np.argmax(test["logits"], axis=1).astype(np.int64)
+        test_pred = predicted_classes(test["logits"])
 
     with timer.stage("fit"):
         if fit is None:  # else resumed: the saved fit loaded above
@@ -259,8 +259,10 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         train = rd.train_table(ordered)
         alpha_head = np.sum([r["alpha_head"] for r in ordered], axis=0)
         surrogate = ordered[0]["test_surrogate"]
-        dec = rd.test_table(test["ids"], test.get("labels"), test_pred, test["logits"], surrogate,
-                            np.sum([r["test_alpha_head"] for r in ordered], axis=0))
+        # per_class: a binary model's one logit z as [−z, z], the logits of classes 0 and 1.
+        dec = rd.test_table(test["ids"], test.get("labels"), test_pred, per_class(test["logits"]),
+                            per_class(surrogate),
+                            per_class(np.sum([r["test_alpha_head"] for r in ordered], axis=0)))
         residual = float(np.max(np.abs(theta - alpha_head)) / np.max(np.abs(theta)))
         index.write_head(storage.join(store.path, index.INDEX_DIR), theta, alpha_head)
 

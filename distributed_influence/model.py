@@ -29,8 +29,9 @@ MIN_BATCH = 1
 _MODEL_SUFFIXES = (".keras",)
 _SHAPE_HELP = (
     "expected a model whose output is Dense(C) (optionally followed by a softmax Activation or "
-    "Softmax layer), or Dense(C, activation='softmax'), or a multi-output model such as "
-    "[features, logits, softmax]; otherwise name the layers with --feature-layer/--logit-layer"
+    "Softmax layer), or Dense(C, activation='softmax'), or a binary classifier ending in "
+    "Dense(1, activation='sigmoid') or Dense(1) + a sigmoid Activation, or a multi-output model "
+    "such as [features, logits, softmax]; otherwise name the layers with --feature-layer/--logit-layer"
 )
 
 
@@ -95,7 +96,8 @@ class SplitModel:
 
     Attributes:
         featurizer: Keras model from the input to the penultimate features.
-        kernel: float32 (d, C) weights of the last Dense layer.
+        kernel: float32 (d, C) weights of the last Dense layer; (d, 1) for a binary classifier
+            (one sigmoid output), whose logit z explains class 1 and −z class 0.
         bias: float32 (C,) bias of the last Dense layer (zeros if it has none).
         input_shape: shape of one example (without the batch axis); None for free axes.
         head_layer: name of the Dense layer taken as the head.
@@ -108,8 +110,19 @@ class SplitModel:
     head_layer: str
 
     @property
-    def n_classes(self) -> int:
+    def n_outputs(self) -> int:
+        """Columns of the head: C, or 1 for a binary classifier's single sigmoid logit."""
         return int(self.kernel.shape[1])
+
+    @property
+    def binary(self) -> bool:
+        """One output: a binary classifier (labels 0/1), explained through logistic regression."""
+        return self.n_outputs == 1
+
+    @property
+    def n_classes(self) -> int:
+        """Classes of the labels: C, or 2 for a binary classifier."""
+        return 2 if self.binary else self.n_outputs
 
     @property
     def feature_dim(self) -> int:
@@ -140,15 +153,36 @@ def _is_softmax(op) -> bool:
     return isinstance(op, keras.layers.Activation) and _activation_name(op) == "softmax"
 
 
+def _is_sigmoid(op) -> bool:
+    keras = _keras()
+    return isinstance(op, keras.layers.Activation) and _activation_name(op) == "sigmoid"
+
+
+def _units(op) -> int:
+    return int(getattr(op, "units", 0) or 0)
+
+
+def _head_activation_ok(op) -> bool:
+    """Linear or softmax heads; sigmoid only on a single output (a binary classifier).
+
+    A sigmoid on C > 1 outputs is a multi-label model, whose logits the softmax surrogate
+    would explain wrongly: such a head is refused (name the layers to take its logits)."""
+    act = _activation_name(op)
+    return act in ("linear", "softmax") or (act == "sigmoid" and _units(op) == 1)
+
+
 def _as_head(op, node, name: str):
     keras = _keras()
     if not isinstance(op, keras.layers.Dense):
         raise ModelError(f"{name}: layer '{op.name}' is a {type(op).__name__}, not Dense; {_SHAPE_HELP}")
-    if _activation_name(op) not in ("linear", "softmax"):
+    if not _head_activation_ok(op):
         raise ModelError(
             f"{name}: Dense layer '{op.name}' has activation '{_activation_name(op)}'; "
-            f"the head must be linear or softmax"
+            f"the head must be linear or softmax (or sigmoid with one output)"
         )
+    if _units(op) == 1 and _activation_name(op) == "softmax":
+        raise ModelError(f"{name}: Dense layer '{op.name}' has one output under a softmax (always 1); "
+                         f"a binary classifier needs a sigmoid")
     if len(node.input_tensors) != 1 or len(node.input_tensors[0].shape) != 2:
         raise ModelError(f"{name}: Dense layer '{op.name}' must take one rank-2 feature tensor")
     return op, node.input_tensors[0]
@@ -159,8 +193,12 @@ def _find_head(model, name: str):
         op, node = _producer(out)
         while _is_softmax(op):
             op, node = _producer(node.input_tensors[0])
+        if _is_sigmoid(op):  # Dense(1) + sigmoid Activation: a binary classifier
+            op, node = _producer(node.input_tensors[0])
+            if _units(op) != 1 or _activation_name(op) != "linear":
+                continue
         keras = _keras()
-        if isinstance(op, keras.layers.Dense) and _activation_name(op) in ("linear", "softmax"):
+        if isinstance(op, keras.layers.Dense) and _head_activation_ok(op):
             return _as_head(op, node, name)
     raise ModelError(f"{name}: no linear head found; {_SHAPE_HELP}")
 
@@ -262,7 +300,7 @@ class Featurizer:
         oom = import_tensorflow().errors.ResourceExhaustedError
         n = len(x)
         feats = np.empty((n, self.split.feature_dim), dtype=np.float32)
-        logits = np.empty((n, self.split.n_classes), dtype=np.float32)
+        logits = np.empty((n, self.split.n_outputs), dtype=np.float32)
         start = 0
         while start < n:
             stop = min(n, start + self.batch_size)

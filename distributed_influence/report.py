@@ -2,9 +2,14 @@
 
 The Parquet tables are the contract; this page is for a person who wants to look at them:
 
-1. selected test examples (misclassified first) beside their strongest proponents and opponents;
-2. the label-audit curve: what checking the training labels in ``audit_rank`` order finds;
-3. histograms of ``alpha_label`` (train) and ``decomposition_error`` (test).
+1. the label audit: what checking the training labels in ``audit_rank`` order finds;
+2. the label review (:mod:`distributed_influence.report_review`): the most suspicious training
+   examples with the examples that support their label and their predicted class, per-class
+   counts, and ``suspects.csv``;
+3. selected test examples (misclassified first) beside their strongest proponents and opponents;
+4. histograms of ``alpha_label`` (train) and ``decomposition_error`` (test).
+
+The tables are read with :func:`distributed_influence.results.load_results`, like any user would.
 
 Pictures come from the audit's own sources (named in ``manifest.json``) when their examples are
 images; otherwise, or when a source can no longer be opened, the page lists ids and values, so a
@@ -17,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import html
-import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -25,7 +29,10 @@ import numpy as np
 
 from . import storage
 from .errors import ConfigError, InputError
-from .tables import INFLUENCE_TOPK, MANIFEST, TEST_SCORES, TRAIN_SCORES
+from .report_pictures import as_picture, load_pictures  # noqa: F401 (as_picture: part of the API)
+from .report_review import DEFAULT_REVIEW, REVIEW_STYLE, review_section
+from .summary import flagged_fractions
+from .tables import TRAIN_SCORES
 
 REPORT_DIR = "report"
 INDEX = "index.html"
@@ -44,30 +51,21 @@ class AuditOutput:
     manifest: dict
     train: Dict[str, np.ndarray]
     test: Dict[str, np.ndarray]
-    topk_path: str
+    topk: object  # the influence_topk table (pyarrow)
+    train_table: object  # the train_scores table (pyarrow)
 
 
-def _require(path: str) -> str:
-    """The path of a file the report cannot do without, or one line saying it is missing."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: not found (is this the --out directory of an audit?)")
-    return path
-
-
-def _read_columns(path: str, columns: Sequence[str], filters=None) -> Dict[str, np.ndarray]:
-    """Reads named columns as NumPy arrays; a nullable ``label`` gets a ``label_known`` mask.
+def _columns(table, names: Sequence[str]) -> Dict[str, np.ndarray]:
+    """Named columns as NumPy arrays (those the table has); a nullable ``label`` gets a
+    ``label_known`` mask.
 
     Unknown test labels are null in the contract, so they are kept apart instead of letting
     NumPy turn them into NaN floats that compare unequal to every class.
     """
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path, columns=list(columns), filters=filters)
-    except Exception as exc:  # pyarrow raises ArrowInvalid/KeyError/OSError on bad files
-        raise InputError(f"{path}: unreadable table ({storage.reason(exc)})") from None
     out = {}
-    for name in columns:
+    for name in names:
+        if name not in table.column_names:
+            continue
         col = table.column(name)
         if name == "label":
             out["label_known"] = col.is_valid().to_numpy(zero_copy_only=False)
@@ -77,24 +75,28 @@ def _read_columns(path: str, columns: Sequence[str], filters=None) -> Dict[str, 
 
 
 def load_output(out_dir: str) -> AuditOutput:
-    """Opens an audit's output directory.
+    """Opens an audit's output directory through :func:`load_results`.
 
     Raises:
         InputError: the directory, a table or the manifest is missing or unreadable.
     """
+    from .results import load_results
+
     if not os.path.isdir(out_dir):
         raise InputError(f"{out_dir}: output directory not found")
-    manifest_path = _require(os.path.join(out_dir, MANIFEST))
     try:
-        with open(manifest_path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{manifest_path}: unreadable manifest ({exc})") from None
-    train = _read_columns(_require(os.path.join(out_dir, TRAIN_SCORES)),
-                          ("train_id", "label", "alpha_label", "audit_score", "audit_rank"))
-    test = _read_columns(_require(os.path.join(out_dir, TEST_SCORES)),
-                         ("test_id", "label", "predicted_class", "decomposition_error"))
-    return AuditOutput(manifest, train, test, _require(os.path.join(out_dir, INFLUENCE_TOPK)))
+        res = load_results(out_dir)
+    except InputError:
+        raise
+    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError, json ValueError on bad files
+        raise InputError(f"{out_dir}: unreadable results ({storage.reason(exc)})") from None
+    if res.train_scores is None:
+        raise InputError(f"{os.path.join(out_dir, TRAIN_SCORES)}: not found (is this the --out of an audit, "
+                         f"not of explain?)")
+    train = _columns(res.train_scores, ("train_id", "label", "alpha_label", "audit_score", "audit_rank",
+                                        "predicted_class", "label_probability"))
+    test = _columns(res.test_scores, ("test_id", "label", "predicted_class", "decomposition_error"))
+    return AuditOutput(res.manifest, train, test, res.influence_topk, res.train_scores)
 
 
 def read_known_bad(path: str) -> np.ndarray:
@@ -155,61 +157,6 @@ def _lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray) -> list:
     order = np.argsort(keys, kind="stable")
     hit = order[np.minimum(np.searchsorted(keys, query, sorter=order), len(keys) - 1)]
     return [values[h].item() if keys[h] == q else None for h, q in zip(hit, query)]
-
-
-# ---------------------------------------------------------------------------------- images
-
-
-def as_picture(x: np.ndarray) -> Optional[np.ndarray]:
-    """The example as a drawable (H, W) or (H, W, 3) array, or None if it is not an image.
-
-    An example is image-like when it is (H, W), (H, W, 1) or (H, W, 3) with H, W >= 4; colour
-    values outside [0, 1] are rescaled, because ``imshow`` clips RGB floats to that range.
-    """
-    if x.ndim == 3 and x.shape[-1] == 1:
-        x = x[..., 0]
-    if x.ndim not in (2, 3) or min(x.shape[:2]) < 4 or (x.ndim == 3 and x.shape[-1] != 3):
-        return None
-    if x.ndim == 3 and (x.min() < 0 or x.max() > 1):
-        span = float(x.max() - x.min())
-        x = (x - x.min()) / (span if span > 0 else 1.0)
-    return x
-
-
-def _read_pictures(source, input_shape: Optional[Sequence[int]], ids: np.ndarray) -> Dict[int, np.ndarray]:
-    """The examples of the given ids as pictures (None where not an image), reading only their rows."""
-    all_ids = source.ids()
-    rows = np.flatnonzero(np.isin(all_ids, ids))
-    return {int(all_ids[r]): as_picture(source.read(int(r), int(r) + 1, input_shape).x[0]) for r in rows}
-
-
-def load_pictures(config: dict, train_ids: np.ndarray,
-                  test_ids: np.ndarray) -> Tuple[Optional[Dict[str, Dict[int, np.ndarray]]], Optional[str]]:
-    """Reads the pictures of the shown examples from the audit's sources.
-
-    Args:
-        config: the ``config`` of the manifest (source specs, ``input_shape``, ``scale``).
-        train_ids: training ids to draw.
-        test_ids: test ids to draw.
-
-    Returns:
-        ({"train": {id: picture}, "test": {id: picture}}, None) when both sources hold images,
-        else (None, a note saying why the page shows ids and values instead).
-    """
-    from .sources import open_source
-
-    shape = config.get("input_shape")
-    shape = None if shape is None else tuple(shape)
-    pictures = {}
-    for role, ids in (("train", train_ids), ("test", test_ids)):
-        spec = config.get(role)
-        try:
-            pictures[role] = _read_pictures(open_source(str(spec), scale=config.get("scale")), shape, ids)
-        except Exception as exc:  # pictures are optional: whatever stops them must not stop the report
-            return None, f"The {role} source {spec} cannot be read ({exc}); showing ids and values."
-        if any(p is None for p in pictures[role].values()):
-            return None, f"The {role} source {spec} does not hold images; showing ids and values."
-    return pictures, None
 
 
 # --------------------------------------------------------------------------------- figures
@@ -329,8 +276,11 @@ def _examples(output: AuditOutput, rows: np.ndarray) -> List[Example]:
     test_ids = [int(t) for t in test["test_id"][rows]]
     if not test_ids:
         return []
-    topk = _read_columns(output.topk_path, ("test_id", "kind", "rank", "train_id", "representer_value"),
-                         filters=[("test_id", "in", test_ids)])
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = output.topk.filter(pc.is_in(output.topk.column("test_id"), value_set=pa.array(test_ids, pa.int64())))
+    topk = _columns(table, ("test_id", "kind", "rank", "train_id", "representer_value"))
     train_labels = _lookup(output.train["train_id"], output.train["label"], topk["train_id"])
     examples = []
     for row, t in zip(rows, test_ids):
@@ -403,8 +353,6 @@ def _summary_html(manifest: dict) -> str:
 
 def _known_bad_html(path: str, train: Dict[str, np.ndarray], bad_ids: np.ndarray, is_bad: np.ndarray) -> str:
     """How many known-bad labels the first 5, 10 and 20 % of ``audit_rank`` hold (as the demo says)."""
-    from .demo import flagged_fractions
-
     found = flagged_fractions(train["audit_rank"], train["train_id"], bad_ids)
     items = "".join(f"<li>{p:.0%} checked: {v:.0%} of them found</li>" for p, v in found.items())
     missing = len(np.unique(bad_ids)) - int(is_bad.sum())
@@ -415,7 +363,7 @@ def _known_bad_html(path: str, train: Dict[str, np.ndarray], bad_ids: np.ndarray
 
 _STYLE = ("body{font-family:sans-serif;max-width:70em;margin:1em auto;padding:0 1em}"
           "table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:.2em .5em;"
-          "text-align:left}img{max-width:100%}.note{background:#fff4d6;padding:.5em}")
+          "text-align:left}img{max-width:100%}.note{background:#fff4d6;padding:.5em}" + REVIEW_STYLE)
 
 
 def _page(title: str, sections: List[str]) -> str:
@@ -474,13 +422,15 @@ def _distributions_section(output: AuditOutput, report_dir: str) -> str:
             f'<img src="{html.escape(error)}" alt="histogram of decomposition_error">')
 
 
-def write_report(out_dir: str, known_bad: Optional[str] = None, n_examples: int = 8) -> str:
-    """Writes ``out_dir/report/index.html`` and its PNG figures.
+def write_report(out_dir: str, known_bad: Optional[str] = None, n_examples: int = 8,
+                 n_review: int = DEFAULT_REVIEW) -> str:
+    """Writes ``out_dir/report/index.html``, its PNG figures and thumbnails, and ``suspects.csv``.
 
     Args:
         out_dir: the ``--out`` directory of an audit.
         known_bad: optional file of training ids whose labels are known to be wrong.
         n_examples: test examples shown with their proponents and opponents.
+        n_review: most suspicious training examples shown in the label review.
 
     Returns:
         The path of ``index.html``.
@@ -490,13 +440,17 @@ def write_report(out_dir: str, known_bad: Optional[str] = None, n_examples: int 
     """
     if n_examples < 0:
         raise ConfigError(f"--examples must be >= 0, got {n_examples}")
+    if n_review < 0:
+        raise ConfigError(f"--review must be >= 0, got {n_review}")
     output = load_output(out_dir)
     bad_ids = None if known_bad is None else read_known_bad(known_bad)
     report_dir = os.path.join(out_dir, REPORT_DIR)
     os.makedirs(report_dir, exist_ok=True)
     sections = [_summary_html(output.manifest)]
-    sections.append(_examples_section(output, report_dir, n_examples))
     sections.append(_audit_section(output, report_dir, known_bad, bad_ids))
+    sections.append(review_section(out_dir, report_dir, output.manifest, output.train, output.train_table,
+                                   n_review, bad_ids))
+    sections.append(_examples_section(output, report_dir, n_examples))
     sections.append(_distributions_section(output, report_dir))
     path = os.path.join(report_dir, INDEX)
     with open(path, "w", encoding="utf-8") as fh:
@@ -509,20 +463,25 @@ def write_report(out_dir: str, known_bad: Optional[str] = None, n_examples: int 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Writes the report and prints where it is."""
-    print(write_report(args.out, known_bad=args.known_bad, n_examples=args.examples))
+    print(write_report(args.out, known_bad=args.known_bad, n_examples=args.examples, n_review=args.review))
     return 0
 
 
 def add_parser(sub) -> None:
     """Registers ``report`` on the subparsers of the main command."""
     p = sub.add_parser("report", help="write an HTML report with figures of an audit's results",
-                       description="Write OUT/report/index.html with PNG figures: test examples beside "
-                                   "their proponents and opponents, the label-audit curve, and "
-                                   "histograms of alpha_label and decomposition_error.")
+                       description="Write OUT/report/index.html with PNG figures: the label-audit curve, "
+                                   "the most suspicious training labels (gallery or table, with the "
+                                   "examples that support their label and their predicted class, "
+                                   "per-class counts, suspects.csv), test examples beside their "
+                                   "proponents and opponents, and histograms of alpha_label and "
+                                   "decomposition_error.")
     p.add_argument("out", help="the --out directory of an audit")
     p.add_argument("--known-bad", metavar="FILE", default=None,
                    help="file of training ids whose labels are known to be wrong (integers separated "
                         "by whitespace); the audit curve then shows how many of them are found")
     p.add_argument("--examples", metavar="N", type=int, default=8,
                    help="test examples shown with their proponents and opponents (default 8)")
+    p.add_argument("--review", metavar="N", type=int, default=DEFAULT_REVIEW,
+                   help=f"most suspicious training examples shown for label review (default {DEFAULT_REVIEW})")
     p.set_defaults(func=cmd_report)

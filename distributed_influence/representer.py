@@ -5,6 +5,12 @@ Notation (DESIGN.md §1): x_i = [f_i, 1] are the features with the bias folded i
 so a distributed job adds the partial results of its shards and gets exactly the single-process
 numbers. Nothing here knows about Ray.
 
+Binary classifiers (one sigmoid output, Θ of shape (d+1)×1) use the same functions: with C = 1
+the link is the sigmoid instead of the softmax and the loss the sigmoid cross-entropy, and the
+gradient Xᵀ(p − t) and the Hessian product Xᵀ(P∘U − P∘rowsum(P∘U)) = Xᵀ(p(1−p)∘U) keep their
+form. A test row then explains the logit of its predicted class: z for class 1, −z for class 0,
+which :func:`per_class` writes as two columns so that scoring works as for C classes.
+
 Precision: features stay float32 (they are what the model computed); the head fit, α and the
 decomposition run in float64 because the fit's residual gradient is exactly the error a user
 sees in the decomposition (DESIGN.md §1.1), and float32 sums stall far above 1e-7.
@@ -47,6 +53,53 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    return 0.5 * (1.0 + np.tanh(0.5 * z))  # = 1/(1+e^−z), without overflow warnings
+
+
+def per_class(a: np.ndarray) -> np.ndarray:
+    """Per-class columns of logits, α or a head: one column (a binary classifier's z) becomes
+    [−a, a], the values explaining class 0 and class 1; C ≥ 2 columns are returned unchanged.
+
+    The binary surrogate has one logit z; class 1 is explained by z and class 0 by −z, and
+    since r_i(t) is linear in α, the representer values of class 0 are those of −α.
+    """
+    a = np.asarray(a)
+    return np.concatenate([-a, a], axis=-1) if a.shape[-1] == 1 else a
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities (n, C) of model logits: softmax, or [1 − σ(z), σ(z)] for one column."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.shape[1] == 1:
+        p = sigmoid(logits)
+        return np.concatenate([1.0 - p, p], axis=1)
+    return softmax(logits)
+
+
+def predicted_classes(logits: np.ndarray) -> np.ndarray:
+    """The model's class per row: argmax, or z > 0 (σ(z) > 0.5) for one column; int64."""
+    logits = np.asarray(logits)
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).astype(np.int64)
+    return np.argmax(logits, axis=1).astype(np.int64)
+
+
+def fit_targets(labels: np.ndarray, logits: np.ndarray, target: str) -> np.ndarray:
+    """The targets t_i of the head fit, shaped like the logits (n, C) float64.
+
+    ``labels``: one-hot labels (the label 0/1 itself for one sigmoid output); ``predictions``:
+    the model's softmax (its σ(z)).
+    """
+    n_out = np.asarray(logits).shape[1]
+    if target == "labels":
+        if n_out == 1:
+            return np.asarray(labels, dtype=np.float64).reshape(-1, 1)
+        return one_hot(labels, n_out)
+    return sigmoid(logits) if n_out == 1 else softmax(logits)
+
+
 PRECISIONS = {"float64": tf.float64, "float32": tf.float32}
 
 
@@ -65,18 +118,32 @@ def _row_blocks(x, t, precision: str):
         yield x[s : s + step], (None if t is None else t[s : s + step])
 
 
+def _loss_sum(t, z, binary: bool):
+    """Σ_i L(z_i, t_i): softmax cross-entropy, or sigmoid cross-entropy for one output."""
+    if binary:
+        return tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=t, logits=z))
+    return tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=t, logits=z))
+
+
+def _link(z, binary: bool):
+    return tf.sigmoid(z) if binary else tf.nn.softmax(z)
+
+
 @tf.function(reduce_retracing=True)
-def _objective_block(x, t, theta):
+def _objective_block(x, t, theta, binary):
+    # ``binary`` is a Python bool: part of the trace's signature, so each link traces once.
     xc = tf.cast(x, theta.dtype)
     z = tf.matmul(xc, theta)
     tc = tf.cast(t, theta.dtype)
-    loss = tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=tc, logits=z))
-    grad = tf.matmul(xc, tf.nn.softmax(z) - tc, transpose_a=True)
+    loss = _loss_sum(tc, z, binary)
+    grad = tf.matmul(xc, _link(z, binary) - tc, transpose_a=True)
     return loss, grad
 
 
 def objective_sums(x, targets, theta: np.ndarray, precision: str = "float64") -> Tuple[float, np.ndarray]:
     """Σ_i CE(softmax(x_i Θ), t_i) and its gradient Σ_i x_iᵀ(p_i − t_i) over a block of rows.
+
+    With one column (a binary classifier) the loss is the sigmoid cross-entropy and p_i = σ(z_i).
 
     The full objective is J = sum/n + λ‖Θ‖², ∇J = grad/n + 2λΘ; the regulariser is added once
     by whoever knows n (the driver), so shards only return sums.
@@ -96,15 +163,15 @@ def objective_sums(x, targets, theta: np.ndarray, precision: str = "float64") ->
     loss = 0.0
     grad = np.zeros(theta.shape, dtype=np.float64)
     for xb, tb in _row_blocks(x, targets, precision):
-        lb, gb = _objective_block(xb, tb, theta)
+        lb, gb = _objective_block(xb, tb, theta, int(theta.shape[1]) == 1)
         loss += float(lb)
         grad += gb.numpy()
     return loss, grad
 
 
 @tf.function(reduce_retracing=True)
-def _probs_block(x, theta):
-    return tf.nn.softmax(tf.matmul(tf.cast(x, theta.dtype), theta))
+def _probs_block(x, theta, binary):
+    return _link(tf.matmul(tf.cast(x, theta.dtype), theta), binary)
 
 
 @tf.function(reduce_retracing=True)
@@ -115,14 +182,18 @@ def _hvp_block(x, p, v):
 
 
 def softmax_blocks(x, theta: np.ndarray, precision: str = "float64") -> list:
-    """softmax(XΘ) per row block: fixed during one Newton step, so computed once for all its
-    Hessian-vector products (each then reads the features twice instead of three times)."""
+    """softmax(XΘ) (σ(XΘ) for one column) per row block: fixed during one Newton step, so
+    computed once for all its Hessian-vector products (each then reads the features twice
+    instead of three times)."""
+    binary = int(np.shape(theta)[1]) == 1
     theta = tf.constant(theta, dtype=PRECISIONS[precision])
-    return [_probs_block(xb, theta) for xb, _ in _row_blocks(x, None, precision)]
+    return [_probs_block(xb, theta, binary) for xb, _ in _row_blocks(x, None, precision)]
 
 
 def hvp_sums(x, theta: np.ndarray, v: np.ndarray, precision: str = "float64", probs=None) -> np.ndarray:
     """Σ_i of the cross-entropy Hessian at Θ applied to V: Xᵀ(P∘U − P∘rowsum(P∘U)), U = XV.
+
+    The same formula is the logistic Hessian Xᵀ(p(1−p)∘U) for one column, where P = σ(XΘ).
 
     Hessian-vector products let Newton steps finish the fit to ~1e-12, which L-BFGS alone
     does not reach reliably (DESIGN.md §1.1). They only steer the step, so float32 products
@@ -187,7 +258,8 @@ def alpha_by_tape(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: fl
         n_total: the number of training examples in the *whole* training set (the n of J).
 
     Returns:
-        (n, C) float64 α.
+        (n, C) float64 α; (n, 1) for a binary head, which :func:`per_class` turns into the α
+        of classes 0 and 1.
     """
     return _alpha_block(tf.cast(tf.constant(x), tf.float64), theta, targets, lam, n_total).numpy()
 
@@ -198,7 +270,8 @@ def _alpha_block(x64, theta: np.ndarray, targets: np.ndarray, lam: float, n_tota
         logits = tf.matmul(x64, tf.constant(theta, dtype=tf.float64))
         tape.watch(logits)
         # Summed (not averaged) per-example loss: each row's gradient is its own ∂L_i/∂z_i.
-        loss = tf.reduce_sum(tf.nn.softmax_cross_entropy_with_logits(labels=t, logits=logits))
+        # One column: the sigmoid cross-entropy of a binary classifier's single logit.
+        loss = _loss_sum(t, logits, int(theta.shape[1]) == 1)
     grad = tape.gradient(loss, logits)
     return grad / (-2.0 * lam * n_total)
 

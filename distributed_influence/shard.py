@@ -151,11 +151,7 @@ class ShardWorker:
                 raise InputError(f"{self.settings.train}: the training source has no labels")
             order = np.argsort(ids, kind="stable")
             x, logits, ids, labels = x[order], logits[order], ids[order], labels[order]
-            n_classes = logits.shape[1]
-            if self.settings.target == "labels":
-                targets = rp.one_hot(labels, n_classes)
-            else:
-                targets = rp.softmax(logits)
+            targets = rp.fit_targets(labels, logits, self.settings.target)
             self._shards[spec.index] = ShardData(x, logits, labels, ids, targets, x_tf=rp.tf.constant(x),
                                                  targets32=rp.tf.constant(targets, rp.tf.float32))
         return self._shards[spec.index]
@@ -201,9 +197,11 @@ class ShardWorker:
         d = self._data(spec)
         t0 = time.perf_counter()
         test_x = _fetch_parts(test_parts)
-        n_classes = d.targets.shape[1]
+        probs = rp.probabilities(d.logits)  # (s, classes): [1 − σ, σ] for a binary model
+        n_classes = probs.shape[1]
         alpha, alpha_head, class_sim = rp.alpha_pass(d.x, theta, d.targets, s.lam, s.n_train,
                                                      rp.class_sums(test_x, test_pred, n_classes))
+        alpha = rp.per_class(alpha)  # a binary head's α as [−α, α]: classes 0 and 1
         maybe_kill_worker(s.fault, spec.index)
         scored = rp.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block, x_tf=d.x_tf,
                                 class_sim=class_sim)
@@ -223,11 +221,42 @@ class ShardWorker:
                 "alpha_label": alpha[rows, d.labels],
                 "influence_sum": scored["influence_sum"],
                 "influence_abs_sum": scored["influence_abs_sum"],
+                "predicted_class": rp.predicted_classes(d.logits),
+                "label_probability": probs[rows, d.labels],
             },
             "alpha_head": alpha_head,
             "seconds": time.perf_counter() - t0,
             "node": _node_id() or "",  # a string even outside Ray: stored without pickling
         }
+
+
+def score_rows_against_index(files: list, query_x: np.ndarray, query_class: np.ndarray, k: int,
+                             block: int = 1024) -> Tuple[np.ndarray, np.ndarray]:
+    """The k strongest proponents of query rows in a stored train index, with the job's scoring.
+
+    Each query row (augmented features, like a test row) is scored against every shard of the
+    index for its class, exactly as the audit scores test examples, and the shards' lists are
+    merged exactly. The report uses it to show which training examples support a suspicious
+    training label (the query is then a training example itself).
+
+    Args:
+        files: the index's shard files (:func:`index.shard_files`).
+        query_x: (q, d+1) float32 augmented features.
+        query_class: (q,) class explained for each query row.
+        k: proponents per query row (capped at the index's size).
+
+    Returns:
+        (representer values, train ids), each (q, k), strongest first, ties to the smaller id.
+    """
+    from .topk import merge_topk
+
+    values, ids = [], []
+    for path in files:
+        shard = index.read_shard(path)
+        scored = rp.score_shard(shard["x"], shard["ids"], shard["alpha"], query_x, query_class, k, block)
+        values.append(scored["topk"]["proponent"]["values"])
+        ids.append(scored["topk"]["proponent"]["ids"])
+    return merge_topk(values, ids, min(k, sum(v.shape[1] for v in values)), largest=True)
 
 
 def _fetch_parts(parts: list) -> list:

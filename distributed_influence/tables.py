@@ -43,6 +43,8 @@ TRAIN_SCHEMA = pa.schema([
     ("audit_rank", pa.int64()),
     ("influence_sum", pa.float32()),
     ("influence_abs_sum", pa.float32()),
+    ("predicted_class", pa.int32()),  # the model's class for the training example
+    ("label_probability", pa.float32()),  # the model's probability of the given label
 ])
 
 TEST_SCHEMA = pa.schema([

@@ -78,3 +78,41 @@ def sorted_topk(values, ids, k, largest):
         out_v.append([p[0] for p in pairs[:k]])
         out_i.append([p[1] for p in pairs[:k]])
     return np.array(out_v), np.array(out_i, dtype=np.int64)
+
+
+# ---------------------------------------------------------------- binary (logistic) surrogate
+
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def logistic_objective(x, t, w, lam):
+    """J(w) = (1/n) Σ BCE(σ(x_i·w), t_i) + λ‖w‖² and its gradient, w of shape (d+1,)."""
+    z = x @ w
+    # BCE with logits, stable: max(z, 0) − z t + log(1 + e^{−|z|})
+    loss = np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z)))
+    n = len(x)
+    return loss.sum() / n + lam * w @ w, x.T @ (sigmoid(z) - t) / n + 2 * lam * w
+
+
+def logistic_newton_fit(x, t, lam, steps=60):
+    """Newton's method with the explicit logistic Hessian Xᵀ diag(p(1−p)) X / n + 2λI."""
+    w = np.zeros(x.shape[1])
+    for _ in range(steps):
+        j, g = logistic_objective(x, t, w, lam)
+        if np.abs(g).max() < 1e-14:
+            break
+        p = sigmoid(x @ w)
+        H = (x * (p * (1 - p))[:, None]).T @ x / len(x) + 2 * lam * np.eye(x.shape[1])
+        step = np.linalg.solve(H, g)
+        a = 1.0
+        while logistic_objective(x, t, w - a * step, lam)[0] > j and a > 1e-8:
+            a /= 2
+        w = w - a * step
+    return w
+
+
+def closed_form_binary_alpha(x, t, w, lam):
+    """α_i = (σ(z_i) − t_i)/(−2λn): the derivative of BCE w.r.t. the one logit."""
+    return (sigmoid(x @ w) - t) / (-2.0 * lam * len(x))

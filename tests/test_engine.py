@@ -28,7 +28,7 @@ def _oracle(files, target):
     alpha = oracle.closed_form_alpha(x_tr, t, theta, LAM)
     pred = np.argmax(z_te, axis=1)
     r = oracle.representer_matrix(x_tr, alpha, x_te, pred)
-    return dict(theta=theta, alpha=alpha, pred=pred, r=r, x_tr=x_tr, x_te=x_te, y=tr["y"], z_te=z_te)
+    return dict(theta=theta, alpha=alpha, pred=pred, r=r, x_tr=x_tr, x_te=x_te, y=tr["y"], z_te=z_te, z_tr=z_tr)
 
 
 @pytest.mark.parametrize("target", ["labels", "predictions"])
@@ -76,4 +76,9 @@ def test_in_process_audit_matches_oracle(files, tmp_path, target):
     np.testing.assert_array_equal(np.argsort(train["audit_rank"]), np.argsort(-np.abs(a_lab), kind="stable"))
     np.testing.assert_allclose(train["influence_sum"], ref["r"].sum(axis=0), rtol=1e-4, atol=1e-5 * scale)
     np.testing.assert_allclose(train["influence_abs_sum"], np.abs(ref["r"]).sum(axis=0), rtol=1e-4)
+    # The model's own view of each training example: its class and its probability of the label.
+    z_tr = ref["z_tr"].astype(np.float64)
+    np.testing.assert_array_equal(train["predicted_class"], np.argmax(z_tr, axis=1))
+    np.testing.assert_allclose(train["label_probability"], oracle.softmax(z_tr)[np.arange(n), ref["y"]],
+                               rtol=1e-5, atol=1e-7)
 
