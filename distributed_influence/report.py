@@ -196,7 +196,7 @@ def load_pictures(config: dict, train_ids: np.ndarray,
         ({"train": {id: picture}, "test": {id: picture}}, None) when both sources hold images,
         else (None, a note saying why the page shows ids and values instead).
     """
-    from .sources import open_source
+    from .sources import open_source, options_from
 
     shape = config.get("input_shape")
     shape = None if shape is None else tuple(shape)
@@ -204,7 +204,7 @@ def load_pictures(config: dict, train_ids: np.ndarray,
     for role, ids in (("train", train_ids), ("test", test_ids)):
         spec = config.get(role)
         try:
-            pictures[role] = _read_pictures(open_source(str(spec), scale=config.get("scale")), shape, ids)
+            pictures[role] = _read_pictures(open_source(str(spec), **options_from(config)), shape, ids)
         except Exception as exc:  # pictures are optional: whatever stops them must not stop the report
             return None, f"The {role} source {spec} cannot be read ({exc}); showing ids and values."
         if any(p is None for p in pictures[role].values()):
