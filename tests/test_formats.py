@@ -238,6 +238,26 @@ def test_channels_follow_the_model(digits, tmp_path):
             np.testing.assert_array_equal(src.read(0, 6, (64,)).x, as_x(px).reshape(6, 64))
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "P"])
+def test_colour_to_grey_and_back_as_pillow_converts(tmp_path, mode):
+    """Oracle: Pillow's own ``convert`` of each image (block decoding converts in NumPy)."""
+    rng = np.random.default_rng(3)
+    imgs = [Image.fromarray(rng.integers(0, 256, (8, 8, 4), dtype=np.uint8), "RGBA").convert(mode)
+            for _ in range(5)]
+    blobs = []
+    for img in imgs:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    path = str(tmp_path / f"{mode}.parquet")
+    pq.write_table(pa.table({"image": blobs, "label": np.zeros(5, np.int64)}), path)
+    src = open_source(path)
+    for channels, pil_mode in ((1, "L"), (3, "RGB")):
+        want = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert(pil_mode)) for b in blobs])
+        want = want.reshape(5, 8, 8, channels)
+        np.testing.assert_array_equal(src.read(0, 5, (8, 8, channels)).x, as_x(want), err_msg=f"{mode}->{pil_mode}")
+
+
 def test_resize_only_when_asked(digits, tmp_path):
     px = digits[0][:4]
     big = np.repeat(np.repeat(px, 2, axis=1), 2, axis=2)  # 16×16

@@ -29,7 +29,7 @@ import numpy as np
 from .. import storage
 from ..errors import SourceError
 from .base import Rows, Source, check_labels, reshape_to, resolve
-from .images import DEFAULT_SCALE, decode, looks_encoded, stack_scaled, target_of
+from .images import decode_many, looks_encoded, stack_scaled, target_of
 
 IMAGE_FEATURES = ("image/encoded", "image")
 LABEL_FEATURES = ("label", "image/class/label")
@@ -255,26 +255,22 @@ class TFRecordSource(Source):
     def _rows(self, start: int, stop: int, input_shape, resize: bool):
         if self._example is None:
             self._example = _example_class()
-        target = target_of(input_shape)
-        pixels, floats, labels, keys, wheres = [], [], [], [], []
+        encoded, raw, floats, labels, keys, wheres = [], [], [], [], [], []
         for where, data in self._records(start, stop):
             feature = _parse(self._example, data, where)
-            wheres.append(where)
             if self.image_feature not in feature:
                 raise SourceError(f"{where}: no feature {self.image_feature!r}")
             img = feature[self.image_feature]
             kind = img.WhichOneof("kind")
             if kind == "bytes_list" and len(img.bytes_list.value) == 1:
                 blob = img.bytes_list.value[0]
-                if looks_encoded(blob):
-                    pixels.append(decode(blob, target, resize, where))
-                else:
-                    pixels.append(np.frombuffer(blob, dtype=np.uint8))
+                (encoded if looks_encoded(blob) else raw).append((len(wheres), blob))
             elif kind == "float_list":
-                floats.append(np.asarray(img.float_list.value, dtype=np.float32))
+                floats.append((len(wheres), np.asarray(img.float_list.value, dtype=np.float32)))
             else:
                 raise SourceError(f"{where}: feature {self.image_feature!r} must hold one bytes value "
                                   f"(encoded image or raw pixels) or a float list")
+            wheres.append(where)
             if self.label_feature is not None:
                 lab = feature[self.label_feature] if self.label_feature in feature else None
                 values = None if lab is None else (lab.int64_list.value or lab.float_list.value)
@@ -289,14 +285,22 @@ class TFRecordSource(Source):
                     keys.append(str(ident.int64_list.value[0]))
                 else:
                     raise SourceError(f"{where}: no single bytes or int64 value in id feature {self.id_feature!r}")
-        if pixels and floats:
-            raise SourceError(f"{wheres[0]}: feature {self.image_feature!r} mixes bytes and float lists")
-        if floats:
-            x = stack_scaled(floats, lambda i: wheres[i], 1.0)
+        kinds = [(name, part) for name, part in (("encoded images", encoded), ("raw pixel bytes", raw),
+                                                ("float lists", floats)) if part]
+        if len(kinds) > 1:
+            (a, pa_), (b, pb) = kinds[0], kinds[1]
+            raise SourceError(f"{wheres[pb[0][0]]}: {b} in feature {self.image_feature!r}, but "
+                              f"{wheres[pa_[0][0]]} holds {a}")
+        if encoded:
+            x = decode_many([b for _, b in encoded], lambda i: wheres[i], target_of(input_shape), resize,
+                            self.scale)
+        elif raw:
+            x = stack_scaled([np.frombuffer(b, dtype=np.uint8) for _, b in raw], lambda i: wheres[i],
+                             self.scale)
+        else:
+            x = stack_scaled([f for _, f in floats], lambda i: wheres[i], 1.0)
             if self.scale is not None:
                 x = x * np.float32(self.scale)
-        else:
-            x = stack_scaled(pixels, lambda i: wheres[i], DEFAULT_SCALE if self.scale is None else self.scale)
         y = check_labels(np.asarray(labels), self.name) if self.label_feature is not None else None
         return x, y, (np.array(keys, dtype=object) if self.id_feature is not None else None), wheres
 
