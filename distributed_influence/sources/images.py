@@ -25,6 +25,8 @@ from ..errors import SourceError
 #: File name endings of images in a folder source (those Keras' image_dataset_from_directory takes).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 DEFAULT_SCALE = 1.0 / 255.0
+#: Blocks of fewer images are decoded image by image with Pillow.
+SMALL_BLOCK = 64
 
 
 def looks_encoded(data: bytes) -> bool:
@@ -126,7 +128,9 @@ def decode_many(blobs: Sequence[bytes], where: Callable[[int], str], target: Tar
     """
     if not len(blobs):
         return np.zeros((0, 0), dtype=np.float32)
-    block = _decode_block(blobs)
+    # A few images (the driver's check of row 0, a report's pictures) are not worth building the
+    # TensorFlow graph for (about 1 s, once per process).
+    block = _decode_block(blobs) if len(blobs) >= SMALL_BLOCK else None
     if block is not None and None not in (target.height, target.width) \
             and block.shape[1:3] != (target.height, target.width):
         block = None  # a size the model does not take: refused or resized image by image
