@@ -242,20 +242,22 @@ def test_channels_follow_the_model(digits, tmp_path):
 def test_colour_to_grey_and_back_as_pillow_converts(tmp_path, mode):
     """Oracle: Pillow's own ``convert`` of each image (block decoding converts in NumPy)."""
     rng = np.random.default_rng(3)
+    n = 70  # a block decoded at once (channels converted in NumPy) and single rows (by Pillow)
     imgs = [Image.fromarray(rng.integers(0, 256, (8, 8, 4), dtype=np.uint8), "RGBA").convert(mode)
-            for _ in range(5)]
+            for _ in range(n)]
     blobs = []
     for img in imgs:
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         blobs.append(buf.getvalue())
     path = str(tmp_path / f"{mode}.parquet")
-    pq.write_table(pa.table({"image": blobs, "label": np.zeros(5, np.int64)}), path)
+    pq.write_table(pa.table({"image": blobs, "label": np.zeros(n, np.int64)}), path)
     src = open_source(path)
     for channels, pil_mode in ((1, "L"), (3, "RGB")):
         want = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert(pil_mode)) for b in blobs])
-        want = want.reshape(5, 8, 8, channels)
-        np.testing.assert_array_equal(src.read(0, 5, (8, 8, channels)).x, as_x(want), err_msg=f"{mode}->{pil_mode}")
+        want = as_x(want.reshape(n, 8, 8, channels))
+        np.testing.assert_array_equal(src.read(0, n, (8, 8, channels)).x, want, err_msg=f"{mode}->{pil_mode}")
+        np.testing.assert_array_equal(src.read(3, 5, (8, 8, channels)).x, want[3:5], err_msg=f"{mode}->{pil_mode}")
 
 
 def test_resize_only_when_asked(digits, tmp_path):
