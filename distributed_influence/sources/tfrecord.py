@@ -22,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 import glob as globlib
 import struct
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
 
