@@ -398,3 +398,23 @@ def test_bad_inputs_exit_2_with_one_line_naming_the_file(formats, digits, tmp_pa
         assert code == 2, (name, err)
         assert len(err.splitlines()) == 1 and needle in err, (name, err)
         assert not out.exists(), name  # nothing written
+
+
+def test_source_level_refusals(formats, digits, tmp_path):
+    """Duplicate string keys, a test folder with a class the training folder lacks, a file that
+    is not a TFRecord, and a glob that matches nothing: one line each, naming the file."""
+    px, y = digits[0][:4], digits[1][:4]
+    dup = str(tmp_path / "dup.parquet")
+    pq.write_table(pa.table({"image": [png(p) for p in px], "label": y, "id": ["a", "b", "a", "c"]}), dup)
+    with pytest.raises(SourceError, match=r"dup.parquet: duplicate key 'a'"):
+        open_source(dup)
+    with pytest.raises(SourceError, match=r"class folder 'extra' is not a class of the training set"):
+        os.makedirs(tmp_path / "test_folder" / "extra")
+        (tmp_path / "test_folder" / "extra" / "a.png").write_bytes(png(px[0]))
+        open_source(str(tmp_path / "test_folder"), classes=["0", "1"])
+    garbage = tmp_path / "garbage.tfrecord"
+    garbage.write_bytes(b"\x05" * 30)
+    with pytest.raises(SourceError, match=r"garbage.tfrecord: record 0: truncated"):
+        open_source(str(garbage))
+    with pytest.raises(SourceError, match=r"no TFRecord files match"):
+        open_source(str(tmp_path / "nothing-*.tfrecord"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob as globlib
+import os
 import struct
 from typing import List, Optional, Sequence
 
@@ -83,6 +84,7 @@ class _Reader:
         except OSError as exc:
             raise SourceError(f"{spec}: cannot be opened ({storage.reason(exc)})") from None
         self._seekable = storage.is_local(fs)
+        self._size = os.fstat(self._fh.fileno()).st_size if self._seekable else None
         self.record = 0  # index of the next record
 
     def close(self) -> None:
@@ -103,8 +105,7 @@ class _Reader:
             return False
         if self._seekable:
             pos = self._fh.tell()
-            end = self._fh.seek(0, 2)
-            if pos + n + _FOOTER > end:
+            if pos + n + _FOOTER > self._size:
                 raise SourceError(f"{self.spec}: record {self.record}: truncated (length {n} "
                                   f"past the end of the file)")
             self._fh.seek(pos + n + _FOOTER)
