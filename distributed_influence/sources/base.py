@@ -157,7 +157,7 @@ def check_keys(keys: np.ndarray, name: str) -> np.ndarray:
     keys = np.asarray(keys, dtype=object)
     uniq, counts = np.unique(keys.astype(str), return_counts=True)
     if len(uniq) != len(keys):
-        raise SourceError(f"{name}: duplicate key {uniq[np.argmax(counts > 1)]!r}")
+        raise SourceError(f"{name}: duplicate key {str(uniq[np.argmax(counts > 1)])!r}")
     return keys
 
 
