@@ -30,7 +30,7 @@ import numpy as np
 from .. import storage
 from ..errors import SourceError
 from .base import Rows, Source, check_labels, reshape_to, resolve
-from .images import decode_many, looks_encoded, stack_scaled, target_of
+from .images import SMALL_BLOCK, decode_many, looks_encoded, stack_scaled, target_of
 
 IMAGE_FEATURES = ("image/encoded", "image")
 LABEL_FEATURES = ("label", "image/class/label")
@@ -181,6 +181,7 @@ class TFRecordSource(Source):
         self._y = None
         self._ids = np.arange(self.n_rows, dtype=np.int64)
         self._example = None
+        self._parse_block = None
 
     @staticmethod
     def _scan(spec, image_feature, label_feature, id_feature) -> dict:
@@ -253,11 +254,56 @@ class TFRecordSource(Source):
                 reader.close()
             f += 1
 
+    def _parser(self):
+        """One graph call parsing a block of records (``tf.io.parse_example``), built once."""
+        if self._parse_block is None:
+            from ..tfimport import import_tensorflow
+
+            tf = import_tensorflow()
+            spec = {self.image_feature: tf.io.FixedLenFeature([], tf.string)}
+            if self.label_feature is not None:
+                spec[self.label_feature] = tf.io.FixedLenFeature([], tf.int64)
+            if self.id_feature is not None:
+                spec[self.id_feature] = tf.io.FixedLenFeature([], tf.string)
+
+            @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+            def parse(serialized):
+                return tf.io.parse_example(serialized, spec)
+
+            self._parse_block = (tf, parse)
+        return self._parse_block
+
+    def _fast_rows(self, records: list, input_shape, resize: bool):
+        """Rows parsed in one TensorFlow call; None when any record is not of the common shape
+        (one bytes image, one int64 label, one bytes id): those go record by record, which
+        names the record at fault."""
+        if len(records) < SMALL_BLOCK:
+            return None
+        tf, parse = self._parser()
+        try:
+            parsed = parse(tf.constant([data for _, data in records], dtype=tf.string))
+        except (tf.errors.OpError, ValueError):
+            return None
+        blobs = parsed[self.image_feature].numpy()
+        if not all(looks_encoded(b) for b in blobs):
+            return None
+        wheres = [where for where, _ in records]
+        x = decode_many(list(blobs), lambda i: wheres[i], target_of(input_shape), resize, self.scale)
+        y = None if self.label_feature is None else parsed[self.label_feature].numpy().astype(np.int64)
+        keys = None
+        if self.id_feature is not None:
+            keys = np.array([k.decode("utf-8", "replace") for k in parsed[self.id_feature].numpy()], dtype=object)
+        return x, y, keys, wheres
+
     def _rows(self, start: int, stop: int, input_shape, resize: bool):
+        records = list(self._records(start, stop))
+        fast = self._fast_rows(records, input_shape, resize)
+        if fast is not None:
+            return fast
         if self._example is None:
             self._example = _example_class()
         encoded, raw, floats, labels, keys, wheres = [], [], [], [], [], []
-        for where, data in self._records(start, stop):
+        for where, data in records:
             feature = _parse(self._example, data, where)
             if self.image_feature not in feature:
                 raise SourceError(f"{where}: no feature {self.image_feature!r}")
