@@ -116,6 +116,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=1, help="training epochs of the CNN (default 1)")
     ap.add_argument("--rounds", type=int, default=1, help="runs of each source, interleaved (default 1)")
     ap.add_argument("--work-dir", default=None, help="where inputs and outputs go (default: a temp dir)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the model and inputs a previous run wrote to --work-dir")
     args = ap.parse_args()
 
     t_all = time.perf_counter()
@@ -124,21 +126,27 @@ def main() -> int:
     train, test = load_data(args.data_dir, args.n_train, args.n_test)
     print(f"data: {train.origin} and {test.origin}: {len(train.y)} train + {len(test.y)} test images")
     model = os.path.join(work, "model.keras")
-    info = train_model(train, test, args.epochs, 0, model, seed=0)
-    print(f"model: CNN trained {args.epochs} epoch(s) in {info['seconds']:.1f} s, "
-          f"test accuracy {info['test_accuracy']:.3f}")
-
-    t0 = time.perf_counter()
-    sources = {"npz": (write_npz(os.path.join(work, "train.npz"), train.x, train.y),
-                       write_npz(os.path.join(work, "test.npz"), test.x, test.y))}
-    blobs_tr, blobs_te = encode_pngs(to_pixels(train.x)), encode_pngs(to_pixels(test.x))
-    sources["png parquet"] = (write_png_parquet(os.path.join(work, "train_png.parquet"), blobs_tr, train.y),
-                              write_png_parquet(os.path.join(work, "test_png.parquet"), blobs_te, test.y))
-    sources["tfrecord (png)"] = (write_tfrecords(work, "train", blobs_tr, train.y, TRAIN_SHARDS),
-                                 write_tfrecords(work, "test", blobs_te, test.y, max(1, TRAIN_SHARDS // 4)))
-    mb = sum(len(b) for b in blobs_tr + blobs_te) / 1e6
-    print(f"inputs written in {time.perf_counter() - t0:.1f} s (PNG bytes: {mb:.1f} MB, "
-          f"{mb * 1e6 / (len(blobs_tr) + len(blobs_te)):.0f} B per image)")
+    sources = {"npz": (os.path.join(work, "train.npz"), os.path.join(work, "test.npz")),
+               "png parquet": (os.path.join(work, "train_png.parquet"), os.path.join(work, "test_png.parquet")),
+               "tfrecord (png)": (os.path.join(work, f"train-*-of-{TRAIN_SHARDS:05d}.tfrecord"),
+                                  os.path.join(work, f"test-*-of-{max(1, TRAIN_SHARDS // 4):05d}.tfrecord"))}
+    if args.reuse and os.path.exists(model) and os.path.exists(sources["png parquet"][1]):
+        print(f"reusing the model and inputs in {work} (--reuse)")
+    else:
+        info = train_model(train, test, args.epochs, 0, model, seed=0)
+        print(f"model: CNN trained {args.epochs} epoch(s) in {info['seconds']:.1f} s, "
+              f"test accuracy {info['test_accuracy']:.3f}")
+        t0 = time.perf_counter()
+        write_npz(sources["npz"][0], train.x, train.y)
+        write_npz(sources["npz"][1], test.x, test.y)
+        blobs_tr, blobs_te = encode_pngs(to_pixels(train.x)), encode_pngs(to_pixels(test.x))
+        write_png_parquet(sources["png parquet"][0], blobs_tr, train.y)
+        write_png_parquet(sources["png parquet"][1], blobs_te, test.y)
+        write_tfrecords(work, "train", blobs_tr, train.y, TRAIN_SHARDS)
+        write_tfrecords(work, "test", blobs_te, test.y, max(1, TRAIN_SHARDS // 4))
+        mb = sum(len(b) for b in blobs_tr + blobs_te) / 1e6
+        print(f"inputs written in {time.perf_counter() - t0:.1f} s (PNG bytes: {mb:.1f} MB, "
+              f"{mb * 1e6 / (len(blobs_tr) + len(blobs_te)):.0f} B per image)")
 
     runs = {name: [] for name in sources}
     outs = {}
