@@ -30,8 +30,9 @@ def add_audit_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``audit`` (shared with the Ray Jobs entrypoint)."""
     p.add_argument("--model", required=True, help="trained classifier, a .keras file")
     p.add_argument("--train", required=True,
-                   help="training source: .npz (x, y[, id]), .parquet (label, x|image[, id]), "
-                        "an IDX images file, or 'digits'")
+                   help="training source: .npz (x, y[, id]), .parquet (label, x|image[, id]; image "
+                        "may hold PNG/JPEG bytes), TFRecord file(s) (a file, a glob or a comma list), "
+                        "an image folder DIR/CLASS/*.png|jpg, an IDX images file, or 'digits'")
     p.add_argument("--test", required=True, help="test source whose predictions are explained (same kinds)")
     p.add_argument("--out", required=True, help="output directory for the Parquet tables and manifest.json")
     p.add_argument("--k", type=int, default=10, help="proponents and opponents kept per test example (default 10)")
@@ -61,6 +62,15 @@ def add_audit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=float, default=None,
                    help="factor applied to input values: Parquet 'image' bytes and IDX pixels "
                         "(default 1/255), Parquet 'x' lists (default 1, unchanged)")
+    p.add_argument("--resize", action="store_true",
+                   help="resize decoded images (PNG/JPEG in Parquet, TFRecord, image folders) to the "
+                        "model's input size, bilinear (default: a size mismatch is an error)")
+    p.add_argument("--image-feature", default=None,
+                   help="TFRecord feature holding the image (default: 'image/encoded', else 'image')")
+    p.add_argument("--label-feature", default=None,
+                   help="TFRecord feature holding the label (default: 'label', else 'image/class/label')")
+    p.add_argument("--id-feature", default=None,
+                   help="TFRecord feature holding a string key per record (default: 'id' when present)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace results or partial results of a different job found in --out")
     p.add_argument("--in-process", action="store_true",
@@ -76,7 +86,8 @@ def config_from_args(args: argparse.Namespace):
         feature_layer=args.feature_layer, logit_layer=args.logit_layer, batch_size=args.batch_size,
         test_block=args.test_block, gpus_per_worker=args.gpus_per_worker, workers=args.workers,
         grad_tol=args.grad_tol, max_iter=args.max_iter, input_shape=args.input_shape, scale=args.scale,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, resize=args.resize, image_feature=args.image_feature,
+        label_feature=args.label_feature, id_feature=args.id_feature,
     )
 
 

@@ -47,6 +47,11 @@ class AuditConfig:
         scale: factor applied to input values: Parquet `image` bytes and IDX pixels (default
             1/255), Parquet `x` lists (default 1).
         overwrite: replace results or partials of a different job found in ``out``.
+        resize: resize decoded images (encoded Parquet, TFRecord, image folders) to the model's
+            input size; off by default, and then a size mismatch is an error naming both sizes.
+        image_feature: TFRecord feature of the image (default ``image/encoded`` or ``image``).
+        label_feature: TFRecord feature of the label (default ``label`` or ``image/class/label``).
+        id_feature: TFRecord feature of a string key per record (default ``id`` when present).
     """
 
     model: str
@@ -69,6 +74,10 @@ class AuditConfig:
     input_shape: Optional[tuple] = None
     scale: Optional[float] = None
     overwrite: bool = False
+    resize: bool = False
+    image_feature: Optional[str] = None
+    label_feature: Optional[str] = None
+    id_feature: Optional[str] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,6 +110,12 @@ class AuditConfig:
             len(self.input_shape) == 0 or any(int(s) < 1 for s in self.input_shape)
         ):
             raise ConfigError(f"--input-shape must be positive integers, got {self.input_shape!r}")
+        if not isinstance(self.resize, bool):
+            raise ConfigError(f"--resize must be true or false, got {self.resize!r}")
+        for flag, name in (("--image-feature", self.image_feature), ("--label-feature", self.label_feature),
+                           ("--id-feature", self.id_feature)):
+            if name is not None and (not isinstance(name, str) or not name.strip()):
+                raise ConfigError(f"{flag} must be a non-empty feature name, got {name!r}")
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (for the manifest and for shipping to workers)."""

@@ -11,6 +11,8 @@ import argparse
 import hashlib
 import os
 import time
+
+import numpy as np
 from typing import Optional
 
 from . import storage
@@ -40,7 +42,7 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
     from .inputs import check_source
     from .model import Featurizer, load_model, read_model_bytes, split_model
     from .shard import featurize
-    from .sources import open_source
+    from .sources import open_source, options_from
 
     t0 = time.perf_counter()
     index_dir = storage.join(index_out, index.INDEX_DIR)
@@ -70,16 +72,22 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
     name = storage.basename(model)
     split = split_model(load_model(data, name), cfg.get("feature_layer"), cfg.get("logit_layer"), name)
     input_shape = tuple(audit.get("input_shape") or split.input_shape)
-    src = open_source(test, scale=cfg.get("scale"))
+    # A test image folder is labelled with the training folder's classes, as in the audit.
+    classes = ((audit.get("sources") or {}).get("train") or {}).get("classes")
+    src = open_source(test, classes=classes, **options_from(cfg))
     check_source(src, "test", split.n_classes, input_shape, need_labels=False)
 
-    test_x, logits, test_ids, test_y = featurize(src, Featurizer(split, batch_size), input_shape, 0, src.n_rows)
+    test_x, logits, test_ids, test_y, test_keys = featurize(src, Featurizer(split, batch_size), input_shape,
+                                                            0, src.n_rows)
     pred = rp.predicted_classes(logits)
 
     sums_t = rp.class_sums(test_x, pred, split.n_classes).T  # the same for every shard
-    results = []
+    results, train_ids, train_keys = [], [], []
     for path in files:
         shard = index.read_shard(path)
+        if shard["keys"] is not None:
+            train_ids.append(shard["ids"])
+            train_keys.append(shard["keys"])
         scored = rp.score_shard(shard["x"], shard["ids"], shard["alpha"], test_x, pred, k, test_block,
                                 class_sim=rp.linear_logits(shard["x"], sums_t))
         results.append({"topk": scored["topk"]})
@@ -87,6 +95,13 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
     topk = rd.merge_topk_table(results, k, test_ids, pred)
     dec = rd.test_table(test_ids, test_y, pred, rp.per_class(logits), rp.per_class(rp.linear_logits(test_x, theta)),
                         rp.per_class(rp.linear_logits(test_x, alpha_head)))
+    test_table = dec["table"]
+    if train_keys:  # the index names the file (or key) of every proponent and opponent
+        topk = tables.add_key_column(topk, "train_id", tables.TRAIN_KEY, np.concatenate(train_ids),
+                                     np.concatenate(train_keys))
+    if test_keys is not None:
+        topk = tables.add_key_column(topk, "test_id", tables.TEST_KEY, test_ids, test_keys)
+        test_table = tables.add_key_column(test_table, "test_id", tables.TEST_KEY, test_ids, test_keys)
     manifest = {
         "command": "explain",
         "index": storage.redact(index_out) if storage.is_uri(index_out) else os.path.abspath(index_out),
@@ -99,7 +114,7 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
         "decomposition": {"max_error": dec["max_error"], "max_relative_error": dec["max_relative_error"]},
         "timings": {"total": round(time.perf_counter() - t0, 4)},
     }
-    tables.write_outputs(out, {tables.INFLUENCE_TOPK: topk, tables.TEST_SCORES: dec["table"]}, manifest)
+    tables.write_outputs(out, {tables.INFLUENCE_TOPK: topk, tables.TEST_SCORES: test_table}, manifest)
     return manifest
 
 
@@ -119,7 +134,8 @@ def add_parser(sub) -> None:
                                    "full audit's on the same test examples.")
     p.add_argument("--index", required=True, help="the --out directory of a finished audit")
     p.add_argument("--model", required=True, help="the audit's .keras model (checked byte for byte)")
-    p.add_argument("--test", required=True, help="test source to explain (.npz, .parquet, IDX, digits:test)")
+    p.add_argument("--test", required=True, help="test source to explain (.npz, .parquet, TFRecord, an image folder, IDX, "
+                                                "digits:test; read with the audit's source options)")
     p.add_argument("--out", required=True, help="output directory for influence_topk/test_scores tables")
     p.add_argument("--k", type=int, default=None, help="proponents and opponents per test example "
                                                          "(default: the audit's k)")

@@ -9,7 +9,7 @@ training set or fitting the head again.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -53,21 +53,30 @@ def shard_file(index_dir: str, shard: int) -> str:
     return storage.join(index_dir, f"shard-{shard:05d}.parquet")
 
 
-def write_shard(path: str, ids: np.ndarray, labels: np.ndarray, x: np.ndarray, alpha: np.ndarray) -> None:
-    """One shard's rows: train_id, label, augmented features (float32), α (float64, all classes)."""
-    table = pa.table({
+def write_shard(path: str, ids: np.ndarray, labels: np.ndarray, x: np.ndarray, alpha: np.ndarray,
+                keys: Optional[np.ndarray] = None) -> None:
+    """One shard's rows: train_id, label, augmented features (float32), α (float64, all classes),
+    and ``train_key`` (string) when the source has keys, so ``explain`` names proponents' files."""
+    columns = {
         "train_id": pa.array(ids, pa.int64()),
         "label": pa.array(labels, pa.int32()),
         "features": _fixed_list(x, np.float32),
         "alpha": _fixed_list(alpha, np.float64),
-    })
-    _atomic_write(table, path)
+    }
+    if keys is not None:
+        columns["train_key"] = pa.array(np.asarray(keys, dtype=object), pa.string())
+    _atomic_write(pa.table(columns), path)
 
 
 def read_shard(path: str) -> Dict[str, np.ndarray]:
+    """A shard's rows; ``keys`` is None for an index of a source without keys."""
     t = _read(path)
+    keys = None
+    if "train_key" in t.column_names:
+        keys = np.asarray(t.column("train_key").to_pylist(), dtype=str)
     return {"ids": t.column("train_id").to_numpy(), "labels": t.column("label").to_numpy(),
-            "x": _matrix(t.column("features"), np.float32), "alpha": _matrix(t.column("alpha"), np.float64)}
+            "x": _matrix(t.column("features"), np.float32), "alpha": _matrix(t.column("alpha"), np.float64),
+            "keys": keys}
 
 
 def write_head(index_dir: str, theta: np.ndarray, alpha_head: np.ndarray) -> None:

@@ -17,7 +17,7 @@ from . import storage
 from .config import AuditConfig
 from .errors import ConfigError, SourceError
 from .model import SplitModel, load_model, read_model_bytes, split_model
-from .sources import Source, open_source, reshape_to
+from .sources import ImageFolderSource, Source, open_source, options_from, reshape_to
 
 
 @dataclasses.dataclass
@@ -54,6 +54,11 @@ def check_source(src: Source, role: str, n_classes: int, input_shape, need_label
     uniq, counts = np.unique(ids, return_counts=True)
     if len(uniq) != len(ids):
         raise SourceError(f"{src.name}: duplicate id {int(uniq[np.argmax(counts > 1)])} in the {role} set")
+    if src.decodes_images:
+        # One image through the same decoding the workers use: corrupt bytes, a size the model
+        # does not take without --resize, or an unusable channel count stop the job here.
+        src.read(0, 1, input_shape)
+        return
     # Shape: one row through the same reshape the workers use.
     x0 = np.asarray(src._read_x(0, 1), dtype=np.float32)
     try:
@@ -80,6 +85,14 @@ def _check_out(out: str) -> None:
             raise ConfigError(f"{out}: cannot write results there ({probe} is not a writable directory)")
 
 
+def open_sources(train_spec: str, test_spec: str, options: dict) -> Tuple[Source, Source]:
+    """Opens the training and test sources; a test image folder takes the training folder's
+    classes, so its labels mean what the model learnt."""
+    train = open_source(train_spec, **options)
+    classes = train.classes if isinstance(train, ImageFolderSource) else None
+    return train, open_source(test_spec, classes=classes, **options)
+
+
 def prepare_inputs(config: AuditConfig) -> Inputs:
     """Opens the model and sources and checks them against each other.
 
@@ -92,8 +105,7 @@ def prepare_inputs(config: AuditConfig) -> Inputs:
     model = load_model(model_bytes, name)
     split = split_model(model, config.feature_layer, config.logit_layer, name)
     input_shape = tuple(config.input_shape) if config.input_shape else split.input_shape
-    train = open_source(config.train, scale=config.scale)
-    test = open_source(config.test, scale=config.scale)
+    train, test = open_sources(config.train, config.test, options_from(config))
     check_source(train, "training", split.n_classes, input_shape, need_labels=True)
     check_source(test, "test", split.n_classes, input_shape, need_labels=False)
     if config.k > train.n_rows:

@@ -28,6 +28,7 @@ from .inputs import Inputs, prepare_inputs
 from .representer import fidelity_from_moments, fidelity_moments, per_class, predicted_classes
 from .resume import WorkStore, run_key
 from .shard import WorkerSettings, plan_shards
+from .sources import options_from
 from .worker import InProcessPool, RayPool, progress_bar, unwrap_ray_error
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,8 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
             test_block=config.test_block, feature_layer=config.feature_layer,
             logit_layer=config.logit_layer, input_shape=inputs.input_shape, scale=config.scale,
             index_dir=storage.join(store.path, index.INDEX_DIR), fault=fault,
+            source_options={k: v for k, v in options_from(config).items() if k != "scale"},
+            layouts={"train": inputs.train.layout(), "test": inputs.test.layout()},
         )
         if use_ray:
             pool = RayPool(inputs.model_bytes, settings, min(n_workers, len(specs)), cpus, gpus)
@@ -181,6 +184,8 @@ def _featurize_test(pool, inputs: Inputs) -> dict:
             "ids": np.concatenate([m["ids"] for m in metas])}
     if metas[0]["labels"] is not None:
         test["labels"] = np.concatenate([m["labels"] for m in metas])
+    if "keys" in metas[0]:
+        test["keys"] = np.concatenate([m["keys"] for m in metas])
     return test
 
 
@@ -213,6 +218,20 @@ def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> 
     }
     store.save("fit", result)
     return result
+
+
+def _with_keys(topk, train, test_table, results: list, test: dict):
+    """Appends the string keys of sources that have them (DESIGN.md §3): ``train_key`` to
+    influence_topk and train_scores, ``test_key`` to influence_topk and test_scores."""
+    if tables.TRAIN_KEY in results[0]["train"]:
+        ids = np.concatenate([r["train"]["train_id"] for r in results])
+        keys = np.concatenate([r["train"][tables.TRAIN_KEY] for r in results])
+        topk = tables.add_key_column(topk, "train_id", tables.TRAIN_KEY, ids, keys)
+        train = tables.add_key_column(train, "train_id", tables.TRAIN_KEY, ids, keys)
+    if "keys" in test:
+        topk = tables.add_key_column(topk, "test_id", tables.TEST_KEY, test["ids"], test["keys"])
+        test_table = tables.add_key_column(test_table, "test_id", tables.TEST_KEY, test["ids"], test["keys"])
+    return topk, train, test_table
 
 
 def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore,
@@ -265,11 +284,12 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
                             per_class(np.sum([r["test_alpha_head"] for r in ordered], axis=0)))
         residual = float(np.max(np.abs(theta - alpha_head)) / np.max(np.abs(theta)))
         index.write_head(storage.join(store.path, index.INDEX_DIR), theta, alpha_head)
+        topk, train, test_table = _with_keys(topk, train, dec["table"], ordered, test)
 
     nodes = sorted({i["node"] for i in shard_info.values() if i.get("node")})
     return {
         "_tables": {tables.INFLUENCE_TOPK: topk, tables.TRAIN_SCORES: train,
-                    tables.TEST_SCORES: dec["table"]},
+                    tables.TEST_SCORES: test_table},
         "config": {key: storage.redact(val) for key, val in config.to_dict().items()},
         "config_digest": config.digest(),
         "model_sha256": hashlib.sha256(inputs.model_bytes).hexdigest(),
@@ -280,6 +300,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         "n_classes": int(inputs.n_classes),
         "feature_dim": int(inputs.split.feature_dim),
         "input_shape": [None if d is None else int(d) for d in inputs.input_shape],
+        "sources": {"train": inputs.train.describe(), "test": inputs.test.describe()},
         "head_layer": inputs.split.head_layer,
         "lambda": float(config.lam),
         "target": config.target,

@@ -50,11 +50,11 @@ def load_role_pictures(config: dict, role: str,
         ({id: picture}, None) when the source holds images, else (None, a note saying why the
         page shows ids and values instead).
     """
-    from .sources import open_source
+    from .sources import open_source, options_from
 
     spec = config.get(role)
     try:
-        pictures = read_pictures(open_source(str(spec), scale=config.get("scale")), _shape(config), ids)
+        pictures = read_pictures(open_source(str(spec), **options_from(config)), _shape(config), ids)
     except Exception as exc:  # pictures are optional: whatever stops them must not stop the report
         return None, f"The {role} source {spec} cannot be read ({exc}); showing ids and values."
     if any(p is None for p in pictures.values()):

@@ -54,6 +54,7 @@ class ShardData:
     targets: np.ndarray  # (s, C) float64 t_i of the fit
     x_tf: object = None  # x as a resident tensor: the fit evaluates it hundreds of times
     targets32: object = None
+    keys: Optional[np.ndarray] = None  # (s,) str: the rows' string keys, when the source has them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,17 +75,33 @@ class WorkerSettings:
     input_shape: Optional[tuple] = None
     scale: Optional[float] = None
     index_dir: Optional[str] = None  # where score() writes the shard's train index
+    source_options: Optional[dict] = None  # open_source options besides scale (resize, features)
+    layouts: Optional[dict] = None  # {"train"|"test": Source.layout()} found once by the driver
     fault: Optional[Fault] = None  # test hook, see faults.py
 
 
 def featurize(src, featurizer: Featurizer, input_shape, start: int, stop: int):
     """Rows [start, stop) of a source through the model: (augmented features, logits, ids,
-    labels), with NaN/inf refused in the inputs and in the features the model made of them."""
+    labels, keys), with NaN/inf refused in the inputs and in the features the model made of
+    them. ``keys`` is None for sources without string keys, else a NumPy str array."""
     rows = src.read(start, stop, input_shape)
     check_finite(rows.x, src.name, start)
+    if rows.y is not None and not src.labels_checked:
+        check_label_range(src, rows.y, featurizer.split.n_classes, start)
     feats, logits = featurizer(rows.x)
     check_finite(feats, f"{src.name}: the model's features", start)
-    return rp.augment(feats), logits, rows.ids, rows.y
+    keys = None if rows.keys is None else np.asarray(rows.keys, dtype=str)
+    return rp.augment(feats), logits, rows.ids, rows.y, keys
+
+
+def check_label_range(src, y: np.ndarray, n_classes: int, first_row: int) -> None:
+    """Labels the driver could not check (they live inside the records) are checked as read."""
+    bad = (y < 0) | (y >= n_classes)
+    if bad.any():
+        row = first_row + int(np.argmax(bad))
+        where = src.where(row) if hasattr(src, "where") else f"{src.name}: row {row}"
+        raise SourceError(f"{where}: label {int(y[int(np.argmax(bad))])} is outside 0..{n_classes - 1} "
+                          f"(the model has {n_classes} classes)")
 
 
 def check_finite(arr: np.ndarray, what: str, first_row: int) -> None:
@@ -116,15 +133,17 @@ class ShardWorker:
 
     def _source(self, which: str):
         if which not in self._sources:
-            spec = self.settings.train if which == "train" else self.settings.test
-            self._sources[which] = open_source(spec, scale=self.settings.scale)
+            s = self.settings
+            spec = s.train if which == "train" else s.test
+            self._sources[which] = open_source(spec, scale=s.scale, layout=(s.layouts or {}).get(which),
+                                               **(s.source_options or {}))
         return self._sources[which]
 
     def _input_shape(self):
         return self.settings.input_shape or self.featurizer().split.input_shape
 
     def featurize_rows(self, which: str, start: int, stop: int):
-        """Reads rows [start, stop) of a source and returns (augmented features, logits, ids, labels)."""
+        """Reads rows [start, stop) of a source: (augmented features, logits, ids, labels, keys)."""
         return featurize(self._source(which), self.featurizer(), self._input_shape(), start, stop)
 
     def featurize_test(self, start: int, stop: int):
@@ -133,8 +152,11 @@ class ShardWorker:
         Two return values, so that under Ray the features can stay in the object store (the
         driver passes them on to the scoring calls without ever holding them).
         """
-        x, logits, ids, labels = self.featurize_rows("test", start, stop)
-        return x, {"logits": logits, "ids": ids, "labels": labels}
+        x, logits, ids, labels, keys = self.featurize_rows("test", start, stop)
+        meta = {"logits": logits, "ids": ids, "labels": labels}
+        if keys is not None:
+            meta["keys"] = keys
+        return x, meta
 
     def prepare(self, spec: ShardSpec) -> dict:
         """Featurizes a training shard and keeps it; returns its size and where it ran."""
@@ -146,14 +168,15 @@ class ShardWorker:
     def _data(self, spec: ShardSpec) -> ShardData:
         """The shard's featurized rows; featurized again if this process lost them (restart)."""
         if spec.index not in self._shards:
-            x, logits, ids, labels = self.featurize_rows("train", spec.start, spec.stop)
+            x, logits, ids, labels, keys = self.featurize_rows("train", spec.start, spec.stop)
             if labels is None:
                 raise InputError(f"{self.settings.train}: the training source has no labels")
             order = np.argsort(ids, kind="stable")
             x, logits, ids, labels = x[order], logits[order], ids[order], labels[order]
+            keys = None if keys is None else keys[order]
             targets = rp.fit_targets(labels, logits, self.settings.target)
             self._shards[spec.index] = ShardData(x, logits, labels, ids, targets, x_tf=rp.tf.constant(x),
-                                                 targets32=rp.tf.constant(targets, rp.tf.float32))
+                                                 targets32=rp.tf.constant(targets, rp.tf.float32), keys=keys)
         return self._shards[spec.index]
 
     # ----------------------------------------------------------------------------- head fit
@@ -206,9 +229,10 @@ class ShardWorker:
         scored = rp.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block, x_tf=d.x_tf,
                                 class_sim=class_sim)
         if s.index_dir:
-            index.write_shard(index.shard_file(s.index_dir, spec.index), d.ids, d.labels, d.x, alpha)
+            index.write_shard(index.shard_file(s.index_dir, spec.index), d.ids, d.labels, d.x, alpha,
+                              keys=d.keys)
         rows = np.arange(len(d.ids))
-        return {
+        result = {
             "shard": spec.index,
             "topk": scored["topk"],
             # x_t Θ and x_t Σ_(i in shard) x_iᵀα_i for every test row: the driver adds the
@@ -228,6 +252,9 @@ class ShardWorker:
             "seconds": time.perf_counter() - t0,
             "node": _node_id() or "",  # a string even outside Ray: stored without pickling
         }
+        if d.keys is not None:
+            result["train"]["train_key"] = d.keys
+        return result
 
 
 def score_rows_against_index(files: list, query_x: np.ndarray, query_class: np.ndarray, k: int,

@@ -57,6 +57,11 @@ TEST_SCHEMA = pa.schema([
     ("decomposition_error", pa.float32()),
 ])
 
+#: String keys of examples, appended to the tables when a source has them (file paths of image
+#: folders, a string ``id`` column, a TFRecord id feature); ids stay int64 row numbers.
+TRAIN_KEY = "train_key"
+TEST_KEY = "test_key"
+
 #: Rows per Parquet row group: large groups keep reads fast and metadata small.
 ROW_GROUP = 1 << 20
 
@@ -69,6 +74,27 @@ def to_table(columns: Dict[str, object], schema: pa.Schema) -> pa.Table:
         for f in schema
     ]
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def add_key_column(table: pa.Table, id_col: str, key_col: str, ids, keys) -> pa.Table:
+    """Appends ``key_col`` (string) to ``table``: the key of each row's ``id_col``.
+
+    Args:
+        table: a table with an int64 ``id_col``.
+        ids: every id of the source (any order).
+        keys: the key of each of ``ids``.
+    """
+    import numpy as np
+
+    ids = np.asarray(ids)
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    wanted = table.column(id_col).to_numpy()
+    pos = np.clip(np.searchsorted(sorted_ids, wanted), 0, max(len(sorted_ids) - 1, 0))
+    found = (sorted_ids[pos] == wanted) if len(sorted_ids) else np.zeros(len(wanted), bool)
+    values = np.asarray(keys, dtype=object)[order][pos] if len(sorted_ids) else np.full(len(wanted), None)
+    column = pa.array(values, pa.string(), mask=~found)
+    return table.append_column(pa.field(key_col, pa.string()), column)
 
 
 def write_outputs(out_dir: str, tables: Dict[str, pa.Table], manifest: dict) -> None:
