@@ -11,9 +11,9 @@ import argparse
 import hashlib
 import os
 import time
+from typing import Optional
 
 import numpy as np
-from typing import Optional
 
 from . import storage
 from .errors import ConfigError, InputError
