@@ -60,6 +60,9 @@ def add_audit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=float, default=None,
                    help="factor applied to input values: Parquet 'image' bytes and IDX pixels "
                         "(default 1/255), Parquet 'x' lists (default 1, unchanged)")
+    p.add_argument("--scoring", choices=["pruned", "dense"], default="pruned",
+                   help="pruned (default): exact top-k from the few training rows whose bound "
+                        "|alpha|*|x_i|*|x_t| can reach it; dense: every (test, train) pair. Same tables")
     p.add_argument("--overwrite", action="store_true",
                    help="replace results or partial results of a different job found in --out")
     p.add_argument("--in-process", action="store_true",
@@ -75,7 +78,7 @@ def config_from_args(args: argparse.Namespace):
         feature_layer=args.feature_layer, logit_layer=args.logit_layer, batch_size=args.batch_size,
         test_block=args.test_block, gpus_per_worker=args.gpus_per_worker, workers=args.workers,
         grad_tol=args.grad_tol, max_iter=args.max_iter, input_shape=args.input_shape, scale=args.scale,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, scoring=args.scoring,
     )
 
 

@@ -14,6 +14,8 @@ from typing import Optional
 from .errors import ConfigError
 
 TARGETS = ("labels", "predictions")
+#: Scoring paths (see scoring.py): the same tables, pruned skips most (test, train) pairs.
+SCORING = ("pruned", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,9 @@ class AuditConfig:
         scale: factor applied to input values: Parquet `image` bytes and IDX pixels (default
             1/255), Parquet `x` lists (default 1).
         overwrite: replace results or partials of a different job found in ``out``.
+        scoring: ``pruned`` (default: exact top-k from a few percent of the pairs, by a
+            Cauchy–Schwarz bound) or ``dense`` (every pair, the reference). The tables are the
+            same, so it is not part of :meth:`digest`.
     """
 
     model: str
@@ -69,6 +74,7 @@ class AuditConfig:
     input_shape: Optional[tuple] = None
     scale: Optional[float] = None
     overwrite: bool = False
+    scoring: str = "pruned"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -95,6 +101,8 @@ class AuditConfig:
             raise ConfigError(f"--grad-tol must be > 0, got {self.grad_tol!r}")
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise ConfigError(f"--max-iter must be an integer >= 1, got {self.max_iter!r}")
+        if self.scoring not in SCORING:
+            raise ConfigError(f"--scoring must be one of {', '.join(SCORING)}, got {self.scoring!r}")
         if self.scale is not None and not (self.scale > 0):
             raise ConfigError(f"--scale must be > 0, got {self.scale!r}")
         if self.input_shape is not None and (
@@ -112,6 +120,7 @@ class AuditConfig:
     def digest(self) -> str:
         """Hash of the settings that change the numbers (not where they are written)."""
         d = self.to_dict()
-        for key in ("out", "address", "workers", "gpus_per_worker", "overwrite", "batch_size", "test_block"):
+        for key in ("out", "address", "workers", "gpus_per_worker", "overwrite", "batch_size", "test_block",
+                    "scoring"):
             d.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

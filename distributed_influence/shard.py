@@ -17,6 +17,7 @@ import numpy as np
 
 from . import index
 from . import representer as rp
+from . import scoring
 from .errors import InputError, SourceError
 from .faults import Fault, maybe_kill_worker
 from .model import Featurizer, load_model, split_model
@@ -69,6 +70,7 @@ class WorkerSettings:
     n_train: int
     batch_size: int
     test_block: int
+    scoring: str = "pruned"  # pruned | dense (same tables; see scoring.py)
     feature_layer: Optional[str] = None
     logit_layer: Optional[str] = None
     input_shape: Optional[tuple] = None
@@ -205,8 +207,8 @@ class ShardWorker:
         alpha, alpha_head, class_sim = rp.alpha_pass(d.x, theta, d.targets, s.lam, s.n_train,
                                                      rp.class_sums(test_x, test_pred, n_classes))
         maybe_kill_worker(s.fault, spec.index)
-        scored = rp.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block, x_tf=d.x_tf,
-                                class_sim=class_sim)
+        scored = scoring.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block, x_tf=d.x_tf,
+                                     class_sim=class_sim, method=s.scoring)
         if s.index_dir:
             index.write_shard(index.shard_file(s.index_dir, spec.index), d.ids, d.labels, d.x, alpha)
         rows = np.arange(len(d.ids))
@@ -225,6 +227,7 @@ class ShardWorker:
                 "influence_abs_sum": scored["influence_abs_sum"],
             },
             "alpha_head": alpha_head,
+            "scoring": scored["scoring"],
             "seconds": time.perf_counter() - t0,
             "node": _node_id() or "",  # a string even outside Ray: stored without pickling
         }
