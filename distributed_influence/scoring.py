@@ -65,6 +65,11 @@ TF32_EXTRA = 2.0 ** -9
 #: double in between, so a test row that needs many rows costs few steps.
 FIRST_BLOCK = 256
 MAX_BLOCK = 4096
+#: Test rows per float64 step of the exact finish (bounds its (rows × 2k × (d+1)) copy).
+CANON_ROWS = 128
+
+#: Candidates kept per kind, as a multiple of k, for the exact finish (see :func:`_finish`).
+CANDIDATES = 2
 
 #: Chunk width of the dense path's two-level top-k.
 TOPK_CHUNK = 64
@@ -252,33 +257,36 @@ def _merge_candidates(xt, x, alpha_c, cand, pv, pr, ov, orow, k):
     return pv, pr, ov, orow
 
 
-def _pruned_class(xt_b, tnorm, x_t, alpha_c, order, skey, k, factor, eta):
-    """Top-k of one class's test rows (a block) by the pruned scan of the shard's rows.
+def _pruned_class(xt_b, tnorm, err, x_t, alpha_c, order, skey, k, k2, factor, eta):
+    """Candidates of one class's test rows (a block) by the pruned scan of the shard's rows.
 
     Args:
         xt_b: (b, d+1) float32 test rows explaining this class.
         tnorm: (b,) float64 their norms.
+        err: (b,) float64 bound on |float32 product − exact| for any pair of each row.
         x_t: (s, d+1) resident shard features.
         alpha_c: (s,) float32 tensor, α of this class.
         order: (s,) int32 shard rows by decreasing key |α|·‖x_i‖.
         skey: (s,) float64 the keys in that order.
-        k: entries per kind (≤ s).
+        k: entries per kind; k2 (≥ k) candidates kept per kind for the exact finish.
         factor, eta: the float32 safety margin (:func:`bound_factor`) and absolute term.
 
     Returns:
-        (proponent values, rows, opponent values, rows) each (b, k), and the pairs scored.
+        (proponent values, rows, opponent values, rows) each (b, k2) by float32 products, best
+        first, and the pairs scored. Every row of the exact top-k is among the scanned rows.
     """
     b, s = len(xt_b), len(order)
-    out = [np.empty((b, k), np.float32), np.empty((b, k), np.int64),
-           np.empty((b, k), np.float32), np.empty((b, k), np.int64)]
+    out = [np.empty((b, k2), np.float32), np.empty((b, k2), np.int64),
+           np.empty((b, k2), np.float32), np.empty((b, k2), np.int64)]
     active = np.arange(b)
     xt = tf.constant(xt_b)
-    sentinel = tf.constant(np.broadcast_to(np.arange(s, s + k, dtype=np.int32), (b, k)))
-    pv = tf.fill([b, k], float("-inf"))
-    ov = tf.fill([b, k], float("inf"))
+    sentinel = tf.constant(np.broadcast_to(np.arange(s, s + k2, dtype=np.int32), (b, k2)))
+    pv = tf.fill([b, k2], float("-inf"))
+    ov = tf.fill([b, k2], float("inf"))
     pr, orow = sentinel, sentinel
-    kk = tf.constant(k)
-    pos, width, pairs = 0, FIRST_BLOCK, 0
+    kk = tf.constant(k2)
+    # The first block holds at least k2 rows, so no sentinel survives into a finished list.
+    pos, width, pairs = 0, max(FIRST_BLOCK, k2), 0
 
     def emit(which, state):
         for slot, arr in zip(out, state):
@@ -294,9 +302,14 @@ def _pruned_class(xt_b, tnorm, x_t, alpha_c, order, skey, k, factor, eta):
         if pos >= s:
             emit(slice(None), state)
             return out, pairs
-        # The next row's bound, inflated for float32 rounding: every later row's is no larger.
+        # The next row's bound on any computed value (every later row's is no larger), against
+        # the k-th values lowered by what float32 products may be off from the exact finish.
         bound = skey[pos] * tnorm[active] * factor + eta
-        stop = (bound < state[0][:, k - 1]) & (bound < -state[2][:, k - 1].astype(np.float64))
+        e = err[active]
+        top_k = state[0][:, k - 1].astype(np.float64)
+        bottom_k = state[2][:, k - 1].astype(np.float64)
+        stop = ((bound < top_k - 2 * e - 4 * U32 * np.abs(top_k))
+                & (bound < -bottom_k - 2 * e - 4 * U32 * np.abs(bottom_k)))
         if stop.any():
             emit(stop, state)
             keep = np.flatnonzero(~stop)
@@ -317,30 +330,26 @@ def _take(test_x: RowParts, rows: np.ndarray) -> np.ndarray:
     return np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
 
 
-def _pruned(x, x_t, alpha, test_x: RowParts, test_pred, k, block, put):
+def _pruned(x_t, geo: "_Geometry", test_x: RowParts, test_pred, k, k2, block, finish):
     """The pruned path: per class, blocks of that class's test rows against the scan order."""
-    s, dim = x.shape
-    alpha32 = np.asarray(alpha, np.float32)
-    xnorm = row_norms(x)
-    factor = bound_factor(dim, tf32_possible())
+    s = geo.rows
     pairs = 0
-    for c in range(alpha.shape[1]):
+    for c in range(geo.alpha32.shape[1]):
         rows_c = np.flatnonzero(test_pred == c)
         if not len(rows_c):
             continue
-        a_abs = np.abs(alpha32[:, c]).astype(np.float64)
-        key = a_abs * xnorm
+        key = np.abs(geo.alpha32[:, c]).astype(np.float64) * geo.xnorm
         order = np.argsort(-key, kind="stable").astype(np.int32)  # the only per-class array
         skey = key[order]
-        eta = (float(a_abs.max()) * dim + 1.0) * TINY32
-        alpha_c = tf.constant(alpha32[:, c])
+        alpha_c = tf.constant(geo.alpha32[:, c])
         b0 = 0
         while b0 < len(rows_c):
             sel = rows_c[b0:b0 + block]
             xt = _take(test_x, sel)
+            tnorm = row_norms(xt)
             try:
-                (pv, pr, ov, orow), n = _pruned_class(xt, row_norms(xt), x_t, alpha_c, order, skey, k,
-                                                      factor, eta)
+                (pv, pr, ov, orow), n = _pruned_class(xt, tnorm, geo.err(test_pred[sel], tnorm), x_t, alpha_c,
+                                                      order, skey, k, k2, geo.factor, geo.eta[c])
             except tf.errors.ResourceExhaustedError:
                 if block == 1:
                     raise
@@ -348,9 +357,101 @@ def _pruned(x, x_t, alpha, test_x: RowParts, test_pred, k, block, put):
                 log.warning("out of memory while scoring: test block now %d", block)
                 continue
             pairs += n
-            put(sel, xt, test_pred[sel], pv, pr, ov, orow)
+            finish(sel, xt, test_pred[sel], pv, pr, ov, orow, s <= k2)
             b0 += len(sel)
     return pairs
+
+
+# ---------------------------------------------------------------------------- the exact finish
+
+
+class _Geometry:
+    """Per-shard quantities of the bounds: norms, float32 α, the margin, per-class maxima."""
+
+    def __init__(self, x, alpha):
+        self.rows, dim = x.shape
+        self.alpha32 = np.asarray(alpha, np.float32)
+        self.xnorm = row_norms(x)
+        self.factor = bound_factor(dim, tf32_possible())
+        a_abs = np.abs(self.alpha32).astype(np.float64)
+        self.maxkey = (a_abs * self.xnorm[:, None]).max(axis=0) if self.rows else np.zeros(a_abs.shape[1])
+        self.eta = (a_abs.max(axis=0, initial=0.0) * dim + 1.0) * TINY32
+
+    def err(self, pred, tnorm) -> np.ndarray:
+        """Per test row: a bound on |float32 product − exact value| over every shard row."""
+        return (self.factor - 1.0) * self.maxkey[pred] * tnorm + self.eta[pred]
+
+
+def _canonical_dots(x_t, rows: np.ndarray, xt: np.ndarray) -> np.ndarray:
+    """x_i·x_t in float64 for the rows (b, K) of each test row (float32 inputs, exact products).
+
+    The float64 sum is ~1e-13 from exact, so its float32 rounding does not depend on how
+    either path ordered the sum: this is what makes dense and pruned tables equal bit for bit.
+    """
+    out = np.empty(rows.shape)
+    for a, b in row_blocks(len(rows), CANON_ROWS):
+        g = tf.cast(tf.gather(x_t, rows[a:b]), tf.float64)
+        out[a:b] = tf.linalg.matvec(g, tf.cast(tf.constant(xt[a:b]), tf.float64)).numpy()
+    return out
+
+
+def _select(val: np.ndarray, rows: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    """Positions of the top-k of each row by (value, row): ties to the smaller row (id)."""
+    return np.lexsort((rows, -val if largest else val), axis=-1)[:, :k]
+
+
+def _full_rows(x_t, xt: np.ndarray, a32: np.ndarray, k: int):
+    """The exact finish over every shard row, for the few test rows the candidates cannot
+    certify (ties or near-ties at the k-th place): float64 products against the whole shard."""
+    s = int(x_t.shape[0])
+    dots = np.empty((len(xt), s))
+    xt64 = tf.cast(tf.constant(xt), tf.float64)
+    for a, b in row_blocks(s, CANON_ROWS * 8):
+        dots[:, a:b] = tf.matmul(xt64, tf.cast(x_t[a:b], tf.float64), transpose_b=True).numpy()
+    val = (a32.astype(np.float64) * dots).astype(np.float32)
+    rows = np.broadcast_to(np.arange(s), val.shape)
+    out = []
+    for largest in (True, False):
+        pick = _select(val, rows, k, largest)
+        out.append((np.take_along_axis(val, pick, 1), np.take_along_axis(rows, pick, 1),
+                    np.take_along_axis(dots, pick, 1)))
+    return out
+
+
+def _finish(x_t, geo: _Geometry, xt, pred, cands, k: int, complete: bool):
+    """The exact top-k from float32 candidates: values again from float64 dot products, then
+    ordered by (value, id); certified against what the candidates left out.
+
+    Both paths keep k2 ≥ k candidates per kind by their float32 products. Anything they left
+    out has a float32 value ≤ the k2-th (proponents), so an exact value at most err above it:
+    when that is still strictly below the exact k-th value, the top-k is certain. Test rows
+    that cannot be certified (exact ties across the k-th place, or near-ties) are finished
+    against the whole shard in float64.
+
+    Returns:
+        ([(values, rows, similarity) for proponents, for opponents] each (b, k), rows redone).
+    """
+    tnorm = row_norms(xt)
+    err = geo.err(pred, tnorm)
+    out, redo = [], np.zeros(len(xt), bool)
+    for (gv, gr), largest in zip(cands, (True, False)):
+        dots = _canonical_dots(x_t, gr, xt)
+        val = (geo.alpha32[gr, pred[:, None]].astype(np.float64) * dots).astype(np.float32)
+        pick = _select(val, gr, k, largest)
+        v = np.take_along_axis(val, pick, 1)
+        out.append([v, np.take_along_axis(gr, pick, 1), np.take_along_axis(dots, pick, 1)])
+        if not complete:
+            ck = v[:, -1].astype(np.float64)
+            last = gv[:, -1].astype(np.float64)
+            slack = 2 * err + 4 * U32 * np.abs(ck)
+            redo |= ~((last + slack < ck) if largest else (last - slack > ck))
+    todo = np.flatnonzero(redo)
+    if len(todo):
+        full = _full_rows(x_t, xt[todo], geo.alpha32[:, pred[todo]].T, k)
+        for kind in range(2):
+            for field in range(3):
+                out[kind][field][todo] = full[kind][field]
+    return out, len(todo)
 
 
 # ---------------------------------------------------------------------------------- a shard
@@ -416,27 +517,32 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
     topk = {kind: {"values": np.empty((m, k), np.float32), "ids": np.empty((m, k), np.int64),
                    "alpha": np.empty((m, k), np.float32), "similarity": np.empty((m, k), np.float32)}
             for kind in ("proponent", "opponent")}
+    s = len(ids)
+    k2 = min(s, CANDIDATES * k)  # candidates per kind for the exact finish
+    geo = _Geometry(x, alpha)
+    redone = [0]
 
-    def put(rows, xt, pred, top_v, top_i, bottom_v, bottom_i):
-        for kind, vals, idx in (("proponent", top_v, top_i), ("opponent", bottom_v, bottom_i)):
+    def finish(rows, xt, pred, top_v, top_i, bottom_v, bottom_i, complete):
+        done, n_redo = _finish(x_t, geo, xt, pred, [(top_v, top_i), (bottom_v, bottom_i)], k, complete)
+        redone[0] += n_redo
+        for kind, (vals, idx, dots) in zip(("proponent", "opponent"), done):
             o = topk[kind]
             o["values"][rows] = vals
             o["ids"][rows] = ids[idx]
             o["alpha"][rows] = alpha[idx, pred[:, None]]
-            # Only b·k dot products, as float32 batched products (a float64 copy of the gathered
-            # rows cost 10% of scoring); the table stores them in float32 anyway.
-            o["similarity"][rows] = np.matmul(x[idx], xt[:, :, None])[:, :, 0]
+            o["similarity"][rows] = dots
 
     if method == "dense":
         alpha_t = tf.constant(np.ascontiguousarray(alpha.T, np.float32))  # (C, s): rows gathered per test row
-        col_abs, pairs = _dense(x_t, alpha_t, test_x, test_pred, k, block, train_sums and not abs_closed, put)
+        col_abs, pairs = _dense(x_t, alpha_t, test_x, test_pred, k2, block, train_sums and not abs_closed,
+                                lambda *a: finish(*a, s <= k2))
         if train_sums and not abs_closed:
             out["influence_abs_sum"] = col_abs
     else:
-        pairs = _pruned(x, x_t, alpha, test_x, test_pred, k, block, put)
+        pairs = _pruned(x_t, geo, test_x, test_pred, k, k2, block, finish)
     out["topk"] = topk
-    out["scoring"] = {"method": method, "pairs_scored": int(pairs), "pairs_total": int(m * len(ids)),
-                      "reason": reason}
+    out["scoring"] = {"method": method, "pairs_scored": int(pairs + (method == "pruned") * redone[0] * s),
+                      "pairs_total": int(m * s), "rows_finished_densely": int(redone[0]), "reason": reason}
     return out
 
 
