@@ -486,7 +486,8 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
         dict with ``topk[kind]`` arrays ``values``, ``ids``, ``alpha``, ``similarity`` of shape
         (m, min(k, s)) for kind in proponent/opponent; with ``train_sums``, per-train
         ``influence_sum`` and ``influence_abs_sum`` (s,) float64; and ``scoring``: the method
-        used, ``pairs_scored``, ``pairs_total`` (m·s) and ``reason`` (why dense, or None).
+        used, ``pairs_scored``, ``pairs_total`` (m·s), ``rows_finished_densely`` (test rows the
+        candidates could not certify, see :func:`_finish`) and ``reason`` (why dense, or "").
     """
     if method not in METHODS:
         raise ValueError(f"scoring method must be one of {METHODS}, got {method!r}")
@@ -542,7 +543,7 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
         pairs = _pruned(x_t, geo, test_x, test_pred, k, k2, block, finish)
     out["topk"] = topk
     out["scoring"] = {"method": method, "pairs_scored": int(pairs + (method == "pruned") * redone[0] * s),
-                      "pairs_total": int(m * s), "rows_finished_densely": int(redone[0]), "reason": reason}
+                      "pairs_total": int(m * s), "rows_finished_densely": int(redone[0]), "reason": reason or ""}
     return out
 
 
@@ -552,8 +553,13 @@ def summarize(records: list, requested: str) -> dict:
     ``method`` is ``pruned`` only when every shard was pruned; a shard scored densely because
     of negative features makes it ``dense``, with the reason.
     """
-    records = [r or {"method": None, "pairs_scored": 0, "pairs_total": 0, "reason": None}
-               for r in records]  # None: a shard resumed from a run that did not record it
+    # Records of resumed shards come back from the work area as NumPy scalars: made plain here.
+    # None: a shard resumed from a run that did not record it.
+    records = [{"method": str(r["method"]), "pairs_scored": int(r["pairs_scored"]),
+                "pairs_total": int(r["pairs_total"]), "reason": str(r.get("reason", "")),
+                "rows_finished_densely": int(r.get("rows_finished_densely", 0))} if r else
+               {"method": "unknown", "pairs_scored": 0, "pairs_total": 0, "reason": "",
+                "rows_finished_densely": 0} for r in records]
     scored = sum(r["pairs_scored"] for r in records)
     total = sum(r["pairs_total"] for r in records)
     methods = {r["method"] for r in records}
@@ -565,7 +571,9 @@ def summarize(records: list, requested: str) -> dict:
         "pairs_scored": int(scored),
         "pairs_total": int(total),
         "pairs_scored_fraction": scored / total if total else 0.0,
+        "rows_finished_densely": sum(r["rows_finished_densely"] for r in records),
         "shards": [{"method": r["method"], "pairs_scored": r["pairs_scored"],
+                    "rows_finished_densely": r["rows_finished_densely"],
                     "pairs_scored_fraction": r["pairs_scored"] / r["pairs_total"] if r["pairs_total"] else 0.0}
                    for r in records],
     }

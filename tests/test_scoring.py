@@ -223,13 +223,14 @@ def test_config_validates_scoring_and_keeps_it_out_of_the_digest():
 
 
 def test_summary_reports_fractions_and_the_fallback():
-    recs = [{"method": "pruned", "pairs_scored": 10, "pairs_total": 100, "reason": None},
+    recs = [{"method": np.asarray("pruned"), "pairs_scored": np.asarray(10), "pairs_total": 100, "reason": ""},
             {"method": "dense", "pairs_scored": 300, "pairs_total": 300, "reason": scoring.REASON_NEGATIVE}]
     s = scoring.summarize(recs, "pruned")
     assert s["method"] == "dense" and s["reason"] == scoring.REASON_NEGATIVE
     assert s["pairs_scored_fraction"] == pytest.approx(310 / 400)
     assert [sh["pairs_scored_fraction"] for sh in s["shards"]] == [0.1, 1.0]
     assert scoring.summarize(recs[:1], "pruned")["method"] == "pruned"
+    assert scoring.summarize(recs[:1], "pruned")["reason"] is None
 
 
 def test_audit_tables_pruned_equal_dense(files, reference, tmp_path):
