@@ -116,7 +116,8 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
         if use_ray:
             from .runtime import plan_workers, start_ray
 
-            started = start_ray(config.address)
+            with timer.stage("ray_start"):
+                started = start_ray(config.address)
             n_workers, gpus, cpus = plan_workers(config.shards, config.workers, config.gpus_per_worker)
             n_shards = config.shards or n_workers
         else:

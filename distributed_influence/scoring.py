@@ -42,6 +42,7 @@ shard densely instead, and says so in its ``scoring`` record (method ``dense`` w
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
@@ -487,10 +488,12 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
         (m, min(k, s)) for kind in proponent/opponent; with ``train_sums``, per-train
         ``influence_sum`` and ``influence_abs_sum`` (s,) float64; and ``scoring``: the method
         used, ``pairs_scored``, ``pairs_total`` (m·s), ``rows_finished_densely`` (test rows the
-        candidates could not certify, see :func:`_finish`) and ``reason`` (why dense, or "").
+        candidates could not certify, see :func:`_finish`), ``reason`` (why dense, or "") and
+        ``seconds`` (of this call: the top-k scoring without α or the index).
     """
     if method not in METHODS:
         raise ValueError(f"scoring method must be one of {METHODS}, got {method!r}")
+    t0 = time.perf_counter()
     if len(ids) > 1 and np.any(np.diff(ids) <= 0):
         raise ValueError("score_shard needs rows sorted by strictly increasing id")
     k = min(k, len(ids))
@@ -543,7 +546,8 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
         pairs = _pruned(x_t, geo, test_x, test_pred, k, k2, block, finish)
     out["topk"] = topk
     out["scoring"] = {"method": method, "pairs_scored": int(pairs + (method == "pruned") * redone[0] * s),
-                      "pairs_total": int(m * s), "rows_finished_densely": int(redone[0]), "reason": reason or ""}
+                      "pairs_total": int(m * s), "rows_finished_densely": int(redone[0]), "reason": reason or "",
+                      "seconds": time.perf_counter() - t0}
     return out
 
 
@@ -557,9 +561,10 @@ def summarize(records: list, requested: str) -> dict:
     # None: a shard resumed from a run that did not record it.
     records = [{"method": str(r["method"]), "pairs_scored": int(r["pairs_scored"]),
                 "pairs_total": int(r["pairs_total"]), "reason": str(r.get("reason", "")),
-                "rows_finished_densely": int(r.get("rows_finished_densely", 0))} if r else
+                "rows_finished_densely": int(r.get("rows_finished_densely", 0)),
+                "seconds": float(r.get("seconds", 0.0))} if r else
                {"method": "unknown", "pairs_scored": 0, "pairs_total": 0, "reason": "",
-                "rows_finished_densely": 0} for r in records]
+                "rows_finished_densely": 0, "seconds": 0.0} for r in records]
     scored = sum(r["pairs_scored"] for r in records)
     total = sum(r["pairs_total"] for r in records)
     methods = {r["method"] for r in records}
@@ -574,6 +579,7 @@ def summarize(records: list, requested: str) -> dict:
         "rows_finished_densely": sum(r["rows_finished_densely"] for r in records),
         "shards": [{"method": r["method"], "pairs_scored": r["pairs_scored"],
                     "rows_finished_densely": r["rows_finished_densely"],
+                    "seconds": round(r["seconds"], 4),
                     "pairs_scored_fraction": r["pairs_scored"] / r["pairs_total"] if r["pairs_total"] else 0.0}
                    for r in records],
     }
