@@ -199,14 +199,13 @@ def _dense(x_t, alpha_t, test_x: RowParts, test_pred, k, block, with_abs, put):
 # ------------------------------------------------------------------------------ pruned path
 
 
-def row_norms(x) -> np.ndarray:
-    """‖x_i‖ in float64, block by block (no float64 copy of the whole array)."""
-    x = np.asarray(x)
-    out = np.empty(len(x))
-    for a, b in row_blocks(len(x)):
-        xb = np.asarray(x[a:b], np.float64)
-        out[a:b] = np.sqrt(np.einsum("ij,ij->i", xb, xb))
-    return out
+def row_norms(x, factor: float) -> np.ndarray:
+    """Upper bounds of ‖x_i‖ (float64) from float32 sums of squares, as TF ops (fast on the
+    resident tensor): a sum of d+1 non-negative terms is within γ of exact, so ``factor`` (from
+    :func:`bound_factor`) times it, plus what squares may lose to underflow, bounds ‖x_i‖²."""
+    x = tf.convert_to_tensor(x, tf.float32)
+    sq = tf.reduce_sum(tf.square(x), axis=1).numpy().astype(np.float64)
+    return np.sqrt(sq * factor + int(x.shape[1]) * TINY32)
 
 
 def bound_factor(dim: int, tf32: bool = False) -> float:
@@ -258,13 +257,14 @@ def _merge_candidates(xt, x, alpha_c, cand, pv, pr, ov, orow, k):
     return pv, pr, ov, orow
 
 
-def _pruned_class(xt_b, tnorm, err, x_t, alpha_c, order, skey, k, k2, factor, eta):
+def _pruned_class(xt_b, tnorm, rel, eabs, x_t, alpha_c, order, skey, k, k2, factor, eta):
     """Candidates of one class's test rows (a block) by the pruned scan of the shard's rows.
 
     Args:
         xt_b: (b, d+1) float32 test rows explaining this class.
         tnorm: (b,) float64 their norms.
-        err: (b,) float64 bound on |float32 product − exact| for any pair of each row.
+        rel, eabs: (b,) float64: any float32 product g of a row is within rel·|g| + eabs of the
+            exact value (see :meth:`_Geometry.error`).
         x_t: (s, d+1) resident shard features.
         alpha_c: (s,) float32 tensor, α of this class.
         order: (s,) int32 shard rows by decreasing key |α|·‖x_i‖.
@@ -306,11 +306,13 @@ def _pruned_class(xt_b, tnorm, err, x_t, alpha_c, order, skey, k, k2, factor, et
         # The next row's bound on any computed value (every later row's is no larger), against
         # the k-th values lowered by what float32 products may be off from the exact finish.
         bound = skey[pos] * tnorm[active] * factor + eta
-        e = err[active]
+        r, e = rel[active], eabs[active]
         top_k = state[0][:, k - 1].astype(np.float64)
         bottom_k = state[2][:, k - 1].astype(np.float64)
-        stop = ((bound < top_k - 2 * e - 4 * U32 * np.abs(top_k))
-                & (bound < -bottom_k - 2 * e - 4 * U32 * np.abs(bottom_k)))
+        # The exact k-th values are at least top_k − (r|top_k| + e) (at most bottom_k + ...);
+        # 4u more keeps them apart from the unscanned after rounding to float32 as well.
+        stop = ((bound < top_k - (r + 4 * U32) * np.abs(top_k) - e)
+                & (bound < -bottom_k - (r + 4 * U32) * np.abs(bottom_k) - e))
         if stop.any():
             emit(stop, state)
             keep = np.flatnonzero(~stop)
@@ -347,10 +349,11 @@ def _pruned(x_t, geo: "_Geometry", test_x: RowParts, test_pred, k, k2, block, fi
         while b0 < len(rows_c):
             sel = rows_c[b0:b0 + block]
             xt = _take(test_x, sel)
-            tnorm = row_norms(xt)
+            tnorm = row_norms(xt, geo.factor)
+            rel, eabs = geo.error(xt, test_pred[sel], tnorm)
             try:
-                (pv, pr, ov, orow), n = _pruned_class(xt, tnorm, geo.err(test_pred[sel], tnorm), x_t, alpha_c,
-                                                      order, skey, k, k2, geo.factor, geo.eta[c])
+                (pv, pr, ov, orow), n = _pruned_class(xt, tnorm, rel, eabs, x_t, alpha_c, order, skey, k, k2,
+                                                      geo.factor, geo.eta[c])
             except tf.errors.ResourceExhaustedError:
                 if block == 1:
                     raise
@@ -369,25 +372,40 @@ def _pruned(x_t, geo: "_Geometry", test_x: RowParts, test_pred, k, k2, block, fi
 class _Geometry:
     """Per-shard quantities of the bounds: norms, float32 α, the margin, per-class maxima."""
 
-    def __init__(self, x, alpha):
+    def __init__(self, x, x_t, alpha):
         self.rows, dim = x.shape
         self.alpha32 = np.asarray(alpha, np.float32)
-        self.xnorm = row_norms(x)
         self.factor = bound_factor(dim, tf32_possible())
+        self.xnorm = row_norms(x_t, self.factor)
+        self.nonneg = bool(self.rows == 0 or np.min(x) >= 0)
         a_abs = np.abs(self.alpha32).astype(np.float64)
         self.maxkey = (a_abs * self.xnorm[:, None]).max(axis=0) if self.rows else np.zeros(a_abs.shape[1])
         self.eta = (a_abs.max(axis=0, initial=0.0) * dim + 1.0) * TINY32
 
-    def err(self, pred, tnorm) -> np.ndarray:
-        """Per test row: a bound on |float32 product − exact value| over every shard row."""
-        return (self.factor - 1.0) * self.maxkey[pred] * tnorm + self.eta[pred]
+    def error(self, xt: np.ndarray, pred: np.ndarray, tnorm: np.ndarray):
+        """(rel, abs) per test row: every float32 product g of the row, in any summation order,
+        is within rel·|g| + abs of its exact value.
+
+        With non-negative features on both sides a dot product's error is relative to the dot
+        product itself (γ·Σ|x_ik x_tk| = γ·x_i·x_t): rel = (f−1)/(2−f). Otherwise it is relative
+        to the Cauchy–Schwarz bound: abs = (f−1)·max_i |α_ij|‖x_i‖·‖x_t‖.
+        """
+        f1 = self.factor - 1.0
+        eta = self.eta[pred]
+        if self.nonneg:
+            pos = xt.min(axis=1) >= 0 if len(xt) else np.zeros(0, bool)
+        else:
+            pos = np.zeros(len(xt), bool)
+        rel = np.where(pos, f1 / (1.0 - f1), 0.0)
+        eabs = np.where(pos, eta, f1 * self.maxkey[pred] * tnorm + eta)
+        return rel, eabs
 
 
 def _canonical_dots(x_t, rows: np.ndarray, xt: np.ndarray) -> np.ndarray:
     """x_i·x_t in float64 for the rows (b, K) of each test row (float32 inputs, exact products).
 
     The float64 sum is ~1e-13 from exact, so its float32 rounding does not depend on how
-    either path ordered the sum: this is what makes dense and pruned tables equal bit for bit.
+    either path ordered the sum: ties and near-ties are decided the same way by both paths.
     """
     out = np.empty(rows.shape)
     for a, b in row_blocks(len(rows), CANON_ROWS):
@@ -403,7 +421,7 @@ def _select(val: np.ndarray, rows: np.ndarray, k: int, largest: bool) -> np.ndar
 
 def _full_rows(x_t, xt: np.ndarray, a32: np.ndarray, k: int):
     """The exact finish over every shard row, for the few test rows the candidates cannot
-    certify (ties or near-ties at the k-th place): float64 products against the whole shard."""
+    certify (ties across the k-th place): float64 products against the whole shard."""
     s = int(x_t.shape[0])
     dots = np.empty((len(xt), s))
     xt64 = tf.cast(tf.constant(xt), tf.float64)
@@ -419,40 +437,57 @@ def _full_rows(x_t, xt: np.ndarray, a32: np.ndarray, k: int):
     return out
 
 
-def _finish(x_t, geo: _Geometry, xt, pred, cands, k: int, complete: bool):
-    """The exact top-k from float32 candidates: values again from float64 dot products, then
-    ordered by (value, id); certified against what the candidates left out.
+def _finish(x_t, geo: _Geometry, x, xt, pred, cands, k: int, complete: bool):
+    """The exact top-k, in exact order, from each path's float32 candidates.
 
-    Both paths keep k2 ≥ k candidates per kind by their float32 products. Anything they left
-    out has a float32 value ≤ the k2-th (proponents), so an exact value at most err above it:
-    when that is still strictly below the exact k-th value, the top-k is certain. Test rows
-    that cannot be certified (exact ties across the k-th place, or near-ties) are finished
-    against the whole shard in float64.
+    Both paths keep k2 > k candidates per kind, best first by their float32 products g (ties to
+    the smaller row). Each g is within rel·|g| + abs of its exact value (:meth:`_Geometry.error`).
+
+    - When those intervals separate ranks 1..k+1 (no two of them can swap), the candidates' first
+      k are the exact top-k in exact order: kept as they are (values: the float32 products).
+    - Otherwise (ties or near-ties) the row's k2 candidates are scored again from float64 dot
+      products, rounded to float32 and ordered by (value, id); that is certain when the k2-th
+      candidate's interval lies below the new k-th value; a row where even that fails is scored
+      against the whole shard the same way (exact ties across the k-th place).
+
+    Either way both paths return the same ids in the same order.
 
     Returns:
         ([(values, rows, similarity) for proponents, for opponents] each (b, k), rows redone).
     """
-    tnorm = row_norms(xt)
-    err = geo.err(pred, tnorm)
-    out, redo = [], np.zeros(len(xt), bool)
+    b = len(xt)
+    tnorm = row_norms(xt, geo.factor)
+    rel, eabs = geo.error(xt, pred, tnorm)
+    out, full = [], np.zeros(b, bool)
     for (gv, gr), largest in zip(cands, (True, False)):
-        dots = _canonical_dots(x_t, gr, xt)
-        val = (geo.alpha32[gr, pred[:, None]].astype(np.float64) * dots).astype(np.float32)
-        pick = _select(val, gr, k, largest)
-        v = np.take_along_axis(val, pick, 1)
-        out.append([v, np.take_along_axis(gr, pick, 1), np.take_along_axis(dots, pick, 1)])
-        if not complete:
-            ck = v[:, -1].astype(np.float64)
-            last = gv[:, -1].astype(np.float64)
-            slack = 2 * err + 4 * U32 * np.abs(ck)
-            redo |= ~((last + slack < ck) if largest else (last - slack > ck))
-    todo = np.flatnonzero(redo)
-    if len(todo):
-        full = _full_rows(x_t, xt[todo], geo.alpha32[:, pred[todo]].T, k)
+        g = gv.astype(np.float64)
+        hi = g + rel[:, None] * np.abs(g) + eabs[:, None]
+        lo = g - rel[:, None] * np.abs(g) - eabs[:, None]
+        apart = (lo[:, :-1] > hi[:, 1:]) if largest else (hi[:, :-1] < lo[:, 1:])
+        certain = apart[:, :min(k, gv.shape[1] - 1)].all(axis=1)
+        vals, rows = gv[:, :k].copy(), gr[:, :k].copy()
+        sims = np.matmul(x[rows], xt[:, :, None])[:, :, 0]  # float32, only b·k products
+        todo = np.flatnonzero(~certain)
+        if len(todo):
+            dots = _canonical_dots(x_t, gr[todo], xt[todo])
+            val = (geo.alpha32[gr[todo], pred[todo, None]].astype(np.float64) * dots).astype(np.float32)
+            pick = _select(val, gr[todo], k, largest)
+            vals[todo] = np.take_along_axis(val, pick, 1)
+            rows[todo] = np.take_along_axis(gr[todo], pick, 1)
+            sims[todo] = np.take_along_axis(dots, pick, 1)
+            if not complete:
+                ck = vals[todo, -1].astype(np.float64)
+                margin = 4 * U32 * np.abs(ck)
+                ok = (hi[todo, -1] + margin < ck) if largest else (lo[todo, -1] - margin > ck)
+                full[todo[~ok]] = True
+        out.append([vals, rows, sims])
+    redo = np.flatnonzero(full)
+    if len(redo):
+        whole = _full_rows(x_t, xt[redo], geo.alpha32[:, pred[redo]].T, k)
         for kind in range(2):
             for field in range(3):
-                out[kind][field][todo] = full[kind][field]
-    return out, len(todo)
+                out[kind][field][redo] = whole[kind][field]
+    return out, len(redo)
 
 
 # ---------------------------------------------------------------------------------- a shard
@@ -523,11 +558,11 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
             for kind in ("proponent", "opponent")}
     s = len(ids)
     k2 = min(s, CANDIDATES * k)  # candidates per kind for the exact finish
-    geo = _Geometry(x, alpha)
+    geo = _Geometry(x, x_t, alpha)
     redone = [0]
 
     def finish(rows, xt, pred, top_v, top_i, bottom_v, bottom_i, complete):
-        done, n_redo = _finish(x_t, geo, xt, pred, [(top_v, top_i), (bottom_v, bottom_i)], k, complete)
+        done, n_redo = _finish(x_t, geo, x, xt, pred, [(top_v, top_i), (bottom_v, bottom_i)], k, complete)
         redone[0] += n_redo
         for kind, (vals, idx, dots) in zip(("proponent", "opponent"), done):
             o = topk[kind]
