@@ -200,12 +200,12 @@ def _dense(x_t, alpha_t, test_x: RowParts, test_pred, k, block, with_abs, put):
 
 
 def row_norms(x, factor: float) -> np.ndarray:
-    """Upper bounds of ‖x_i‖ (float64) from float32 sums of squares, as TF ops (fast on the
-    resident tensor): a sum of d+1 non-negative terms is within γ of exact, so ``factor`` (from
+    """Upper bounds of ‖x_i‖ (float64) from float32 sums of squares: a float32 sum of d+1
+    non-negative terms, in any order, is within γ of exact, so ``factor`` (from
     :func:`bound_factor`) times it, plus what squares may lose to underflow, bounds ‖x_i‖²."""
-    x = tf.convert_to_tensor(x, tf.float32)
-    sq = tf.reduce_sum(tf.square(x), axis=1).numpy().astype(np.float64)
-    return np.sqrt(sq * factor + int(x.shape[1]) * TINY32)
+    x = np.asarray(x, np.float32)
+    sq = np.einsum("ij,ij->i", x, x).astype(np.float64)  # float32 sums, no temporary copy
+    return np.sqrt(sq * factor + x.shape[1] * TINY32)
 
 
 def bound_factor(dim: int, tf32: bool = False) -> float:
@@ -372,11 +372,11 @@ def _pruned(x_t, geo: "_Geometry", test_x: RowParts, test_pred, k, k2, block, fi
 class _Geometry:
     """Per-shard quantities of the bounds: norms, float32 α, the margin, per-class maxima."""
 
-    def __init__(self, x, x_t, alpha):
+    def __init__(self, x, alpha):
         self.rows, dim = x.shape
         self.alpha32 = np.asarray(alpha, np.float32)
         self.factor = bound_factor(dim, tf32_possible())
-        self.xnorm = row_norms(x_t, self.factor)
+        self.xnorm = row_norms(x, self.factor)
         self.nonneg = bool(self.rows == 0 or np.min(x) >= 0)
         a_abs = np.abs(self.alpha32).astype(np.float64)
         self.maxkey = (a_abs * self.xnorm[:, None]).max(axis=0) if self.rows else np.zeros(a_abs.shape[1])
@@ -558,7 +558,7 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
             for kind in ("proponent", "opponent")}
     s = len(ids)
     k2 = min(s, CANDIDATES * k)  # candidates per kind for the exact finish
-    geo = _Geometry(x, x_t, alpha)
+    geo = _Geometry(x, alpha)
     redone = [0]
 
     def finish(rows, xt, pred, top_v, top_i, bottom_v, bottom_i, complete):
