@@ -27,11 +27,12 @@ Exactness of the pruned path, in detail:
   (opponents) and the row cannot stop; with fewer than k positive values among the scanned rows
   the k-th proponent value is ≤ 0 and the row cannot stop either (bounds are ≥ 0). So k larger
   than the number of positive values, or than the shard, simply scans further, to the end.
-- Ties: the stop test is strict, so every unscanned row is strictly below the k-th values and
-  cannot tie with them; among scanned rows, the running lists are kept in (value, row) order,
-  rows sorted by id, i.e. ties to the smaller id, exactly as the dense path orders them.
-- Values of kept pairs come from the same float32 expression as the dense path's (matrix
-  product, then the product with float32 α), and α and the similarity columns from the same code.
+- Order and ties: float32 products of the same pair differ between the paths (other summation
+  orders), so neither path orders by them blindly. Both keep 2k candidates per kind, and
+  :func:`_finish` proves the exact order from intervals around each product, or re-scores the
+  near-ties from float64 dot products ordered by (value, id): ties go to the smaller id, and both
+  paths give the same ids in the same order. The stop test subtracts the same interval (and 4u)
+  from the k-th values, so no unscanned row can reach or tie with them.
 
 ``influence_abs_sum`` (Σ_t |r_i(t)|) needs every pair unless all features are ≥ 0 (then it has a
 closed form, like ``influence_sum`` always has). When features take negative values and the per-
