@@ -454,12 +454,13 @@ def _finish(x_t, geo: _Geometry, x, xt, pred, cands, k: int, complete: bool):
     Either way both paths return the same ids in the same order.
 
     Returns:
-        ([(values, rows, similarity) for proponents, for opponents] each (b, k), rows redone).
+        ([(values, rows, similarity) for proponents, for opponents] each (b, k), rows finished
+        against the whole shard, rows re-scored from float64 candidates).
     """
     b = len(xt)
     tnorm = row_norms(xt, geo.factor)
     rel, eabs = geo.error(xt, pred, tnorm)
-    out, full = [], np.zeros(b, bool)
+    out, full, rescored = [], np.zeros(b, bool), np.zeros(b, bool)
     for (gv, gr), largest in zip(cands, (True, False)):
         g = gv.astype(np.float64)
         hi = g + rel[:, None] * np.abs(g) + eabs[:, None]
@@ -469,6 +470,7 @@ def _finish(x_t, geo: _Geometry, x, xt, pred, cands, k: int, complete: bool):
         vals, rows = gv[:, :k].copy(), gr[:, :k].copy()
         sims = np.matmul(x[rows], xt[:, :, None])[:, :, 0]  # float32, only b·k products
         todo = np.flatnonzero(~certain)
+        rescored[todo] = True
         if len(todo):
             dots = _canonical_dots(x_t, gr[todo], xt[todo])
             val = (geo.alpha32[gr[todo], pred[todo, None]].astype(np.float64) * dots).astype(np.float32)
@@ -488,7 +490,7 @@ def _finish(x_t, geo: _Geometry, x, xt, pred, cands, k: int, complete: bool):
         for kind in range(2):
             for field in range(3):
                 out[kind][field][redo] = whole[kind][field]
-    return out, len(redo)
+    return out, len(redo), int(rescored.sum())
 
 
 # ---------------------------------------------------------------------------------- a shard
@@ -523,8 +525,9 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
         dict with ``topk[kind]`` arrays ``values``, ``ids``, ``alpha``, ``similarity`` of shape
         (m, min(k, s)) for kind in proponent/opponent; with ``train_sums``, per-train
         ``influence_sum`` and ``influence_abs_sum`` (s,) float64; and ``scoring``: the method
-        used, ``pairs_scored``, ``pairs_total`` (m·s), ``rows_finished_densely`` (test rows the
-        candidates could not certify, see :func:`_finish`), ``reason`` (why dense, or "") and
+        used, ``pairs_scored``, ``pairs_total`` (m·s), ``rows_rescored`` (test rows whose
+        candidates were near-tied and re-scored in float64), ``rows_finished_densely`` (of those,
+        the rows scored against the whole shard, see :func:`_finish`), ``reason`` (why dense, or "") and
         ``seconds`` (of this call: the top-k scoring without α or the index).
     """
     if method not in METHODS:
@@ -560,11 +563,13 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
     s = len(ids)
     k2 = min(s, CANDIDATES * k)  # candidates per kind for the exact finish
     geo = _Geometry(x, alpha)
-    redone = [0]
+    redone = [0, 0]  # test rows finished against the whole shard, re-scored in float64
 
     def finish(rows, xt, pred, top_v, top_i, bottom_v, bottom_i, complete):
-        done, n_redo = _finish(x_t, geo, x, xt, pred, [(top_v, top_i), (bottom_v, bottom_i)], k, complete)
+        done, n_redo, n_rescored = _finish(x_t, geo, x, xt, pred, [(top_v, top_i), (bottom_v, bottom_i)], k,
+                                           complete)
         redone[0] += n_redo
+        redone[1] += n_rescored
         for kind, (vals, idx, dots) in zip(("proponent", "opponent"), done):
             o = topk[kind]
             o["values"][rows] = vals
@@ -582,7 +587,8 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
         pairs = _pruned(x_t, geo, test_x, test_pred, k, k2, block, finish)
     out["topk"] = topk
     out["scoring"] = {"method": method, "pairs_scored": int(pairs + (method == "pruned") * redone[0] * s),
-                      "pairs_total": int(m * s), "rows_finished_densely": int(redone[0]), "reason": reason or "",
+                      "pairs_total": int(m * s), "rows_finished_densely": int(redone[0]),
+                      "rows_rescored": int(redone[1]), "reason": reason or "",
                       "seconds": time.perf_counter() - t0}
     return out
 
@@ -598,9 +604,10 @@ def summarize(records: list, requested: str) -> dict:
     records = [{"method": str(r["method"]), "pairs_scored": int(r["pairs_scored"]),
                 "pairs_total": int(r["pairs_total"]), "reason": str(r.get("reason", "")),
                 "rows_finished_densely": int(r.get("rows_finished_densely", 0)),
+                "rows_rescored": int(r.get("rows_rescored", 0)),
                 "seconds": float(r.get("seconds", 0.0))} if r else
                {"method": "unknown", "pairs_scored": 0, "pairs_total": 0, "reason": "",
-                "rows_finished_densely": 0, "seconds": 0.0} for r in records]
+                "rows_finished_densely": 0, "rows_rescored": 0, "seconds": 0.0} for r in records]
     scored = sum(r["pairs_scored"] for r in records)
     total = sum(r["pairs_total"] for r in records)
     methods = {r["method"] for r in records}
@@ -613,8 +620,10 @@ def summarize(records: list, requested: str) -> dict:
         "pairs_total": int(total),
         "pairs_scored_fraction": scored / total if total else 0.0,
         "rows_finished_densely": sum(r["rows_finished_densely"] for r in records),
+        "rows_rescored": sum(r["rows_rescored"] for r in records),
         "shards": [{"method": r["method"], "pairs_scored": r["pairs_scored"],
                     "rows_finished_densely": r["rows_finished_densely"],
+                    "rows_rescored": r["rows_rescored"],
                     "seconds": round(r["seconds"], 4),
                     "pairs_scored_fraction": r["pairs_scored"] / r["pairs_total"] if r["pairs_total"] else 0.0}
                    for r in records],
