@@ -27,12 +27,14 @@ Exactness of the pruned path, in detail:
   (opponents) and the row cannot stop; with fewer than k positive values among the scanned rows
   the k-th proponent value is ≤ 0 and the row cannot stop either (bounds are ≥ 0). So k larger
   than the number of positive values, or than the shard, simply scans further, to the end.
-- Order and ties: float32 products of the same pair differ between the paths (other summation
-  orders), so neither path orders by them blindly. Both keep 2k candidates per kind, and
-  :func:`_finish` proves the exact order from intervals around each product, or re-scores the
-  near-ties from float64 dot products ordered by (value, id): ties go to the smaller id, and both
-  paths give the same ids in the same order. The stop test subtracts the same interval (and 4u)
-  from the k-th values, so no unscanned row can reach or tie with them.
+- Order, ties and values: float32 products of the same pair differ between the paths (other
+  summation orders), so neither path orders or reports them. Both keep 2k candidates per kind;
+  :func:`_finish` proves the membership of the top-k from intervals around each product (or
+  re-scores all 2k, or in the worst case the whole shard), then scores the k kept pairs again
+  from float64 dot products, rounded to float32 and ordered by (value, id): ties go to the
+  smaller id, and both paths (and the merge of shards) see the same numbers. The stop test
+  subtracts the same interval (and 4u) from the k-th values, so no unscanned row can reach or
+  tie with them after rounding.
 
 ``influence_abs_sum`` (Σ_t |r_i(t)|) needs every pair unless all features are ≥ 0 (then it has a
 closed form, like ``influence_sum`` always has). When features take negative values and the per-
@@ -438,51 +440,57 @@ def _full_rows(x_t, xt: np.ndarray, a32: np.ndarray, k: int):
     return out
 
 
-def _finish(x_t, geo: _Geometry, x, xt, pred, cands, k: int, complete: bool):
-    """The exact top-k, in exact order, from each path's float32 candidates.
+def _finish(x_t, geo: _Geometry, xt, pred, cands, k: int, complete: bool):
+    """The exact top-k from each path's float32 candidates, with values both paths agree on.
 
-    Both paths keep k2 > k candidates per kind, best first by their float32 products g (ties to
-    the smaller row). Each g is within rel·|g| + abs of its exact value (:meth:`_Geometry.error`).
+    Both paths keep k2 > k candidates per kind, best first by their float32 products g. Each g
+    is within rel·|g| + abs of its exact value (:meth:`_Geometry.error`).
 
-    - When those intervals separate ranks 1..k+1 (no two of them can swap), the candidates' first
-      k are the exact top-k in exact order: kept as they are (values: the float32 products).
-    - Otherwise (ties or near-ties) the row's k2 candidates are scored again from float64 dot
-      products, rounded to float32 and ordered by (value, id); that is certain when the k2-th
+    - Membership: when the intervals of the k-th and (k+1)-th candidates are disjoint, the first
+      k candidates are the exact top-k. Otherwise (ties or near-ties across the k-th place) all
+      k2 candidates are kept for the next step, and the result is certain when the k2-th
       candidate's interval lies below the new k-th value; a row where even that fails is scored
-      against the whole shard the same way (exact ties across the k-th place).
-
-    Either way both paths return the same ids in the same order.
+      against the whole shard (an exact tie across the k-th place, say).
+    - Values and order: the kept rows are scored again from float64 dot products (float32 inputs,
+      exact products, a sum ~1e-13 from exact), rounded to float32, and ordered by (value, id).
+      Neither depends on the summation order of either path's float32 products, so both paths,
+      and the merge of shards, compare the same numbers: the tables are equal bit for bit.
 
     Returns:
         ([(values, rows, similarity) for proponents, for opponents] each (b, k), rows finished
-        against the whole shard, rows re-scored from float64 candidates).
+        against the whole shard, rows whose k2 candidates were re-scored).
     """
     b = len(xt)
     tnorm = row_norms(xt, geo.factor)
     rel, eabs = geo.error(xt, pred, tnorm)
-    out, full, rescored = [], np.zeros(b, bool), np.zeros(b, bool)
+    out, full, wide = [], np.zeros(b, bool), np.zeros(b, bool)
     for (gv, gr), largest in zip(cands, (True, False)):
+        vals = np.empty((b, k), np.float32)
+        rows = np.empty((b, k), np.int64)
+        sims = np.empty((b, k), np.float32)
         g = gv.astype(np.float64)
         hi = g + rel[:, None] * np.abs(g) + eabs[:, None]
         lo = g - rel[:, None] * np.abs(g) - eabs[:, None]
-        apart = (lo[:, :-1] > hi[:, 1:]) if largest else (hi[:, :-1] < lo[:, 1:])
-        certain = apart[:, :min(k, gv.shape[1] - 1)].all(axis=1)
-        vals, rows = gv[:, :k].copy(), gr[:, :k].copy()
-        sims = np.matmul(x[rows], xt[:, :, None])[:, :, 0]  # float32, only b·k products
-        todo = np.flatnonzero(~certain)
-        rescored[todo] = True
-        if len(todo):
-            dots = _canonical_dots(x_t, gr[todo], xt[todo])
-            val = (geo.alpha32[gr[todo], pred[todo, None]].astype(np.float64) * dots).astype(np.float32)
-            pick = _select(val, gr[todo], k, largest)
-            vals[todo] = np.take_along_axis(val, pick, 1)
-            rows[todo] = np.take_along_axis(gr[todo], pick, 1)
-            sims[todo] = np.take_along_axis(dots, pick, 1)
-            if not complete:
-                ck = vals[todo, -1].astype(np.float64)
+        if gv.shape[1] > k:
+            certain = (lo[:, k - 1] > hi[:, k]) if largest else (hi[:, k - 1] < lo[:, k])
+        else:
+            certain = np.ones(b, bool)
+        wide |= ~certain
+        for sel, width in ((np.flatnonzero(certain), k), (np.flatnonzero(~certain), gv.shape[1])):
+            if not len(sel):
+                continue
+            cand = gr[sel, :width]
+            dots = _canonical_dots(x_t, cand, xt[sel])
+            val = (geo.alpha32[cand, pred[sel, None]].astype(np.float64) * dots).astype(np.float32)
+            pick = _select(val, cand, k, largest)
+            vals[sel] = np.take_along_axis(val, pick, 1)
+            rows[sel] = np.take_along_axis(cand, pick, 1)
+            sims[sel] = np.take_along_axis(dots, pick, 1)
+            if width > k and not complete:
+                ck = vals[sel, -1].astype(np.float64)
                 margin = 4 * U32 * np.abs(ck)
-                ok = (hi[todo, -1] + margin < ck) if largest else (lo[todo, -1] - margin > ck)
-                full[todo[~ok]] = True
+                ok = (hi[sel, -1] + margin < ck) if largest else (lo[sel, -1] - margin > ck)
+                full[sel[~ok]] = True
         out.append([vals, rows, sims])
     redo = np.flatnonzero(full)
     if len(redo):
@@ -490,7 +498,7 @@ def _finish(x_t, geo: _Geometry, x, xt, pred, cands, k: int, complete: bool):
         for kind in range(2):
             for field in range(3):
                 out[kind][field][redo] = whole[kind][field]
-    return out, len(redo), int(rescored.sum())
+    return out, len(redo), int(wide.sum())
 
 
 # ---------------------------------------------------------------------------------- a shard
@@ -526,7 +534,7 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
         (m, min(k, s)) for kind in proponent/opponent; with ``train_sums``, per-train
         ``influence_sum`` and ``influence_abs_sum`` (s,) float64; and ``scoring``: the method
         used, ``pairs_scored``, ``pairs_total`` (m·s), ``rows_rescored`` (test rows whose
-        candidates were near-tied and re-scored in float64), ``rows_finished_densely`` (of those,
+        2k candidates were re-scored, near-ties at the k-th place), ``rows_finished_densely`` (of those,
         the rows scored against the whole shard, see :func:`_finish`), ``reason`` (why dense, or "") and
         ``seconds`` (of this call: the top-k scoring without α or the index).
     """
@@ -566,7 +574,7 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
     redone = [0, 0]  # test rows finished against the whole shard, re-scored in float64
 
     def finish(rows, xt, pred, top_v, top_i, bottom_v, bottom_i, complete):
-        done, n_redo, n_rescored = _finish(x_t, geo, x, xt, pred, [(top_v, top_i), (bottom_v, bottom_i)], k,
+        done, n_redo, n_rescored = _finish(x_t, geo, xt, pred, [(top_v, top_i), (bottom_v, bottom_i)], k,
                                            complete)
         redone[0] += n_redo
         redone[1] += n_rescored
