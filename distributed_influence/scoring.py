@@ -27,14 +27,14 @@ Exactness of the pruned path, in detail:
   (opponents) and the row cannot stop; with fewer than k positive values among the scanned rows
   the k-th proponent value is ≤ 0 and the row cannot stop either (bounds are ≥ 0). So k larger
   than the number of positive values, or than the shard, simply scans further, to the end.
-- Order, ties and values: float32 products of the same pair differ between the paths (other
-  summation orders), so neither path orders or reports them. Both keep 2k candidates per kind;
-  :func:`_finish` proves the membership of the top-k from intervals around each product (or
-  re-scores all 2k, or in the worst case the whole shard), then scores the k kept pairs again
-  from float64 dot products, rounded to float32 and ordered by (value, id): ties go to the
-  smaller id, and both paths (and the merge of shards) see the same numbers. The stop test
-  subtracts the same interval (and 4u) from the k-th values, so no unscanned row can reach or
-  tie with them after rounding.
+- Order, ties and values: float32 matrix products of the same pair differ between the paths
+  (their summation order follows the shapes), so neither path orders or reports them. Both
+  keep 2k candidates per kind; :func:`_finish` proves the membership of the top-k from
+  intervals around each product (or re-scores all 2k, or in the worst case the whole shard),
+  then scores the kept pairs again one by one with a summation order that depends only on d
+  (:func:`_canonical_dots`) and orders them by (value, id): ties go to the smaller id, and both
+  paths (and the merge of shards) see the same numbers. The stop test subtracts twice the
+  interval from the k-th values, so no unscanned row can reach or tie with them.
 
 ``influence_abs_sum`` (Σ_t |r_i(t)|) needs every pair unless all features are ≥ 0 (then it has a
 closed form, like ``influence_sum`` always has). When features take negative values and the per-
@@ -312,10 +312,11 @@ def _pruned_class(xt_b, tnorm, rel, eabs, x_t, alpha_c, order, skey, k, k2, fact
         r, e = rel[active], eabs[active]
         top_k = state[0][:, k - 1].astype(np.float64)
         bottom_k = state[2][:, k - 1].astype(np.float64)
-        # The exact k-th values are at least top_k − (r|top_k| + e) (at most bottom_k + ...);
-        # 4u more keeps them apart from the unscanned after rounding to float32 as well.
-        stop = ((bound < top_k - (r + 4 * U32) * np.abs(top_k) - e)
-                & (bound < -bottom_k - (r + 4 * U32) * np.abs(bottom_k) - e))
+        # The finished k-th values (float32 dot products again) are at least
+        # top_k − 2(r|top_k| + e) (at most bottom_k + ...); every unscanned row's finished value
+        # is within its bound, so it stays strictly below (above) them.
+        stop = ((bound < top_k - 2.01 * (r * np.abs(top_k) + e))
+                & (bound < -bottom_k - 2.01 * (r * np.abs(bottom_k) + e)))
         if stop.any():
             emit(stop, state)
             keep = np.flatnonzero(~stop)
@@ -404,16 +405,20 @@ class _Geometry:
         return rel, eabs
 
 
-def _canonical_dots(x_t, rows: np.ndarray, xt: np.ndarray) -> np.ndarray:
-    """x_i·x_t in float64 for the rows (b, K) of each test row (float32 inputs, exact products).
+def _canonical_dots(x: np.ndarray, rows: np.ndarray, xt: np.ndarray) -> np.ndarray:
+    """x_i·x_t in float32 for the rows (b, K) of each test row, each by NumPy's pairwise sum of
+    its d+1 products.
 
-    The float64 sum is ~1e-13 from exact, so its float32 rounding does not depend on how
-    either path ordered the sum: ties and near-ties are decided the same way by both paths.
+    The summation order of each dot product depends only on d, not on where the pair sits in a
+    matrix product, its block, or the array's alignment: both paths (and every shard) get the
+    same bits for the same pair. (A float32 matrix product does not: its summation order follows
+    the shapes and the kernel's blocking.) The error obeys the same bound as any float32 dot.
     """
-    out = np.empty(rows.shape)
+    out = np.empty(rows.shape, np.float32)
     for a, b in row_blocks(len(rows), CANON_ROWS):
-        g = tf.cast(tf.gather(x_t, rows[a:b]), tf.float64)
-        out[a:b] = tf.linalg.matvec(g, tf.cast(tf.constant(xt[a:b]), tf.float64)).numpy()
+        g = x[rows[a:b]]  # (rows, K, d+1) float32 copy
+        np.multiply(g, xt[a:b, None, :], out=g)
+        out[a:b] = np.add.reduce(g, axis=-1)
     return out
 
 
@@ -422,39 +427,39 @@ def _select(val: np.ndarray, rows: np.ndarray, k: int, largest: bool) -> np.ndar
     return np.lexsort((rows, -val if largest else val), axis=-1)[:, :k]
 
 
-def _full_rows(x_t, xt: np.ndarray, a32: np.ndarray, k: int):
+def _full_rows(x: np.ndarray, xt: np.ndarray, a32: np.ndarray, k: int):
     """The exact finish over every shard row, for the few test rows the candidates cannot
-    certify (ties across the k-th place): float64 products against the whole shard."""
-    s = int(x_t.shape[0])
-    dots = np.empty((len(xt), s))
-    xt64 = tf.cast(tf.constant(xt), tf.float64)
-    for a, b in row_blocks(s, CANON_ROWS * 8):
-        dots[:, a:b] = tf.matmul(xt64, tf.cast(x_t[a:b], tf.float64), transpose_b=True).numpy()
-    val = (a32.astype(np.float64) * dots).astype(np.float32)
-    rows = np.broadcast_to(np.arange(s), val.shape)
-    out = []
-    for largest in (True, False):
-        pick = _select(val, rows, k, largest)
-        out.append((np.take_along_axis(val, pick, 1), np.take_along_axis(rows, pick, 1),
-                    np.take_along_axis(dots, pick, 1)))
-    return out
+    certify (an exact tie across the k-th place, say): the same per-pair dot products."""
+    s = len(x)
+    out = [[], []]
+    for t in range(len(xt)):
+        dots = np.concatenate([_canonical_dots(x, np.arange(a, b)[None, :], xt[t:t + 1])[0]
+                               for a, b in row_blocks(s, 4096)])[None, :]
+        val = dots * a32[t:t + 1]
+        rows = np.arange(s)[None, :]
+        for kind, largest in enumerate((True, False)):
+            pick = _select(val, rows, k, largest)
+            out[kind].append((np.take_along_axis(val, pick, 1), np.take_along_axis(rows, pick, 1),
+                              np.take_along_axis(dots, pick, 1)))
+    return [tuple(np.concatenate([o[f] for o in out[kind]]) for f in range(3)) for kind in range(2)]
 
 
-def _finish(x_t, geo: _Geometry, xt, pred, cands, k: int, complete: bool):
+def _finish(x, geo: _Geometry, xt, pred, cands, k: int, complete: bool):
     """The exact top-k from each path's float32 candidates, with values both paths agree on.
 
     Both paths keep k2 > k candidates per kind, best first by their float32 products g. Each g
     is within rel·|g| + abs of its exact value (:meth:`_Geometry.error`).
 
-    - Membership: when the intervals of the k-th and (k+1)-th candidates are disjoint, the first
-      k candidates are the exact top-k. Otherwise (ties or near-ties across the k-th place) all
+    - Membership: when the intervals of the k-th and (k+1)-th candidates are disjoint, even
+      doubled (the finish's own float32 values may be off as much again), the first k
+      candidates are the top-k by exact and by finished values alike. Otherwise (ties or near-ties across the k-th place) all
       k2 candidates are kept for the next step, and the result is certain when the k2-th
       candidate's interval lies below the new k-th value; a row where even that fails is scored
       against the whole shard (an exact tie across the k-th place, say).
-    - Values and order: the kept rows are scored again from float64 dot products (float32 inputs,
-      exact products, a sum ~1e-13 from exact), rounded to float32, and ordered by (value, id).
-      Neither depends on the summation order of either path's float32 products, so both paths,
-      and the merge of shards, compare the same numbers: the tables are equal bit for bit.
+    - Values and order: the kept rows are scored again pair by pair (:func:`_canonical_dots`,
+      then the float32 product with α) and ordered by (value, id). That does not depend on
+      either path's matrix products, so both paths, and the merge of shards, compare the same
+      numbers: the tables are equal bit for bit.
 
     Returns:
         ([(values, rows, similarity) for proponents, for opponents] each (b, k), rows finished
@@ -469,8 +474,9 @@ def _finish(x_t, geo: _Geometry, xt, pred, cands, k: int, complete: bool):
         rows = np.empty((b, k), np.int64)
         sims = np.empty((b, k), np.float32)
         g = gv.astype(np.float64)
-        hi = g + rel[:, None] * np.abs(g) + eabs[:, None]
-        lo = g - rel[:, None] * np.abs(g) - eabs[:, None]
+        # Twice the interval (and a little): finished values are float32 dot products too.
+        hi = g + 2.01 * (rel[:, None] * np.abs(g) + eabs[:, None])
+        lo = g - 2.01 * (rel[:, None] * np.abs(g) + eabs[:, None])
         if gv.shape[1] > k:
             certain = (lo[:, k - 1] > hi[:, k]) if largest else (hi[:, k - 1] < lo[:, k])
         else:
@@ -480,21 +486,20 @@ def _finish(x_t, geo: _Geometry, xt, pred, cands, k: int, complete: bool):
             if not len(sel):
                 continue
             cand = gr[sel, :width]
-            dots = _canonical_dots(x_t, cand, xt[sel])
-            val = (geo.alpha32[cand, pred[sel, None]].astype(np.float64) * dots).astype(np.float32)
+            dots = _canonical_dots(x, cand, xt[sel])
+            val = geo.alpha32[cand, pred[sel, None]] * dots
             pick = _select(val, cand, k, largest)
             vals[sel] = np.take_along_axis(val, pick, 1)
             rows[sel] = np.take_along_axis(cand, pick, 1)
             sims[sel] = np.take_along_axis(dots, pick, 1)
             if width > k and not complete:
                 ck = vals[sel, -1].astype(np.float64)
-                margin = 4 * U32 * np.abs(ck)
-                ok = (hi[sel, -1] + margin < ck) if largest else (lo[sel, -1] - margin > ck)
+                ok = (hi[sel, -1] < ck) if largest else (lo[sel, -1] > ck)
                 full[sel[~ok]] = True
         out.append([vals, rows, sims])
     redo = np.flatnonzero(full)
     if len(redo):
-        whole = _full_rows(x_t, xt[redo], geo.alpha32[:, pred[redo]].T, k)
+        whole = _full_rows(x, xt[redo], geo.alpha32[:, pred[redo]].T, k)
         for kind in range(2):
             for field in range(3):
                 out[kind][field][redo] = whole[kind][field]
@@ -574,7 +579,7 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
     redone = [0, 0]  # test rows finished against the whole shard, re-scored in float64
 
     def finish(rows, xt, pred, top_v, top_i, bottom_v, bottom_i, complete):
-        done, n_redo, n_rescored = _finish(x_t, geo, xt, pred, [(top_v, top_i), (bottom_v, bottom_i)], k,
+        done, n_redo, n_rescored = _finish(x, geo, xt, pred, [(top_v, top_i), (bottom_v, bottom_i)], k,
                                            complete)
         redone[0] += n_redo
         redone[1] += n_rescored

@@ -62,8 +62,8 @@ def _check(x, alpha, xt, pred, ids, k, block=5, exact=True, **kw):
             np.testing.assert_array_equal(p["ids"], ref_i, err_msg=kind)
         if exact:
             np.testing.assert_array_equal(p["values"], ref_v.astype(np.float32), err_msg=kind)
-        else:  # float64 dot products: only the roundings of α and of the value to float32
-            np.testing.assert_allclose(p["values"], ref_v, rtol=1.2e-7, atol=1e-30)
+        else:  # float32 dot products (pairwise sums) and the rounding of α: a few units in the last place
+            np.testing.assert_allclose(p["values"], ref_v, rtol=1e-6, atol=1e-30)
     return res, r
 
 
