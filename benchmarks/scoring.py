@@ -133,6 +133,22 @@ def summary(runs: List[JobRun]) -> dict:
     return out
 
 
+def run_with_retry(paths: dict, out: str, log_path: str, method: str, attempts: int = 3) -> JobRun:
+    """One job run; a run whose Ray node did not come up (Ray waits 30 s for its raylet, too
+    little on an overloaded machine) is started again, and that is printed: it is no measurement."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return run_job(paths["model"], paths["train"], paths["test"], out, log_path, ("--scoring", method))
+        except SystemExit:
+            with open(log_path) as fh:
+                startup = "timed out during startup" in fh.read()
+            if not startup or attempt == attempts:
+                raise
+            print(f"  {method}: Ray's node did not start in time (machine overloaded); starting the run again",
+                  flush=True)
+    raise AssertionError("unreachable")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -146,8 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for rnd in range(args.rounds):
             for method in (METHODS if rnd % 2 == 0 else METHODS[::-1]):
                 out = os.path.join(work, f"out_{method}")
-                run = run_job(paths["model"], paths["train"], paths["test"], out,
-                              os.path.join(work, f"{method}-{rnd}.log"), ("--scoring", method))
+                run = run_with_retry(paths, out, os.path.join(work, f"{method}-{rnd}.log"), method)
                 sc = run.manifest["scoring"]
                 print(f"  round {rnd + 1} {method}: wall {run.wall:.2f} s, stage score "
                       f"{run.manifest['timings']['score']:.2f} s, top-k {topk_seconds(run):.2f} s, "
