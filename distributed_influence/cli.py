@@ -71,6 +71,9 @@ def add_audit_arguments(p: argparse.ArgumentParser) -> None:
                    help="TFRecord feature holding the label (default: 'label', else 'image/class/label')")
     p.add_argument("--id-feature", default=None,
                    help="TFRecord feature holding a string key per record (default: 'id' when present)")
+    p.add_argument("--scoring", choices=["pruned", "dense"], default="pruned",
+                   help="pruned (default): exact top-k from the few training rows whose bound "
+                        "|alpha|*|x_i|*|x_t| can reach it; dense: every (test, train) pair. Same tables")
     p.add_argument("--overwrite", action="store_true",
                    help="replace results or partial results of a different job found in --out")
     p.add_argument("--in-process", action="store_true",
@@ -87,7 +90,7 @@ def config_from_args(args: argparse.Namespace):
         test_block=args.test_block, gpus_per_worker=args.gpus_per_worker, workers=args.workers,
         grad_tol=args.grad_tol, max_iter=args.max_iter, input_shape=args.input_shape, scale=args.scale,
         overwrite=args.overwrite, resize=args.resize, image_feature=args.image_feature,
-        label_feature=args.label_feature, id_feature=args.id_feature,
+        label_feature=args.label_feature, id_feature=args.id_feature, scoring=args.scoring,
     )
 
 

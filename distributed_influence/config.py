@@ -14,6 +14,8 @@ from typing import Optional
 from .errors import ConfigError
 
 TARGETS = ("labels", "predictions")
+#: Scoring paths (see scoring.py): the same tables, pruned skips most (test, train) pairs.
+SCORING = ("pruned", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,9 @@ class AuditConfig:
         image_feature: TFRecord feature of the image (default ``image/encoded`` or ``image``).
         label_feature: TFRecord feature of the label (default ``label`` or ``image/class/label``).
         id_feature: TFRecord feature of a string key per record (default ``id`` when present).
+        scoring: ``pruned`` (default: exact top-k from a few percent of the pairs, by a
+            Cauchy–Schwarz bound) or ``dense`` (every pair, the reference). The tables are the
+            same, so it is not part of :meth:`digest`.
     """
 
     model: str
@@ -78,6 +83,7 @@ class AuditConfig:
     image_feature: Optional[str] = None
     label_feature: Optional[str] = None
     id_feature: Optional[str] = None
+    scoring: str = "pruned"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -104,6 +110,8 @@ class AuditConfig:
             raise ConfigError(f"--grad-tol must be > 0, got {self.grad_tol!r}")
         if not isinstance(self.max_iter, int) or self.max_iter < 1:
             raise ConfigError(f"--max-iter must be an integer >= 1, got {self.max_iter!r}")
+        if self.scoring not in SCORING:
+            raise ConfigError(f"--scoring must be one of {', '.join(SCORING)}, got {self.scoring!r}")
         if self.scale is not None and not (self.scale > 0):
             raise ConfigError(f"--scale must be > 0, got {self.scale!r}")
         if self.input_shape is not None and (
@@ -127,6 +135,7 @@ class AuditConfig:
     def digest(self) -> str:
         """Hash of the settings that change the numbers (not where they are written)."""
         d = self.to_dict()
-        for key in ("out", "address", "workers", "gpus_per_worker", "overwrite", "batch_size", "test_block"):
+        for key in ("out", "address", "workers", "gpus_per_worker", "overwrite", "batch_size", "test_block",
+                    "scoring"):
             d.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

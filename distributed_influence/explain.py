@@ -20,7 +20,7 @@ from .errors import ConfigError, InputError
 
 
 def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int] = None,
-                batch_size: int = 256, test_block: int = 1024) -> dict:
+                batch_size: int = 256, test_block: int = 1024, scoring: str = "pruned") -> dict:
     """Scores the test source against the train index stored in ``index_out``.
 
     Args:
@@ -31,6 +31,8 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
         k: proponents/opponents per test example (default: the audit's k).
         batch_size: rows per forward pass.
         test_block: test examples scored at once.
+        scoring: ``pruned`` (default) or ``dense``: the same tables (see :mod:`.scoring`). No
+            per-train sums are written here, so pruning never has to fall back.
 
     Returns:
         The manifest written to ``out``.
@@ -39,6 +41,7 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
     from . import index, tables
     from . import reduce as rd
     from . import representer as rp
+    from . import scoring as sc
     from .inputs import check_source
     from .model import Featurizer, load_model, read_model_bytes, split_model
     from .shard import featurize
@@ -67,6 +70,8 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
     k = int(audit["k"] if k is None else k)
     if k < 1 or k > audit["n_train"]:
         raise ConfigError(f"--k must be between 1 and the {audit['n_train']} training examples, got {k}")
+    if scoring not in sc.METHODS:
+        raise ConfigError(f"--scoring must be one of {', '.join(sc.METHODS)}, got {scoring!r}")
     if batch_size < 1 or test_block < 1:
         raise ConfigError("--batch-size and --test-block must be >= 1")
     name = storage.basename(model)
@@ -81,16 +86,17 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
                                                             0, src.n_rows)
     pred = rp.predicted_classes(logits)
 
-    sums_t = rp.class_sums(test_x, pred, split.n_classes).T  # the same for every shard
     results, train_ids, train_keys = [], [], []
+    t_score = time.perf_counter()
     for path in files:
         shard = index.read_shard(path)
         if shard["keys"] is not None:
             train_ids.append(shard["ids"])
             train_keys.append(shard["keys"])
-        scored = rp.score_shard(shard["x"], shard["ids"], shard["alpha"], test_x, pred, k, test_block,
-                                class_sim=rp.linear_logits(shard["x"], sums_t))
-        results.append({"topk": scored["topk"]})
+        scored = sc.score_shard(shard["x"], shard["ids"], shard["alpha"], test_x, pred, k, test_block,
+                                method=scoring, train_sums=False)
+        results.append({"topk": scored["topk"], "scoring": scored["scoring"]})
+    t_score = time.perf_counter() - t_score
     theta, alpha_head = index.read_head(index_dir)
     topk = rd.merge_topk_table(results, k, test_ids, pred)
     dec = rd.test_table(test_ids, test_y, pred, rp.per_class(logits), rp.per_class(rp.linear_logits(test_x, theta)),
@@ -112,7 +118,8 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
         "n_train": audit["n_train"],
         "n_test": int(src.n_rows),
         "decomposition": {"max_error": dec["max_error"], "max_relative_error": dec["max_relative_error"]},
-        "timings": {"total": round(time.perf_counter() - t0, 4)},
+        "scoring": sc.summarize([r["scoring"] for r in results], scoring),
+        "timings": {"score": round(t_score, 4), "total": round(time.perf_counter() - t0, 4)},
     }
     tables.write_outputs(out, {tables.INFLUENCE_TOPK: topk, tables.TEST_SCORES: test_table}, manifest)
     return manifest
@@ -120,7 +127,7 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
 
 def cmd_explain(args: argparse.Namespace) -> int:
     m = run_explain(args.index, args.model, args.test, args.out, k=args.k, batch_size=args.batch_size,
-                    test_block=args.test_block)
+                    test_block=args.test_block, scoring=args.scoring)
     print(f"wrote {args.out}: influence_topk.parquet, test_scores.parquet, manifest.json "
           f"({m['n_test']} test examples against {m['n_train']} training examples; "
           f"max decomposition error {m['decomposition']['max_error']:.2e})")
@@ -141,4 +148,6 @@ def add_parser(sub) -> None:
                                                          "(default: the audit's k)")
     p.add_argument("--batch-size", type=int, default=256, help="rows per forward pass (default 256)")
     p.add_argument("--test-block", type=int, default=1024, help="test examples scored at once (default 1024)")
+    p.add_argument("--scoring", choices=["pruned", "dense"], default="pruned",
+                   help="pruned (default) or dense scoring: the same tables (see the audit's --scoring)")
     p.set_defaults(func=cmd_explain)

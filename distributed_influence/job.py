@@ -27,6 +27,7 @@ from .fit import fit_head
 from .inputs import Inputs, prepare_inputs
 from .representer import fidelity_from_moments, fidelity_moments, per_class, predicted_classes
 from .resume import WorkStore, run_key
+from .scoring import summarize as scoring_summary
 from .shard import WorkerSettings, plan_shards
 from .sources import options_from
 from .worker import InProcessPool, RayPool, progress_bar, unwrap_ray_error
@@ -116,7 +117,8 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
         if use_ray:
             from .runtime import plan_workers, start_ray
 
-            started = start_ray(config.address)
+            with timer.stage("ray_start"):
+                started = start_ray(config.address)
             n_workers, gpus, cpus = plan_workers(config.shards, config.workers, config.gpus_per_worker)
             n_shards = config.shards or n_workers
         else:
@@ -130,7 +132,7 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
             model_name=inputs.model_name, train=_absolute(config.train), test=_absolute(config.test),
             target=config.target,
             lam=config.lam, k=config.k, n_train=inputs.train.n_rows, batch_size=config.batch_size,
-            test_block=config.test_block, feature_layer=config.feature_layer,
+            test_block=config.test_block, scoring=config.scoring, feature_layer=config.feature_layer,
             logit_layer=config.logit_layer, input_shape=inputs.input_shape, scale=config.scale,
             index_dir=storage.join(store.path, index.INDEX_DIR), fault=fault,
             source_options={k: v for k, v in options_from(config).items() if k != "scale"},
@@ -232,6 +234,14 @@ def _with_keys(topk, train, test_table, results: list, test: dict):
         topk = tables.add_key_column(topk, "test_id", tables.TEST_KEY, test["ids"], test["keys"])
         test_table = tables.add_key_column(test_table, "test_id", tables.TEST_KEY, test["ids"], test["keys"])
     return topk, train, test_table
+def _scoring(config: AuditConfig, records: list) -> dict:
+    """The manifest's ``scoring`` section; one warning line when pruned fell back to dense."""
+    summary = scoring_summary(records, config.scoring)
+    if summary["method"] != config.scoring:
+        log.warning("--scoring %s: scored densely instead (%s)", config.scoring, summary["reason"])
+    log.info("scoring (%s): %.2f%% of the (test, train) pairs scored", summary["method"],
+             100 * summary["pairs_scored_fraction"])
+    return summary
 
 
 def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore,
@@ -310,6 +320,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
                      "test": fidelity_from_moments(fidelity_moments(surrogate, test["logits"]))},
         "decomposition": {"max_error": dec["max_error"], "max_relative_error": dec["max_relative_error"],
                           "theta_residual": residual},
+        "scoring": _scoring(config, [results[s.index].get("scoring") for s in specs]),
         "shards": [shard_info[s.index] for s in specs],
         "resume": {"reused_shards": reused, "computed_shards": [s.index for s in todo]},
         "workers": {"count": pool.n_workers, "nodes": max(1, len(nodes)), "backend": pool.backend,

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import index
 from . import representer as rp
+from . import scoring
 from .errors import InputError, SourceError
 from .faults import Fault, maybe_kill_worker
 from .model import Featurizer, load_model, split_model
@@ -70,6 +71,7 @@ class WorkerSettings:
     n_train: int
     batch_size: int
     test_block: int
+    scoring: str = "pruned"  # pruned | dense (same tables; see scoring.py)
     feature_layer: Optional[str] = None
     logit_layer: Optional[str] = None
     input_shape: Optional[tuple] = None
@@ -226,8 +228,8 @@ class ShardWorker:
                                                      rp.class_sums(test_x, test_pred, n_classes))
         alpha = rp.per_class(alpha)  # a binary head's α as [−α, α]: classes 0 and 1
         maybe_kill_worker(s.fault, spec.index)
-        scored = rp.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block, x_tf=d.x_tf,
-                                class_sim=class_sim)
+        scored = scoring.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block, x_tf=d.x_tf,
+                                     class_sim=class_sim, method=s.scoring)
         if s.index_dir:
             index.write_shard(index.shard_file(s.index_dir, spec.index), d.ids, d.labels, d.x, alpha,
                               keys=d.keys)
@@ -249,6 +251,7 @@ class ShardWorker:
                 "label_probability": probs[rows, d.labels],
             },
             "alpha_head": alpha_head,
+            "scoring": scored["scoring"],
             "seconds": time.perf_counter() - t0,
             "node": _node_id() or "",  # a string even outside Ray: stored without pickling
         }
@@ -280,7 +283,8 @@ def score_rows_against_index(files: list, query_x: np.ndarray, query_class: np.n
     values, ids = [], []
     for path in files:
         shard = index.read_shard(path)
-        scored = rp.score_shard(shard["x"], shard["ids"], shard["alpha"], query_x, query_class, k, block)
+        scored = scoring.score_shard(shard["x"], shard["ids"], shard["alpha"], query_x, query_class, k, block,
+                                     train_sums=False)
         values.append(scored["topk"]["proponent"]["values"])
         ids.append(scored["topk"]["proponent"]["ids"])
     return merge_topk(values, ids, min(k, sum(v.shape[1] for v in values)), largest=True)

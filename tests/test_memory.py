@@ -11,6 +11,7 @@ SCRIPT = r"""
 import resource, sys
 import numpy as np
 from distributed_influence import representer as rp
+from distributed_influence import scoring
 
 m, block = int(sys.argv[1]), int(sys.argv[2])
 rng = np.random.default_rng(0)
@@ -20,9 +21,9 @@ alpha = rng.normal(size=(s, C)) * 1e-3
 ids = np.arange(s)
 xt = rp.augment(rng.normal(size=(m, d)).astype(np.float32))
 pred = rng.integers(0, C, size=m)
-rp.score_shard(x, ids, alpha, xt[:256], pred[:256], 10, 256)  # warm up: TF, traces, buffers
+scoring.score_shard(x, ids, alpha, xt[:256], pred[:256], 10, 256, method='dense')  # warm up: TF, traces, buffers
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-out = rp.score_shard(x, ids, alpha, xt, pred, 10, block)
+out = scoring.score_shard(x, ids, alpha, xt, pred, 10, block, method='dense')
 assert out["topk"]["proponent"]["ids"].shape == (m, 10)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
 """

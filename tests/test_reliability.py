@@ -115,17 +115,19 @@ def test_out_of_memory_while_scoring_halves_the_test_block(monkeypatch, caplog):
     alpha = rng.normal(size=(30, 3)) * 1e-2
     pred = rng.integers(0, 3, size=25)
     ids = np.arange(30)
-    expected = rp.score_shard(x, ids, alpha, xt, pred, 4, 25)
-    real = rp.score_block
+    from distributed_influence import scoring
+
+    expected = scoring.score_shard(x, ids, alpha, xt, pred, 4, 25, method="dense")
+    real = scoring.score_block
 
     def score_block_with_small_memory(xt_block, *args, **kwargs):
         if len(xt_block) > 6:
             raise tf.errors.ResourceExhaustedError(None, None, "OOM (injected)")
         return real(xt_block, *args, **kwargs)
 
-    monkeypatch.setattr(rp, "score_block", score_block_with_small_memory)
+    monkeypatch.setattr(scoring, "score_block", score_block_with_small_memory)
     with caplog.at_level(logging.WARNING):
-        got = rp.score_shard(x, ids, alpha, xt, pred, 4, 25)
+        got = scoring.score_shard(x, ids, alpha, xt, pred, 4, 25, method="dense")
     assert "test block now 6" in caplog.text
     for kind in ("proponent", "opponent"):
         np.testing.assert_array_equal(got["topk"][kind]["ids"], expected["topk"][kind]["ids"])

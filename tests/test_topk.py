@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from distributed_influence.representer import score_shard
+from distributed_influence.scoring import score_shard
 from distributed_influence.topk import merge_topk
 
 import oracle
@@ -21,11 +21,12 @@ def _exact_problem(seed, n=40, m=9, d=3, C=3):
     return x, alpha, xt, pred, ids
 
 
-def _sharded(x, alpha, xt, pred, ids, bounds, k, block):
+def _sharded(x, alpha, xt, pred, ids, bounds, k, block, method="pruned"):
     parts = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         order = np.argsort(ids[a:b])
-        parts.append(score_shard(x[a:b][order], ids[a:b][order], alpha[a:b][order], xt, pred, k, block))
+        parts.append(score_shard(x[a:b][order], ids[a:b][order], alpha[a:b][order], xt, pred, k, block,
+                                 method=method))
     return parts
 
 
@@ -34,11 +35,12 @@ def _sharded(x, alpha, xt, pred, ids, bounds, k, block):
     ([0, 3, 17, 40], 7, 2),     # k larger than a shard (3 rows) and than a test block
     ([0, 11, 12, 30, 40], 12, 100),
 ])
-def test_sharded_streaming_topk_equals_full_sort(bounds, k, block):
+@pytest.mark.parametrize("method", ["pruned", "dense"])
+def test_sharded_streaming_topk_equals_full_sort(bounds, k, block, method):
     x, alpha, xt, pred, ids = _exact_problem(seed=len(bounds) + k)
     r = oracle.representer_matrix(x.astype(np.float64), alpha, xt.astype(np.float64), pred)
     assert len(np.unique(r)) < r.size / 4  # the case really has many ties
-    parts = _sharded(x, alpha, xt, pred, ids, bounds, k, block)
+    parts = _sharded(x, alpha, xt, pred, ids, bounds, k, block, method)
     for kind, largest in (("proponent", True), ("opponent", False)):
         vals, got_ids, got_alpha, got_sim = merge_topk(
             [p["topk"][kind]["values"] for p in parts], [p["topk"][kind]["ids"] for p in parts], k, largest,
@@ -109,7 +111,7 @@ def test_chunked_selection_on_a_large_shard_equals_full_sort_with_ties(n):
 
     1543 is prime, so its last chunk is padded; 1600 is cut into chunks of 64 without padding.
     """
-    from distributed_influence.representer import TOPK_CHUNK, topk_chunk
+    from distributed_influence.scoring import TOPK_CHUNK, topk_chunk
 
     k = 3
     assert n >= 8 * k * TOPK_CHUNK
@@ -117,7 +119,7 @@ def test_chunked_selection_on_a_large_shard_equals_full_sort_with_ties(n):
     x, alpha, xt, pred, ids = _exact_problem(seed=21, n=n, m=12)
     r = oracle.representer_matrix(x.astype(np.float64), alpha, xt.astype(np.float64), pred)
     assert len(np.unique(r)) < r.size / 20  # heavy ties
-    parts = _sharded(x, alpha, xt, pred, ids, [0, n], k, 5)
+    parts = _sharded(x, alpha, xt, pred, ids, [0, n], k, 5, method="dense")
     for kind, largest in (("proponent", True), ("opponent", False)):
         vals, got = merge_topk([p["topk"][kind]["values"] for p in parts], [p["topk"][kind]["ids"] for p in parts],
                                k, largest)
