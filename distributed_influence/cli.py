@@ -12,7 +12,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .errors import InputError
+from .errors import ClusterError, InputError
 
 
 def _shape(text: str) -> tuple:
@@ -140,6 +140,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except InputError as exc:
         print(f"distributed-influence: error: {exc}", file=sys.stderr)
         return 2
+    except ClusterError as exc:
+        print(f"distributed-influence: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
