@@ -371,6 +371,8 @@ class RayPool:
         if c.num_returns != 1:
             method = method.options(num_returns=c.num_returns)
         c.refs = method.remote(*(self._fresh(a) for a in c.args))
+        if c.num_returns > 1:  # a test-feature part: how to make it again, should it be lost
+            self._parts[c.refs[0].hex()] = c
         if pending is not None:
             pending[c.ref] = c
 
@@ -422,8 +424,6 @@ class RayPool:
                         if c.replaces is not None:
                             self._part_recomputed(c, pending)
                             continue
-                        if c.num_returns > 1:
-                            self._parts[c.refs[0].hex()] = c
                         results[c.pos] = value
                         if on_result is not None:
                             on_result(c, value)
@@ -513,7 +513,6 @@ class RayPool:
 
     def _part_recomputed(self, c: _Call, pending: dict) -> None:
         self._subst[c.replaces] = c.refs[0]
-        self._parts[c.refs[0].hex()] = c
         self._recovery["recomputed_test_parts"].append(
             {"part": c.key[1], "args": [int(a) if isinstance(a, (int, np.integer)) else str(a) for a in c.args],
              "worker": c.worker})
@@ -582,7 +581,8 @@ class RayPool:
             self._recovery["lost_nodes"].append(node)
         log.warning("worker %d on node %s lost during %s (%s; not back within %.1f s): shards %s moved to "
                     "workers %s; %d calls re-run there", w, _short(node), s.method, type(s.error).__name__,
-                    waited, [m["shard"] for m in moves], [m["to"] for m in moves], len(s.parked))
+                    waited, [m["shard"] for m in moves], [m["to"] for m in moves],
+                    sum(c.movable for c in s.parked))
         for c in s.parked:
             if c.movable:
                 self._redo(c, pending)

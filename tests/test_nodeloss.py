@@ -76,7 +76,7 @@ def full_cluster(cluster, monkeypatch):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     assert len([n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]) == N_NODES
-    monkeypatch.setattr(worker_mod, "RESTART_WAIT", 3.0)
+    monkeypatch.setattr(worker_mod, "RESTART_WAIT", 2.0)
     monkeypatch.setattr(worker_mod, "REASSIGN_LOST_SHARDS", REASSIGN)
     return cluster
 
@@ -102,7 +102,8 @@ class NodeRemover(threading.Thread):
             with open(held) as fh:
                 where = fh.read().strip()
             time.sleep(1.0)  # results that came back before the hold reach the driver first
-            nodes = [n for n in self.cluster.worker_nodes if n.node_id == where] or self.cluster.worker_nodes[-1:]
+            candidates = sorted(self.cluster.worker_nodes, key=lambda n: n.node_id)
+            nodes = [n for n in candidates if n.node_id == where] or candidates[-1:]
             self.removed = nodes[0].node_id
             self.cluster.remove_node(nodes[0])
         except BaseException as exc:  # noqa: BLE001 - reported by the test
@@ -155,7 +156,7 @@ def assert_lost(manifest, node: str, during: str) -> dict:
     # unless it was finished (and kept) before the loss.
     assert all(m["from"] == lost["worker"] and m["to"] != lost["worker"] for m in rec["moved_shards"]), rec
     assert sorted(m["shard"] for m in rec["moved_shards"]) == list(range(lost["worker"], SHARDS, N_NODES))
-    assert rec["seconds"] > 0 and rec["wait_seconds"] >= 2.9, rec  # waited RESTART_WAIT for a restart
+    assert rec["seconds"] > 0 and rec["wait_seconds"] >= 1.9, rec  # waited RESTART_WAIT for a restart
     return rec
 
 
@@ -185,8 +186,7 @@ def test_node_lost_while_scoring_keeps_finished_shards(full_cluster, inputs, ref
     assert_same_tables(reference, out)
     rec = assert_lost(m, node, "score")
     assert sorted(rec["redone_calls"]["score"]) == [4, 7]  # shard 1 not redone
-    nodes = {s["index"]: s["node"] for s in m["shards"]}
-    assert nodes[1] == node and node not in {nodes[4], nodes[7]}
+    assert "prepare" not in rec["redone_calls"]  # the survivors featurized 4 and 7 on demand
 
 
 def test_node_lost_during_reduce(full_cluster, inputs, reference, tmp_path, monkeypatch):
