@@ -228,7 +228,8 @@ class RayPool:
     Shard ``i`` starts on worker ``i mod workers``. A call that fails because its worker went
     away (the process died, or its node) makes that worker *suspect*: it is pinged for up to
     :data:`RESTART_WAIT` seconds, and if Ray restarts it meanwhile (in place, or on a node
-    with room) the call is re-run there. Otherwise the worker is given up: its shards move to
+    with room) the call is re-run there. Otherwise, or as soon as Ray reports its node dead
+    while no node has room for it, the worker is given up: its shards move to
     the surviving workers, which featurize those rows from storage on demand, and every call
     it owed is re-run on them. Test features that lived in the lost node's object store are
     recomputed where they are needed. Results already received are kept; a stage returns
@@ -254,6 +255,7 @@ class RayPool:
             for _ in range(n_workers)
         ]
         self.n_workers = n_workers
+        self._demand = (float(num_cpus), float(num_gpus))  # what a restarted worker needs
         self.dead: set = set()
         self._suspects: Dict[int, _Suspect] = {}
         self._home: Dict[tuple, int] = {}  # units of work moved off their first worker
@@ -524,7 +526,7 @@ class RayPool:
         now = time.perf_counter()
         for w, s in list(self._suspects.items()):
             if now >= s.deadline:
-                self._give_up(w, pending)
+                self._give_up(w, pending, f"not back within {RESTART_WAIT:g} s")
             elif s.ping is None and now >= s.next_ping:
                 s.ping = self.actors[w].ping.remote()
 
@@ -537,7 +539,9 @@ class RayPool:
             node = self._ray.get(ref)
         except RayActorError as exc:
             if isinstance(exc, ActorDiedError):  # dead for good: no restart will come
-                self._give_up(w, pending)
+                self._give_up(w, pending, "dead for good")
+            elif self._nowhere_to_restart(w):
+                self._give_up(w, pending, "its node is gone and no other node has room")
             else:  # restarting, or not reachable yet
                 s.next_ping = time.perf_counter() + PING_INTERVAL
             return
@@ -551,7 +555,22 @@ class RayPool:
         for c in s.parked:
             self._redo(c, pending)
 
-    def _give_up(self, w: int, pending: dict) -> None:
+    def _nowhere_to_restart(self, w: int) -> bool:
+        """Whether Ray reports worker ``w``'s node dead and no node has a free slot for it now.
+
+        Then no restart can come unless a node is added, and the job does not wait for one.
+        Otherwise (a process restarting on a live node, or room elsewhere) the wait goes on.
+        """
+        node = self._node_of(w)
+        if not node or _node_alive(self._ray, node):
+            return False
+        try:
+            free = self._ray.available_resources()
+        except Exception:  # noqa: BLE001 - unknown: keep waiting, the wait is bounded anyway
+            return False
+        return free.get("CPU", 0.0) < self._demand[0] or free.get("GPU", 0.0) < self._demand[1]
+
+    def _give_up(self, w: int, pending: dict, why: str) -> None:
         """Worker ``w`` is gone: its shards move to the survivors and its calls are re-run there."""
         s = self._suspects.pop(w)
         waited = time.perf_counter() - s.since
@@ -575,13 +594,13 @@ class RayPool:
             self._move(key, w)
         moves = self._recovery["moved_shards"][moved_before:]
         self._recovery["lost_workers"].append({
-            "worker": w, "node": node, "during": s.method, "error": type(s.error).__name__,
+            "worker": w, "node": node, "during": s.method, "error": type(s.error).__name__, "why": why,
             "seconds_to_give_up": round(waited, 3), "shards_moved": [m["shard"] for m in moves]})
         if node and node not in self._recovery["lost_nodes"] and not _node_alive(self._ray, node):
             self._recovery["lost_nodes"].append(node)
-        log.warning("worker %d on node %s lost during %s (%s; not back within %.1f s): shards %s moved to "
+        log.warning("worker %d on node %s lost during %s (%s; %s; gave up after %.1f s): shards %s moved to "
                     "workers %s; %d calls re-run there", w, _short(node), s.method, type(s.error).__name__,
-                    waited, [m["shard"] for m in moves], [m["to"] for m in moves],
+                    why, waited, [m["shard"] for m in moves], [m["to"] for m in moves],
                     sum(c.movable for c in s.parked))
         for c in s.parked:
             if c.movable:

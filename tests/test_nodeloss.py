@@ -31,6 +31,9 @@ REASSIGN = os.environ.get("NODELOSS_REASSIGN", "1") != "0"
 #: than what Ray returns inline (100 KiB), so it lives in its node's object store, as in a
 #: real audit, and is lost with the node.
 N_TEST = 9000
+#: The bound on waiting for a lost worker: never reached when Ray reports its node dead and no
+#: other node has room (the tests check the job gives up at once then).
+WAIT = 20.0
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +79,7 @@ def full_cluster(cluster, monkeypatch):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     assert len([n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]) == N_NODES
-    monkeypatch.setattr(worker_mod, "RESTART_WAIT", 2.0)
+    monkeypatch.setattr(worker_mod, "RESTART_WAIT", WAIT)
     monkeypatch.setattr(worker_mod, "REASSIGN_LOST_SHARDS", REASSIGN)
     return cluster
 
@@ -85,9 +88,10 @@ class NodeRemover(threading.Thread):
     """Waits for the held marker, removes the node named in it (any worker node if the driver
     holds), then releases the hold."""
 
-    def __init__(self, cluster, marker_dir):
+    def __init__(self, cluster, marker_dir, remove_all=False):
         super().__init__(daemon=True)
         self.cluster, self.dir, self.removed, self.error = cluster, str(marker_dir), None, None
+        self.remove_all = remove_all
 
     def run(self):
         import time
@@ -104,19 +108,22 @@ class NodeRemover(threading.Thread):
             time.sleep(1.0)  # results that came back before the hold reach the driver first
             candidates = sorted(self.cluster.worker_nodes, key=lambda n: n.node_id)
             nodes = [n for n in candidates if n.node_id == where] or candidates[-1:]
+            if self.remove_all:
+                nodes = candidates
             self.removed = nodes[0].node_id
-            self.cluster.remove_node(nodes[0])
+            for node in nodes:
+                self.cluster.remove_node(node)
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             self.error = exc
         finally:
             open(os.path.join(self.dir, RELEASE), "w").close()
 
 
-def _audit_losing_a_node(cluster, inputs, tmp_path, monkeypatch, hold: str, **kw):
+def _audit_losing_a_node(cluster, inputs, tmp_path, monkeypatch, hold: str, remove_all=False, **kw):
     marker = tmp_path / "marker"
     marker.mkdir()
     monkeypatch.setenv(FAULT_ENV, f"hold:{hold}:{marker}")
-    remover = NodeRemover(cluster, marker)
+    remover = NodeRemover(cluster, marker, remove_all)
     remover.start()
     out = str(tmp_path / "out")
     try:
@@ -156,7 +163,8 @@ def assert_lost(manifest, node: str, during: str) -> dict:
     # unless it was finished (and kept) before the loss.
     assert all(m["from"] == lost["worker"] and m["to"] != lost["worker"] for m in rec["moved_shards"]), rec
     assert sorted(m["shard"] for m in rec["moved_shards"]) == list(range(lost["worker"], SHARDS, N_NODES))
-    assert rec["seconds"] > 0 and rec["wait_seconds"] >= 1.9, rec  # waited RESTART_WAIT for a restart
+    assert lost["why"] == "its node is gone and no other node has room", rec
+    assert 0 < lost["seconds_to_give_up"] < WAIT and rec["seconds"] > 0, rec
     return rec
 
 
@@ -192,26 +200,28 @@ def test_node_lost_while_scoring_keeps_finished_shards(full_cluster, inputs, ref
 def test_node_lost_during_reduce(full_cluster, inputs, reference, tmp_path, monkeypatch):
     out, m, node = _audit_losing_a_node(full_cluster, inputs, tmp_path, monkeypatch, "reduce:-1")
     assert_same_tables(reference, out)
-    rec = m["recovery"]
-    assert rec["lost_nodes"] == [node] and rec["lost_workers"][0]["node"] == node, rec
+    rec = assert_lost(m, node, "device_info")  # the first call after the reduce
     assert rec["redone_calls"] == {} and rec["recomputed_test_parts"] == []  # nothing to redo
     assert len(m["workers"]["devices"]) == N_NODES - 1
 
 
-def test_every_worker_lost_stops_with_one_line_and_keeps_partial_work(full_cluster, inputs, reference,
-                                                                      tmp_path, monkeypatch):
-    # One worker, holding its third shard: two are scored and persisted when its node goes.
-    with pytest.raises(ClusterError, match="every worker was lost") as err:
-        _audit_losing_a_node(full_cluster, inputs, tmp_path, monkeypatch, "score:2", shards=4, workers=1)
-    assert "\n" not in str(err.value)
-    work = tmp_path / "out" / "_work"
-    (key,) = os.listdir(work)
-    assert sorted(f for f in os.listdir(work / key) if f.startswith("shard-")) == ["shard-0.npz", "shard-1.npz"]
-    assert not (tmp_path / "out" / "manifest.json").exists()
-
-
 def test_a_shard_that_takes_down_every_worker_stops_the_job(full_cluster, inputs, tmp_path, monkeypatch):
     monkeypatch.setattr(worker_mod, "MAX_SHARD_LOSSES", 2)
+    monkeypatch.setattr(worker_mod, "RESTART_WAIT", 2.0)  # its restarts on its live node: no need to wait
     monkeypatch.setenv(FAULT_ENV, "kill-worker-always:2")
     with pytest.raises(ClusterError, match=r"shard 2 \(training rows 13-20\): its worker was lost 2 times"):
         run_audit(audit_config(inputs, str(tmp_path / "out"), shards=SHARDS), use_ray=True)
+
+
+def test_every_worker_lost_stops_with_one_line_and_keeps_partial_work(full_cluster, inputs, reference,
+                                                                      tmp_path, monkeypatch):
+    # Last in the module: it takes every worker node away. Held: the third shard of worker 0
+    # (shards 0 and 3 were scored and persisted before).
+    with pytest.raises(ClusterError, match="every worker was lost") as err:
+        _audit_losing_a_node(full_cluster, inputs, tmp_path, monkeypatch, "score:6", remove_all=True)
+    assert "\n" not in str(err.value)
+    work = tmp_path / "out" / "_work"
+    (key,) = os.listdir(work)
+    saved = {f for f in os.listdir(work / key) if f.startswith("shard-")}
+    assert {"shard-0.npz", "shard-3.npz"} <= saved and "shard-6.npz" not in saved, saved
+    assert not (tmp_path / "out" / "manifest.json").exists()
