@@ -200,7 +200,8 @@ class _Call:
     movable: bool = True  # False: only its own worker can answer (device information)
     worker: int = -1
     refs: object = None
-    losses: int = 0
+    losses: int = 0  # times the worker died while running this very call
+    seq: int = 0  # submission order: an actor runs its calls in this order
     replaces: Optional[str] = None  # a recomputed test part: the hex of the lost reference
 
     @property
@@ -265,6 +266,7 @@ class RayPool:
         self._subst: Dict[str, object] = {}  # hex of a lost part → its recomputed reference
         self._part_waiters: Dict[str, list] = {}
         self._recovery = _empty_recovery()
+        self._seq = 0
 
     def put(self, value):
         """Broadcast: stored once in the object store, read zero-copy by the workers."""
@@ -307,7 +309,7 @@ class RayPool:
         cannot read one has it recomputed by a surviving worker (see :meth:`_on_lost_object`).
         """
         calls = [_Call(method, tuple(args), ("part", p), p, num_returns=2,
-                       what=f"{method} {tuple(args)}") for p, args in enumerate(args_per_worker)]
+                       what=f"{method}({', '.join(map(str, args))})") for p, args in enumerate(args_per_worker)]
         smalls = self._run(calls)
         return [c.refs[0] for c in calls], smalls
 
@@ -373,6 +375,8 @@ class RayPool:
         if c.num_returns != 1:
             method = method.options(num_returns=c.num_returns)
         c.refs = method.remote(*(self._fresh(a) for a in c.args))
+        self._seq += 1
+        c.seq = self._seq
         if c.num_returns > 1:  # a test-feature part: how to make it again, should it be lost
             self._parts[c.refs[0].hex()] = c
         if pending is not None:
@@ -471,13 +475,8 @@ class RayPool:
         if not isinstance(exc, RayActorError) and lost is not None and lost not in _hexes(c.refs):
             self._on_lost_object(c, lost, exc, pending)
             return
-        # The worker went away while on this call (or the call's own result was on its node).
-        c.losses += 1
-        if c.losses >= MAX_SHARD_LOSSES:
-            raise ClusterError(
-                f"{c.what or c.method}: its worker was lost {c.losses} times while working on it "
-                f"(last: {type(exc).__name__}); stopping, as a reason in its data (a crash, its "
-                "memory) is likely. Finished work is kept: run the same command again to resume")
+        # The worker went away while on this call or before it (or the call's result was on
+        # its node): re-run where it moved, or once the worker's fate is known.
         if c.worker in self.dead:
             if c.movable:
                 self._redo(c, pending)
@@ -547,6 +546,8 @@ class RayPool:
             return
         del self._suspects[w]
         waited = time.perf_counter() - s.since
+        old = self._node_of(w)
+        self._blame(s, node_gone=bool(old) and old != node and not _node_alive(self._ray, old))
         self._nodes[w] = node
         self._recovery["restarted_workers"].append({"worker": w, "node": node, "seconds": round(waited, 3)})
         self._recovery["wait_seconds"] += waited
@@ -554,6 +555,23 @@ class RayPool:
                     w, waited, _short(node), len(s.parked))
         for c in s.parked:
             self._redo(c, pending)
+
+    def _blame(self, s: _Suspect, node_gone: bool) -> None:
+        """Counts a worker's death against the call it was running, unless its node was lost.
+
+        An actor runs its calls in the order they were sent, so of the calls that failed with
+        it, the earliest sent was running. A unit of work that took its worker down
+        :data:`MAX_SHARD_LOSSES` times (on whichever workers) stops the job.
+        """
+        if node_gone or not s.parked:
+            return
+        c = min(s.parked, key=lambda call: call.seq)
+        c.losses += 1
+        if c.losses >= MAX_SHARD_LOSSES:
+            raise ClusterError(
+                f"{c.what or c.method}: the worker running it died {c.losses} times (last: "
+                f"{type(s.error).__name__}); stopping, as a reason in its data (a crash, its memory) "
+                "is likely. Finished work is kept: run the same command again to resume")
 
     def _nowhere_to_restart(self, w: int) -> bool:
         """Whether Ray reports worker ``w``'s node dead and no node has a free slot for it now.
@@ -576,12 +594,14 @@ class RayPool:
         waited = time.perf_counter() - s.since
         if not REASSIGN_LOST_SHARDS:
             raise s.error
+        node = self._node_of(w)
+        node_gone = bool(node) and not _node_alive(self._ray, node)
+        self._blame(s, node_gone)
         self.dead.add(w)
         try:
             self._ray.kill(self.actors[w], no_restart=True)  # no restart later, on a freed slot
         except Exception:  # noqa: BLE001 - already gone
             pass
-        node = self._node_of(w)
         alive = [v for v in range(self.n_workers) if v not in self.dead]
         self._recovery["wait_seconds"] += waited
         if not alive:
@@ -596,7 +616,7 @@ class RayPool:
         self._recovery["lost_workers"].append({
             "worker": w, "node": node, "during": s.method, "error": type(s.error).__name__, "why": why,
             "seconds_to_give_up": round(waited, 3), "shards_moved": [m["shard"] for m in moves]})
-        if node and node not in self._recovery["lost_nodes"] and not _node_alive(self._ray, node):
+        if node_gone and node not in self._recovery["lost_nodes"]:
             self._recovery["lost_nodes"].append(node)
         log.warning("worker %d on node %s lost during %s (%s; %s; gave up after %.1f s): shards %s moved to "
                     "workers %s; %d calls re-run there", w, _short(node), s.method, type(s.error).__name__,

@@ -209,7 +209,7 @@ def test_a_shard_that_takes_down_every_worker_stops_the_job(full_cluster, inputs
     monkeypatch.setattr(worker_mod, "MAX_SHARD_LOSSES", 2)
     monkeypatch.setattr(worker_mod, "RESTART_WAIT", 2.0)  # its restarts on its live node: no need to wait
     monkeypatch.setenv(FAULT_ENV, "kill-worker-always:2")
-    with pytest.raises(ClusterError, match=r"shard 2 \(training rows 13-20\): its worker was lost 2 times"):
+    with pytest.raises(ClusterError, match=r"shard 2 \(training rows 13-20\): the worker running it died 2 times"):
         run_audit(audit_config(inputs, str(tmp_path / "out"), shards=SHARDS), use_ray=True)
 
 
