@@ -12,7 +12,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .errors import InputError
+from .errors import ClusterError, InputError
 from .summary import summary_lines
 
 
@@ -134,6 +134,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except InputError as exc:
         print(f"distributed-influence: error: {exc}", file=sys.stderr)
         return 2
+    except ClusterError as exc:
+        print(f"distributed-influence: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -24,3 +24,8 @@ class SourceError(InputError):
 
 class ConfigError(InputError):
     """A configuration value is out of range or inconsistent with the inputs."""
+
+
+class ClusterError(InfluenceError):
+    """The cluster can no longer finish the job (every worker lost, or one shard took down
+    its worker again and again); finished work stays in the work area for a resume."""

@@ -283,6 +283,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         shard_info[i].update(score_seconds=round(float(r["seconds"]), 4), reused=i in reused)
 
     with timer.stage("reduce"):
+        faults.maybe_hold(fault, "reduce")
         ordered = [results[s.index] for s in specs]
         topk = rd.merge_topk_table(ordered, config.k, test["ids"], test_pred)
         train = rd.train_table(ordered)
@@ -325,5 +326,6 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         "resume": {"reused_shards": reused, "computed_shards": [s.index for s in todo]},
         "workers": {"count": pool.n_workers, "nodes": max(1, len(nodes)), "backend": pool.backend,
                     "devices": pool.devices()},
+        "recovery": pool.recovery(),
         "timings": dict(timer.times),
     }
