@@ -38,6 +38,9 @@ SUPPORTERS = 3
 TOP_FRACTIONS = (0.05, 0.10)
 #: given → predicted pairs listed.
 MAX_PAIRS = 10
+#: Index shards kept in memory between finding the suspects' features and scoring them (a
+#: 60,000 × 1601 float32 index is 0.4 GB); beyond it, shards are read a second time.
+INDEX_CACHE_BYTES = 1 << 30
 THUMB_DIR = "thumbs"
 SUSPECTS_CSV = "suspects.csv"
 CSV_COLUMNS = ("train_id", "label", "predicted_class", "label_probability", "audit_score", "audit_rank")
@@ -120,9 +123,9 @@ def find_supporters(out_dir: str, suspects: Dict[str, np.ndarray],
         return {}, None
     try:
         files = index.shard_files(storage.join(out_dir, index.INDEX_DIR))
-        x = _index_rows(files, ids)
+        x, shards = _index_rows(files, ids, INDEX_CACHE_BYTES)
         both = np.concatenate([suspects["label"], suspects["predicted_class"]]).astype(np.int64)
-        values, found = score_rows_against_index(files, np.concatenate([x, x]), both, k + 1)
+        values, found = score_rows_against_index(shards, np.concatenate([x, x]), both, k + 1)
     except Exception as exc:  # supporters are an aid: a moved index must not stop the report
         return None, f"The train index cannot be read ({storage.reason(exc)}); supporters are not shown."
     n = len(ids)
@@ -136,32 +139,32 @@ def find_supporters(out_dir: str, suspects: Dict[str, np.ndarray],
     return out, None
 
 
-def _index_rows(files: List[str], ids: np.ndarray) -> np.ndarray:
-    """The augmented features of the given training ids, from the index's shard files."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+def _index_rows(files: List[str], ids: np.ndarray, keep_bytes: int):
+    """The augmented features of the given training ids, from the index's shard files.
+
+    Returns:
+        (features (len(ids), d+1) float32, the shards for scoring: each shard as read, while
+        they fit in ``keep_bytes``, else its path, read again when scored).
+    """
+    from . import index
 
     x = None
     seen = np.zeros(len(ids), dtype=bool)
-    position = {int(t): i for i, t in enumerate(ids)}
+    kept, size = [], 0
     for path in files:
-        fs, p = storage.resolve(path)
-        table = pq.read_table(p, filesystem=fs, columns=["train_id", "features"])
-        mask = pc.is_in(table.column("train_id"), value_set=pa.array(ids, pa.int64()))
-        part = table.filter(mask)
-        if part.num_rows == 0:
-            continue
-        feats = part.column("features").combine_chunks()
-        mat = np.asarray(feats.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, feats.type.list_size)
-        if x is None:
-            x = np.zeros((len(ids), mat.shape[1]), dtype=np.float32)
-        for tid, row in zip(part.column("train_id").to_numpy(), mat):
-            x[position[int(tid)]] = row
-            seen[position[int(tid)]] = True
+        shard = index.read_shard(path)
+        rows = np.flatnonzero(np.isin(shard["ids"], ids))
+        if len(rows):
+            if x is None:
+                x = np.zeros((len(ids), shard["x"].shape[1]), dtype=np.float32)
+            where = _positions(ids, shard["ids"][rows])
+            x[where] = shard["x"][rows]
+            seen[where] = True
+        size += shard["x"].nbytes + shard["alpha"].nbytes
+        kept.append(shard if size <= keep_bytes else path)
     if x is None or not seen.all():
         raise ValueError(f"training id {int(ids[np.argmin(seen)])} is not in the index")
-    return x
+    return x, kept
 
 
 # ------------------------------------------------------------------------------------- HTML

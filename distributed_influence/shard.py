@@ -270,7 +270,8 @@ def score_rows_against_index(files: list, query_x: np.ndarray, query_class: np.n
     training label (the query is then a training example itself).
 
     Args:
-        files: the index's shard files (:func:`index.shard_files`).
+        files: the index's shard files (:func:`index.shard_files`), or shards already read
+            with :func:`index.read_shard` (a caller that read them once need not read twice).
         query_x: (q, d+1) float32 augmented features.
         query_class: (q,) class explained for each query row.
         k: proponents per query row (capped at the index's size).
@@ -281,8 +282,8 @@ def score_rows_against_index(files: list, query_x: np.ndarray, query_class: np.n
     from .topk import merge_topk
 
     values, ids = [], []
-    for path in files:
-        shard = index.read_shard(path)
+    for item in files:
+        shard = item if isinstance(item, dict) else index.read_shard(item)
         scored = scoring.score_shard(shard["x"], shard["ids"], shard["alpha"], query_x, query_class, k, block,
                                      train_sums=False)
         values.append(scored["topk"]["proponent"]["values"])
