@@ -116,6 +116,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=1, help="training epochs of the CNN (default 1)")
     ap.add_argument("--rounds", type=int, default=1, help="runs of each source, interleaved (default 1)")
     ap.add_argument("--work-dir", default=None, help="where inputs and outputs go (default: a temp dir)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run the jobs with --in-process (no Ray: every shard in the CLI's process)")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse the model and inputs a previous run wrote to --work-dir")
     args = ap.parse_args()
@@ -153,7 +155,8 @@ def main() -> int:
     for r in range(args.rounds):
         for name, (tr, te) in sources.items():
             out = os.path.join(work, f"out_{name.split()[0]}_{r}")
-            job = run_job(model, tr, te, out, os.path.join(work, f"job_{name.split()[0]}_{r}.log"))
+            job = run_job(model, tr, te, out, os.path.join(work, f"job_{name.split()[0]}_{r}.log"),
+                          extra=("--in-process",) if args.in_process else ())
             m = job.manifest
             shard_secs = sum(s.get("featurize_seconds") or 0.0 for s in m["shards"])
             runs[name].append({"featurize": m["timings"]["featurize"], "validate": m["timings"]["validate"],
@@ -164,7 +167,8 @@ def main() -> int:
                   f"job wall {job.wall:.1f} s; {job.contention.text()}", flush=True)
 
     print(f"\nFashion-MNIST from three sources, {len(train.y) + len(test.y)} images, side by side in one "
-          f"run (medians of {args.rounds} round(s); the machine may be shared with other work):")
+          f"run ({'single-process engine' if args.in_process else 'Ray, local'}; medians of {args.rounds} "
+          f"round(s); the machine may be shared with other work):")
     med = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
     base = med["npz"]
     print(f"{'source':<16}{'featurize stage':>17}{'ratio':>8}{'workers (train)':>17}{'ratio':>8}"
