@@ -190,8 +190,9 @@ def report(runs: Dict[str, List[JobRun]], work: str) -> None:
         sc = last[m]
         shards = ", ".join(f"{s['pairs_scored_fraction']:.3%}" for s in sc["shards"])
         print(f"  pairs scored, {m:<6}: {sc['pairs_scored']:,} of {sc['pairs_total']:,} = "
-              f"{sc['pairs_scored_fraction']:.3%} (per shard: {shards}); test rows (per shard) with near-ties "
-              f"re-scored in float64: {sc.get('rows_rescored', 0)}, of them finished over the whole shard: "
+              f"{sc['pairs_scored_fraction']:.3%} (per shard: {shards}); (test row, shard) pairs whose 2k "
+              f"candidates were re-scored (near-ties at the k-th place): {sc.get('rows_rescored', 0)}, of them "
+              f"finished over the whole shard: "
               f"{sc['rows_finished_densely']}; method recorded: {sc['method']}")
 
     print("\ntables, pruned against dense (last runs):")

@@ -69,7 +69,7 @@ TF32_EXTRA = 2.0 ** -9
 #: double in between, so a test row that needs many rows costs few steps.
 FIRST_BLOCK = 256
 MAX_BLOCK = 4096
-#: Test rows per float64 step of the exact finish (bounds its (rows × 2k × (d+1)) copy).
+#: Test rows per step of the exact finish (bounds its (rows × 2k × (d+1)) float32 copy).
 CANON_ROWS = 128
 
 #: Candidates kept per kind, as a multiple of k, for the exact finish (see :func:`_finish`).
@@ -576,7 +576,7 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
     s = len(ids)
     k2 = min(s, CANDIDATES * k)  # candidates per kind for the exact finish
     geo = _Geometry(x, alpha)
-    redone = [0, 0]  # test rows finished against the whole shard, re-scored in float64
+    redone = [0, 0]  # test rows finished against the whole shard; whose 2k candidates were re-scored
 
     def finish(rows, xt, pred, top_v, top_i, bottom_v, bottom_i, complete):
         done, n_redo, n_rescored = _finish(x, geo, xt, pred, [(top_v, top_i), (bottom_v, bottom_i)], k,

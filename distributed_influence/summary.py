@@ -38,4 +38,6 @@ def summary_lines(manifest: dict) -> List[str]:
         f"fidelity (Pearson, surrogate vs model logits): train {fid['train']['pearson']:.4f}, "
         f"test {fid['test']['pearson']:.4f}",
         f"time: {manifest['timings']['total']:.1f} s",
-    ]
+    ] + ([f"scoring: {manifest['scoring']['method']}, "
+          f"{100 * manifest['scoring']['pairs_scored_fraction']:.2f}% of the (test, train) pairs scored"]
+         if "scoring" in manifest else [])
