@@ -180,3 +180,47 @@ def test_help_documents_every_flag():
     for flag in ("--model", "--train", "--test", "--out", "--k", "--lam", "--target", "--shards", "--address",
                  "--feature-layer", "--logit-layer", "--batch-size", "--gpus-per-worker"):
         assert flag in out
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_cluster_address_fails_fast_with_one_line(files, tmp_path):
+    """Ray itself retries an address that does not answer for minutes; the audit says so at once."""
+    import time
+
+    port = _free_port()  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "distributed_influence.cli", "audit", "--model", files["model"],
+         "--train", files["train"], "--test", files["test"], "--out", str(tmp_path / "o"),
+         "--address", f"127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert time.monotonic() - t0 < 30
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--address 127.0.0.1:{port}: no Ray cluster answers there" in lines[0], lines
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_address_that_is_not_a_ray_gcs_is_refused_in_bounded_time():
+    import socket
+    import time
+
+    from distributed_influence.errors import ConfigError
+    from distributed_influence.runtime import probe_cluster
+
+    with socket.socket() as listener:  # accepts connections, never speaks Ray's protocol
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError, match="not a Ray cluster's GCS"):
+            probe_cluster("127.0.0.1", listener.getsockname()[1], timeout=3.0)
+        assert time.monotonic() - t0 < 6
