@@ -94,9 +94,9 @@ def run_demo(out: str, n_train: Optional[int] = None, flip_fraction: float = 0.1
                          test=os.path.join(data, "test.npz"), out=out, k=k, shards=shards,
                          overwrite=True)  # the demo owns its output directory: rerunning replaces it
     manifest = run_audit(config, use_ray=use_ray)
-    import pyarrow.parquet as pq
+    from . import tables
 
-    train = pq.read_table(os.path.join(out, "train_scores.parquet")).to_pydict()
+    train = tables.read_table(out, tables.TRAIN_SCORES, columns=["train_id", "audit_rank"]).to_pydict()
     found = flagged_fractions(np.asarray(train["audit_rank"]), np.asarray(train["train_id"]), flipped)
     manifest["demo"] = {"test_accuracy": acc, "n_flipped": int(len(flipped)),
                         "flipped_found": {f"top_{int(p * 100)}pct": v for p, v in found.items()}}

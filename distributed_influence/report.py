@@ -49,7 +49,7 @@ class AuditOutput:
 
 def _require(path: str) -> str:
     """The path of a file the report cannot do without, or one line saying it is missing."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):  # a table's dataset directory, or a single file
         raise InputError(f"{path}: not found (is this the --out directory of an audit?)")
     return path
 

@@ -230,6 +230,24 @@ class ShardWorker:
         }
 
 
+    def score_partial(self, spec: ShardSpec, theta: np.ndarray, test_parts: list, test_pred: np.ndarray,
+                      partial_dir: str) -> dict:
+        """:meth:`score`, with the big partials written to the run's work area by this worker.
+
+        The top-k candidates of every test row and the per-train rows go to ``partial_dir``
+        (see :func:`distributed_influence.reduce.write_partial`), where the reduce tasks read
+        them by range; the driver receives only what it keeps: per-train ids and label α (for
+        the global audit rank), Σ_i x_iᵀα_i, and where and how long the shard ran.
+        """
+        from . import reduce as rd
+
+        result = self.score(spec, theta, test_parts, test_pred)
+        rd.write_partial(partial_dir, spec.index, result)
+        return {"shard": spec.index, "alpha_head": result["alpha_head"], "seconds": result["seconds"],
+                "node": result["node"], "train_id": result["train"]["train_id"],
+                "alpha_label": np.asarray(result["train"]["alpha_label"], np.float32)}
+
+
 def _fetch_parts(parts: list) -> list:
     """The test features' parts as arrays: references into Ray's object store come back as
     zero-copy views of shared memory, and are scored in place, never concatenated."""

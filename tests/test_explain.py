@@ -30,7 +30,7 @@ def test_explain_equals_full_audit_on_held_back_examples(files, tmp_path, capsys
     assert main(["explain", "--index", full, "--model", files["model"], "--test", sub, "--out", out]) == 0
     assert "4 test examples" in capsys.readouterr().out
 
-    for name in ("influence_topk.parquet", "test_scores.parquet"):
+    for name in ("influence_topk", "test_scores"):
         expected = _subset_rows(full, held, name)
         got = pq.read_table(os.path.join(out, name))
         assert got.schema == expected.schema
@@ -77,11 +77,11 @@ def test_readme_duckdb_queries_run_on_the_tables(files, tmp_path, monkeypatch):
     out = tmp_path / "results"
     run_audit(audit_config(files, out, k=3), use_ray=False)
     monkeypatch.chdir(tmp_path)
-    worst = duckdb.sql("SELECT train_id, label, audit_score FROM 'results/train_scores.parquet' "
+    worst = duckdb.sql("SELECT train_id, label, audit_score FROM 'results/train_scores/*.parquet' "
                        "ORDER BY audit_rank LIMIT 20").fetchall()
-    train = pq.read_table(out / "train_scores.parquet").to_pydict()
+    train = pq.read_table(out / "train_scores").to_pydict()
     order = np.argsort(train["audit_rank"])[:20]
     assert [r[0] for r in worst] == [train["train_id"][i] for i in order]
-    counts = duckdb.sql("SELECT train_id, count(*) AS n FROM 'results/influence_topk.parquet' "
+    counts = duckdb.sql("SELECT train_id, count(*) AS n FROM 'results/influence_topk/*.parquet' "
                         "WHERE kind = 'opponent' AND rank = 1 GROUP BY train_id ORDER BY n DESC LIMIT 10").fetchall()
     assert sum(n for _, n in counts) <= 20 and counts[0][1] >= 1

@@ -42,8 +42,9 @@ def flat_out(tmp_path_factory, files):
 def _copy_output(src: str, dst) -> str:
     """The tables and manifest of an audit in a fresh directory, so each test sees only its report."""
     os.makedirs(dst)
-    for name in tables.OUTPUT_FILES:
-        shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    for name in tables.TABLES:
+        shutil.copytree(os.path.join(src, name), os.path.join(dst, name))
+    shutil.copy(os.path.join(src, tables.MANIFEST), os.path.join(dst, tables.MANIFEST))
     return str(dst)
 
 
@@ -162,7 +163,7 @@ def test_missing_out_raises_input_error(tmp_path):
 
 def test_missing_table_raises_input_error(demo_out, tmp_path):
     out = _copy_output(demo_out, tmp_path / "out")
-    os.remove(os.path.join(out, tables.TEST_SCORES))
+    shutil.rmtree(os.path.join(out, tables.TEST_SCORES))
     with pytest.raises(InputError, match=tables.TEST_SCORES):
         report.write_report(out)
 
