@@ -54,6 +54,11 @@ class FitResult:
     objective: float
     converged: bool
     method: str
+    #: Passes over the training features, by kind: ``evaluations`` (J and ∇J),
+    #: ``hessian_products`` (one direction each), ``sketches`` (batched passes) and
+    #: ``sketch_directions`` (their directions in all; a sketch pass costs about as many
+    #: flops as that many Hessian products, in one read of the features).
+    passes: dict = dataclasses.field(default_factory=dict)
 
 
 def fit_head(
@@ -90,7 +95,7 @@ def fit_head(
         The :class:`FitResult`; ``converged`` is False when the caps were hit first.
     """
     shape = theta0.shape
-    counter = {"evals": 0, "iters": 0}
+    counter = {"evals": 0, "iters": 0, "hvps": 0, "sketches": 0, "directions": 0}
     last = {}
 
     def objective(precision: str):
@@ -107,6 +112,7 @@ def fit_head(
 
     def hessian_product(precision: str):
         def hessp(flat: np.ndarray, p: np.ndarray) -> np.ndarray:
+            counter["hvps"] += 1
             hv = hvp_sums(flat.reshape(shape), p.reshape(shape), precision) / n + 2.0 * lam * p.reshape(shape)
             return hv.ravel()
 
@@ -120,6 +126,8 @@ def fit_head(
     def sketch(flat: np.ndarray, directions: np.ndarray) -> np.ndarray:
         # The data part of the Hessian (without 2λI) applied to many directions in one pass.
         d = directions.reshape(shape + (directions.shape[1],))
+        counter["sketches"] += 1
+        counter["directions"] += directions.shape[1]
         return hvp_sums(flat.reshape(shape), d, "float32").reshape(directions.shape) / n
 
     fun64 = objective("float64")
@@ -153,6 +161,9 @@ def fit_head(
         theta=x.reshape(shape),
         iterations=counter["iters"],
         evaluations=counter["evals"],
+        passes={"evaluations": counter["evals"], "hessian_products": counter["hvps"],
+                "sketches": counter["sketches"], "sketch_directions": counter["directions"],
+                "total": counter["evals"] + counter["hvps"] + counter["sketches"]},
         max_abs_grad=max_g,
         objective=float(j),
         converged=max_g <= tol,

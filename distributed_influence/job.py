@@ -187,11 +187,11 @@ def _featurize_test(pool, inputs: Inputs) -> dict:
 def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> dict:
     """The head fit on the shards' sums, and the fidelity of the surrogate; persisted."""
     def sums(theta, precision):
-        res = pool.map("objective", specs, theta, precision)
+        res = pool.map_summed("objective", specs, theta, precision)
         return sum(r[0] for r in res), np.sum([r[1] for r in res], axis=0)
 
     def hvp(theta, v, precision):
-        return np.sum(pool.map("hvp", specs, theta, v, precision), axis=0)
+        return np.sum(pool.map_summed("hvp", specs, theta, v, precision), axis=0)
 
     with progress_bar(None, "fit head", "it") as bar:
         def on_iteration(it, g):
@@ -206,7 +206,7 @@ def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> 
     log.info("head fit: %d iterations, max|grad J| = %.3g (%s)", fit.iterations, fit.max_abs_grad, fit.method)
     result = {
         "theta": fit.theta,
-        "info": {"iterations": fit.iterations, "evaluations": fit.evaluations,
+        "info": {"iterations": fit.iterations, "evaluations": fit.evaluations, "passes": fit.passes,
                  "max_abs_grad": fit.max_abs_grad, "objective": fit.objective,
                  "converged": fit.converged, "method": fit.method},
         "train_moments": np.sum(pool.map("fidelity", specs, fit.theta), axis=0),

@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 
 from . import storage, tables
 from .faults import maybe_kill_worker
-from .representer import fidelity_moments, linear_logits
 from .topk import merge_topk
 
 KINDS = ("proponent", "opponent")
@@ -32,6 +31,20 @@ PARTIAL_GROUP = 4096
 REDUCE_ROWS = 4 * PARTIAL_GROUP
 #: Subdirectory of the run's work area for the shards' partials.
 PARTIAL_DIR = "partials"
+
+
+# Reduce tasks run in fresh Ray worker processes: they import NumPy and pyarrow only, not
+# TensorFlow (seconds per process), so these two small helpers are spelled out here.
+def linear_logits(x: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """x Θ in float64, as ``representer.linear_logits``."""
+    return np.asarray(x, dtype=np.float64) @ theta
+
+
+def fidelity_moments(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """As ``representer.fidelity_moments``: [count, Σa, Σb, Σa², Σb², Σab, Σ|a−b|]."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    return np.array([a.size, a.sum(), b.sum(), a @ a, b @ b, a @ b, np.abs(a - b).sum()])
 
 
 # ---------------------------------------------------------------------------- shard partials

@@ -175,6 +175,23 @@ class ShardWorker:
             self._probs[spec.index] = cached
         return rp.hvp_sums(d.x_tf, theta, v, precision, probs=cached[1])
 
+    def summed(self, method: str, specs: list, *args):
+        """``method`` on each of this worker's shards, the results added up here.
+
+        For the fit's sums ((d+1)×C each, or (d+1)×C×l for the sketch): when several shards
+        share a worker, one sum per worker crosses the network instead of one per shard.
+        """
+        total = None
+        for spec in specs:
+            r = getattr(self, method)(spec, *args)
+            if total is None:
+                total = list(r) if isinstance(r, tuple) else r
+            elif isinstance(r, tuple):
+                total = [t + v for t, v in zip(total, r)]
+            else:
+                total = total + r
+        return tuple(total) if isinstance(total, list) else total
+
     def fidelity(self, spec: ShardSpec, theta: np.ndarray) -> np.ndarray:
         d = self._data(spec)
         return rp.fidelity_moments(rp.linear_logits(d.x, theta), d.logits)

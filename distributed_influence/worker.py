@@ -123,6 +123,10 @@ class InProcessPool:
     def call_all(self, method: str, args_per_worker: List[tuple]) -> list:
         return [getattr(self.worker, method)(*args) for args in args_per_worker]
 
+    def map_summed(self, method: str, specs: Sequence[ShardSpec], *shared) -> list:
+        """The per-worker sums of ``method`` over the shards (see ``ShardWorker.summed``)."""
+        return [self.worker.summed(method, list(specs), *shared)]
+
     def call_split(self, method: str, args_per_worker: List[tuple]):
         """Like :meth:`call_all` for methods returning (big, small): two lists."""
         out = self.call_all(method, args_per_worker)
@@ -204,6 +208,17 @@ class RayPool:
     def call_all(self, method: str, args_per_worker: List[tuple]) -> list:
         refs = [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_worker)]
         return self._ray.get(refs)
+
+    def map_summed(self, method: str, specs: Sequence[ShardSpec], *shared) -> list:
+        """One call per worker, for all its shards: their results summed on the worker
+        (``ShardWorker.summed``), so the fit receives one (d+1)×C sum per worker, not per shard."""
+        ray = self._ray
+        shared_refs = [ray.put(a) if getattr(a, "nbytes", 0) > INLINE_BYTES else a for a in shared]
+        groups: dict = {}
+        for s in specs:
+            groups.setdefault(s.index % self.n_workers, []).append(s)
+        refs = [self.actors[w].summed.remote(method, group, *shared_refs) for w, group in sorted(groups.items())]
+        return ray.get(refs)
 
     def call_split(self, method: str, args_per_worker: List[tuple]):
         """Calls a method returning (big, small) on every worker: the big values stay in the
