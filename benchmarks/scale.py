@@ -174,6 +174,53 @@ def objective_pass_seconds(work: dict, n: int, classes: int, repeats: int = 3) -
     return best
 
 
+def fit_comparison(work: dict, rows: int, classes: int, lam: float = 0.003) -> dict:
+    """The head fit in this process on the first ``rows`` training rows, with the sketch policy
+    of today (``adaptive``) and the one before the scale-out (``always``: 100 directions before
+    the first step), each in multiples of one float32 objective pass over the same rows."""
+    from distributed_influence import representer as rp
+    from distributed_influence.fit import fit_head
+    from distributed_influence.model import Featurizer, load_model, read_model_bytes, split_model
+
+    split = split_model(load_model(read_model_bytes(work["model"]), "mlp.keras"), None, None, "mlp.keras")
+    data = np.load(work["train"])
+    feats, _ = Featurizer(split, 8192)(data["x"][:rows])
+    x_tf = rp.tf.constant(rp.augment(feats))
+    t64 = rp.one_hot(data["y"][:rows], classes)
+    t32 = rp.tf.constant(t64, rp.tf.float32)
+    cache: dict = {}
+
+    def sums(theta, precision):
+        return rp.objective_sums(x_tf, t32 if precision == "float32" else t64, theta, precision)
+
+    def hvp(theta, v, precision):
+        key = (theta.tobytes(), precision)
+        if key not in cache:
+            cache.clear()
+            cache[key] = rp.softmax_blocks(x_tf, theta, precision)
+        return rp.hvp_sums(x_tf, theta, v, precision, probs=cache[key])
+
+    theta0 = split.theta()
+    sums(theta0, "float32")  # warm-up (tracing)
+    unit = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        sums(theta0, "float32")
+        unit = min(unit, time.perf_counter() - t0)
+    out = {"rows": rows, "objective_pass_seconds": unit}
+    for policy in ("always", "adaptive"):
+        t0 = time.perf_counter()
+        fit = fit_head(sums, hvp, rows, lam, theta0, sketch=policy)
+        sec = time.perf_counter() - t0
+        out[policy] = {"seconds": sec, "in_passes": sec / unit, "passes": fit.passes,
+                       "max_abs_grad": fit.max_abs_grad}
+        print(f"[fit, {rows} rows in one process] sketch {policy}: {sec:.1f} s = {sec / unit:.0f} float32 "
+              f"objective passes ({unit:.3f} s each), max|grad J| {fit.max_abs_grad:.1e}, passes {fit.passes}",
+              flush=True)
+    print(f"[fit] adaptive / always: {out['adaptive']['in_passes'] / out['always']['in_passes']:.2f}", flush=True)
+    return out
+
+
 def check_topk(work: dict, out: str, samples: int, k: int, seed: int = 7) -> dict:
     """Top-k of sampled test rows against brute force over the train index (float64)."""
     import pyarrow.parquet as pq
@@ -239,6 +286,10 @@ def main(argv=None) -> int:
     ap.add_argument("--variant-n", type=int, default=200_000, help="n of the m×4 and shards×4 runs")
     ap.add_argument("--variant-m", type=int, default=10_000, help="m of the variants' base run")
     ap.add_argument("--no-main", action="store_true", help="only the variants")
+    ap.add_argument("--fit-compare-rows", type=int, default=0,
+                    help="also compare the fit's sketch policies in one process on this many rows "
+                         "(0: skip)")
+    ap.add_argument("--fit-compare-only", action="store_true", help="only that comparison, no cluster")
     ap.add_argument("--no-variants", action="store_true", help="only the main run")
     ap.add_argument("--work-dir", default="/tmp/scale_bench")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
@@ -247,6 +298,13 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     print(f"machine: {os.cpu_count()} cores; k = {K}; noise {NOISE:.0%}", flush=True)
     results = {}
+    if args.fit_compare_rows:
+        root = os.path.join(args.work_dir, "fitcmp")
+        work = make_workload(root, args.fit_compare_rows, 100, args.classes, args.input_dim, args.dim,
+                             args.epochs, min(args.fit_rows, args.fit_compare_rows))
+        results["fit_comparison"] = fit_comparison(work, args.fit_compare_rows, args.classes)
+        if args.fit_compare_only:
+            return 0
     cluster = start_cluster(args.nodes, args.cpus_per_node)
     try:
         if not args.no_main:

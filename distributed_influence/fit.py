@@ -70,6 +70,7 @@ def fit_head(
     tol: float = 1e-10,
     max_iter: int = 1000,
     on_iteration: Optional[Callable[[int, float], None]] = None,
+    sketch: str = "adaptive",
 ) -> FitResult:
     """Fits the surrogate head to a stationary point.
 
@@ -90,6 +91,9 @@ def fit_head(
         max_iter: cap on the iterations of each L-BFGS phase of the fallback, and (at least
             50, at most MAX_CG_ITERATIONS) on the CG iterations of one Newton step.
         on_iteration: called with (iteration, max |∇J|) for progress display.
+        sketch: ``"adaptive"`` (default): a Nyström sketch only once a CG solve needed many
+            iterations, sized by them; ``"always"``: SKETCH_RANK directions before the first
+            step (the fit before the scale-out, kept to measure against).
 
     Returns:
         The :class:`FitResult`; ``converged`` is False when the caps were hit first.
@@ -123,7 +127,7 @@ def fit_head(
         if on_iteration is not None and "g" in last:
             on_iteration(counter["iters"], float(np.max(np.abs(last["g"]))))
 
-    def sketch(flat: np.ndarray, directions: np.ndarray) -> np.ndarray:
+    def sketch_pass(flat: np.ndarray, directions: np.ndarray) -> np.ndarray:
         # The data part of the Hessian (without 2λI) applied to many directions in one pass.
         d = directions.reshape(shape + (directions.shape[1],))
         counter["sketches"] += 1
@@ -135,8 +139,8 @@ def fit_head(
     j, g = fun64(x)
     phases = []
     if np.max(np.abs(g)) > tol:
-        x, j, g = _newton_pcg(objective("float32"), fun64, hessian_product("float32"), sketch,
-                              2.0 * lam, x, j, g, tol, max_iter, callback)
+        x, j, g = _newton_pcg(objective("float32"), fun64, hessian_product("float32"), sketch_pass,
+                              2.0 * lam, x, j, g, tol, max_iter, callback, always_sketch=sketch == "always")
         phases.append("Newton-CG (float32 Hessian products; Nyström-preconditioned when CG needs it)")
         log.info("Newton-CG: max|grad J| = %.3g", np.max(np.abs(g)))
     # Fallback, for a Newton phase that stalled: L-BFGS, then Newton steps without sketch.
@@ -223,7 +227,8 @@ def sketch_rank(size: int) -> int:
     return max(1, min(SKETCH_RANK, size, SKETCH_BYTES // (8 * size)))
 
 
-def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callback, max_steps: int = 50):
+def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callback, max_steps: int = 50,
+                always_sketch: bool = False):
     """Newton steps whose directions come from preconditioned CG; the main phase of the fit.
 
     Far from the optimum (max |∇J| above FLOAT32_NEWTON_GTOL, or above ``tol`` if that is
@@ -249,6 +254,8 @@ def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callb
     # product (103 with it, 99 without); on Fashion-MNIST's CNN head they saved 411.
     identity = lambda r: r  # noqa: E731
     precond, resketches, rank = identity, 0, None
+    if always_sketch:
+        precond, rank = None, sketch_rank(size)
     far_fun, far_j = fun32, None  # J for the Armijo test, and its value at x once needed
     exact = True  # is g the float64 gradient at x (else the float32 one)?
     for _ in range(max_steps):
