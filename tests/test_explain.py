@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from distributed_influence.cli import main
 from distributed_influence.job import run_audit
@@ -70,6 +71,27 @@ def test_load_results_returns_the_tables(files, tmp_path):
     top = frames["influence_topk"]
     first = top[(top.test_id == 0) & (top.kind == "proponent")].sort_values("rank")
     assert first.representer_value.is_monotonic_decreasing
+    assert res.manifest["tables"]["influence_topk"] == ["influence_topk/part-00000.parquet"]
+
+    # The layout before the scale-out: one file per table, no part listing in the manifest.
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("influence_topk", "train_scores", "test_scores"):
+        pq.write_table(getattr(res, name), old / f"{name}.parquet")
+    manifest = dict(res.manifest)
+    manifest.pop("tables")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    again = distributed_influence.load_results(str(old))
+    for name in ("influence_topk", "train_scores", "test_scores"):
+        assert getattr(again, name).equals(getattr(res, name)), name
+    shutil.rmtree(os.path.join(out, "test_scores"))
+    from distributed_influence.errors import InputError
+
+    with pytest.raises(InputError, match="test_scores: not found"):
+        distributed_influence.load_results(out)
 
 
 def test_readme_duckdb_queries_run_on_the_tables(files, tmp_path, monkeypatch):
