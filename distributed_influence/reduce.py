@@ -265,17 +265,6 @@ def audit_ranks(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def train_table(results: List[dict]) -> pa.Table:
-    """One row per training example, in id order, with audit scores and ranks."""
-    cols = {name: np.concatenate([r["train"][name] for r in results]) for name in results[0]["train"]}
-    order = np.argsort(cols["train_id"], kind="stable")
-    cols = {name: arr[order] for name, arr in cols.items()}
-    score = np.abs(cols["alpha_label"])
-    cols["audit_score"] = score
-    cols["audit_rank"] = audit_ranks(score.astype(np.float32), cols["train_id"])
-    return tables.to_table(cols, tables.TRAIN_SCHEMA)
-
-
 def test_table(test_ids: np.ndarray, test_labels: Optional[np.ndarray], test_pred: np.ndarray,
                model_logits: np.ndarray, surrogate_logits: np.ndarray,
                alpha_head_logits: np.ndarray) -> Dict[str, object]:
