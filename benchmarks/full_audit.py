@@ -434,7 +434,7 @@ def job_topk(out_dir: str, kind: str, m: int) -> np.ndarray:
     """The job's (m, K) train ids of one kind, by test id and rank."""
     import pyarrow.parquet as pq
 
-    t = pq.read_table(os.path.join(out_dir, "influence_topk.parquet"),
+    t = pq.read_table(os.path.join(out_dir, "influence_topk"),  # the dataset of part files
                       columns=["test_id", "kind", "rank", "train_id"]).to_pandas()
     t = t[t["kind"] == kind].sort_values(["test_id", "rank"])
     return t["train_id"].to_numpy().reshape(m, -1)

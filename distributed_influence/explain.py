@@ -27,7 +27,7 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
         index_out: the ``--out`` directory of an audit (holds ``manifest.json`` and ``index/``).
         model: the audit's model file; refused if it is not byte-identical.
         test: test source to explain.
-        out: output directory for ``influence_topk.parquet``, ``test_scores.parquet`` and manifest.
+        out: output directory for the ``influence_topk`` and ``test_scores`` datasets and manifest.
         k: proponents/opponents per test example (default: the audit's k).
         batch_size: rows per forward pass.
         test_block: test examples scored at once.
@@ -128,7 +128,7 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
 def cmd_explain(args: argparse.Namespace) -> int:
     m = run_explain(args.index, args.model, args.test, args.out, k=args.k, batch_size=args.batch_size,
                     test_block=args.test_block, scoring=args.scoring)
-    print(f"wrote {args.out}: influence_topk.parquet, test_scores.parquet, manifest.json "
+    print(f"wrote {args.out}: influence_topk/, test_scores/ (Parquet datasets), manifest.json "
           f"({m['n_test']} test examples against {m['n_train']} training examples; "
           f"max decomposition error {m['decomposition']['max_error']:.2e})")
     return 0

@@ -13,6 +13,10 @@ signals from outside, so the job itself can be told to fail at a named point:
   worker method such as ``score`` for shard SHARD, or the driver entering the stage WHERE, with
   SHARD ``-1``) writes ``DIR/held`` (its Ray node id, or ``driver``) and waits until
   ``DIR/release`` exists. A test removes that node meanwhile: a node lost at a precise moment.
+* ``DISTRIBUTED_INFLUENCE_FAULT=stop-driver-after-reduce:N`` — the driver raises after N reduce
+  tasks' parts were persisted.
+* ``DISTRIBUTED_INFLUENCE_FAULT=kill-reducer:PART:MARKER`` — the process running the reduce task
+  of test part PART exits abruptly, once.
 
 Unset (the normal case) nothing happens.
 """
@@ -48,9 +52,9 @@ def from_env() -> Optional[Fault]:
     if not text:
         return None
     kind, _, rest = text.partition(":")
-    if kind == "stop-driver-after":
+    if kind in ("stop-driver-after", "stop-driver-after-reduce"):
         return Fault(kind, count=int(rest))
-    if kind == "kill-worker":
+    if kind in ("kill-worker", "kill-reducer"):
         shard, _, marker = rest.partition(":")
         return Fault(kind, shard=int(shard), marker=marker)
     if kind == "kill-worker-always":
@@ -62,12 +66,14 @@ def from_env() -> Optional[Fault]:
     raise ValueError(f"{FAULT_ENV}: unknown fault {text!r}")
 
 
-def maybe_kill_worker(fault: Optional[Fault], shard: int) -> None:
+def maybe_kill_worker(fault: Optional[Fault], shard: int, kind: str = "kill-worker") -> None:
     """Ends this process without cleanup, like a preempted node, the first time only."""
-    if fault is None or fault.kind not in ("kill-worker", "kill-worker-always") or fault.shard != shard:
+    if fault is None or fault.shard != shard:
         return
-    if fault.kind == "kill-worker-always":
+    if kind == "kill-worker" and fault.kind == "kill-worker-always":
         os._exit(1)
+    if fault.kind != kind:
+        return
     if os.path.exists(fault.marker):
         return
     with open(fault.marker, "w") as fh:
@@ -99,3 +105,8 @@ def maybe_hold(fault: Optional[Fault], where: str, shard: int = -1, node: str = 
     deadline = time.monotonic() + HOLD_TIMEOUT
     while not os.path.exists(os.path.join(fault.marker, RELEASE)) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def maybe_stop_driver_in_reduce(fault: Optional[Fault], parts_saved: int) -> None:
+    if fault is not None and fault.kind == "stop-driver-after-reduce" and parts_saved >= fault.count:
+        raise InjectedFault(f"injected driver failure after {parts_saved} reduced parts")

@@ -34,14 +34,9 @@ def _matrix(col: pa.ChunkedArray, dtype) -> np.ndarray:
 
 
 def _atomic_write(table: pa.Table, path: str) -> None:
-    folder = storage.dirname(path)
-    storage.makedirs(folder)
-    tmp = storage.join(folder, storage.basename(path) + ".tmp")
-    with storage.open_output(tmp) as fh:
-        # Uncompressed, without dictionaries: the index is float features and α, which Snappy
-        # shrank by 12% at 4× the write time (1.26 s against 0.30 s for a 30,000-row shard).
-        pq.write_table(table, fh, compression="none", use_dictionary=False)
-    storage.move(tmp, path)
+    # Uncompressed, without dictionaries: the index is float features and α, which Snappy
+    # shrank by 12% at 4× the write time (1.26 s against 0.30 s for a 30,000-row shard).
+    storage.write_atomic(path, lambda fh: pq.write_table(table, fh, compression="none", use_dictionary=False))
 
 
 def _read(path: str) -> pa.Table:

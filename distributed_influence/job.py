@@ -25,7 +25,7 @@ from . import tables
 from .config import AuditConfig
 from .fit import fit_head
 from .inputs import Inputs, prepare_inputs
-from .representer import fidelity_from_moments, fidelity_moments, per_class, predicted_classes
+from .representer import fidelity_from_moments, predicted_classes
 from .resume import WorkStore, run_key
 from .scoring import summarize as scoring_summary
 from .shard import WorkerSettings, plan_shards
@@ -145,7 +145,7 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
         log.info("%d training rows in %d shards on %d workers (%g GPU each)",
                  inputs.train.n_rows, len(specs), pool.n_workers, gpus)
         with _driver_threads(use_ray):
-            manifest = _run_stages(config, inputs, pool, specs, store, timer, fault)
+            manifest = _run_stages(config, inputs, pool, specs, store, timer, fault, use_ray)
     except Exception as exc:
         raise unwrap_ray_error(exc) from None
     finally:
@@ -159,7 +159,7 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
     manifest["workers"]["gpus_per_worker"] = gpus
     manifest["timings"]["total"] = round(time.perf_counter() - t_start, 4)
     _publish_index(store, config.out)  # before the manifest: a reader that sees it sees all
-    tables.write_outputs(config.out, manifest.pop("_tables"), manifest)
+    tables.publish(config.out, storage.join(store.path, "tables"), tables.TABLES, manifest)
     store.remove()
     return manifest
 
@@ -181,7 +181,7 @@ def _featurize_test(pool, inputs: Inputs) -> dict:
     object store): the driver keeps only references, logits, ids and labels."""
     parts = plan_shards(inputs.test.n_rows, pool.n_workers)
     x_parts, metas = pool.call_split("featurize_test", [(p.start, p.stop) for p in parts])
-    test = {"x_parts": x_parts,
+    test = {"x_parts": x_parts, "part_sizes": [len(m["ids"]) for m in metas],
             "logits": np.concatenate([m["logits"] for m in metas]),
             "ids": np.concatenate([m["ids"] for m in metas])}
     if metas[0]["labels"] is not None:
@@ -194,11 +194,11 @@ def _featurize_test(pool, inputs: Inputs) -> dict:
 def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> dict:
     """The head fit on the shards' sums, and the fidelity of the surrogate; persisted."""
     def sums(theta, precision):
-        res = pool.map("objective", specs, theta, precision)
+        res = pool.map_summed("objective", specs, theta, precision)
         return sum(r[0] for r in res), np.sum([r[1] for r in res], axis=0)
 
     def hvp(theta, v, precision):
-        return np.sum(pool.map("hvp", specs, theta, v, precision), axis=0)
+        return np.sum(pool.map_summed("hvp", specs, theta, v, precision), axis=0)
 
     with progress_bar(None, "fit head", "it") as bar:
         def on_iteration(it, g):
@@ -213,7 +213,7 @@ def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> 
     log.info("head fit: %d iterations, max|grad J| = %.3g (%s)", fit.iterations, fit.max_abs_grad, fit.method)
     result = {
         "theta": fit.theta,
-        "info": {"iterations": fit.iterations, "evaluations": fit.evaluations,
+        "info": {"iterations": fit.iterations, "evaluations": fit.evaluations, "passes": fit.passes,
                  "max_abs_grad": fit.max_abs_grad, "objective": fit.objective,
                  "converged": fit.converged, "method": fit.method},
         "train_moments": np.sum(pool.map("fidelity", specs, fit.theta), axis=0),
@@ -222,18 +222,6 @@ def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> 
     return result
 
 
-def _with_keys(topk, train, test_table, results: list, test: dict):
-    """Appends the string keys of sources that have them (DESIGN.md §3): ``train_key`` to
-    influence_topk and train_scores, ``test_key`` to influence_topk and test_scores."""
-    if tables.TRAIN_KEY in results[0]["train"]:
-        ids = np.concatenate([r["train"]["train_id"] for r in results])
-        keys = np.concatenate([r["train"][tables.TRAIN_KEY] for r in results])
-        topk = tables.add_key_column(topk, "train_id", tables.TRAIN_KEY, ids, keys)
-        train = tables.add_key_column(train, "train_id", tables.TRAIN_KEY, ids, keys)
-    if "keys" in test:
-        topk = tables.add_key_column(topk, "test_id", tables.TEST_KEY, test["ids"], test["keys"])
-        test_table = tables.add_key_column(test_table, "test_id", tables.TEST_KEY, test["ids"], test["keys"])
-    return topk, train, test_table
 def _scoring(config: AuditConfig, records: list) -> dict:
     """The manifest's ``scoring`` section; one warning line when pruned fell back to dense."""
     summary = scoring_summary(records, config.scoring)
@@ -244,8 +232,105 @@ def _scoring(config: AuditConfig, records: list) -> dict:
     return summary
 
 
+def _run_tasks(fn, calls: list, use_ray: bool, on_result) -> list:
+    """Runs ``fn(*args)`` for every args tuple of ``calls``: as Ray tasks (one CPU each, re-run
+    if their worker process or node is lost), or one after the other in this process.
+    ``on_result(i, result)`` runs as each finishes; results come back in call order."""
+    if not use_ray:
+        out = []
+        for i, args in enumerate(calls):
+            out.append(fn(*args))
+            on_result(i, out[-1])
+        return out
+    import ray
+
+    from .worker import MAX_RESTARTS
+
+    task = ray.remote(num_cpus=1, max_retries=MAX_RESTARTS)(fn)
+    refs = [task.remote(*args) for args in calls]
+    index = {ref: i for i, ref in enumerate(refs)}
+    out = [None] * len(refs)
+    pending = list(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            i = index[done[0]]
+            out[i] = ray.get(done[0])
+            on_result(i, out[i])
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref)
+        raise
+    return out
+
+
+def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred: np.ndarray,
+            theta: np.ndarray, alpha_head: np.ndarray, results: list, use_ray: bool, fault) -> dict:
+    """The reduce stage: tasks merge the shards' partials by range and write the part files.
+
+    Parts are written to ``_work/<key>/tables/`` and their summaries persisted, so a resumed run
+    redoes only the ranges that had not finished. The driver passes each task its slice of the
+    per-row vectors it holds (ids, labels, logits, audit scores); the partials stay on storage.
+    """
+    staged = storage.join(store.path, "tables")
+    out_dirs = {name: storage.join(staged, name) for name in tables.TABLES}
+    partial_dir = storage.join(store.path, rd.PARTIAL_DIR)
+    topk_files = [rd.topk_file(partial_dir, s.index) for s in specs]
+    sizes = test["part_sizes"]
+    offsets = np.cumsum([0] + sizes)[:-1]
+    summaries = {"test": {}, "train": {}}
+    reused = []
+    # Sources with string keys (DESIGN.md §3): every test task names the training rows of its
+    # lists, so the (id, key) pairs are shared once (a per-row vector, like the audit scores).
+    train_keys = None
+    if tables.TRAIN_KEY in results[0]:
+        train_keys = (np.concatenate([r["train_id"] for r in results]),
+                      np.concatenate([r[tables.TRAIN_KEY] for r in results]))
+        if use_ray:
+            import ray
+
+            train_keys = ray.put(train_keys)
+    calls = {"test": [], "train": []}
+    for part, (a, b) in enumerate(tables.split_rows(len(test["ids"]), rd.REDUCE_ROWS)):
+        done = store.load(f"reduce-test-{part}")
+        if done is not None:
+            summaries["test"][part] = done
+            reused.append(f"test-{part}")
+            continue
+        near = [i for i, (o, n) in enumerate(zip(offsets, sizes)) if o < b and o + n > a]
+        rows = {"ids": test["ids"][a:b], "labels": None if test.get("labels") is None else test["labels"][a:b],
+                "pred": test_pred[a:b], "logits": test["logits"][a:b]}
+        if "keys" in test:
+            rows["keys"] = test["keys"][a:b]
+        calls["test"].append((part, a, b, topk_files, config.k, rows, [test["x_parts"][i] for i in near],
+                              [int(offsets[i]) for i in near], theta, alpha_head, out_dirs, fault,
+                              train_keys))
+    plan = rd.train_plan([r["train_id"] for r in results], [np.abs(r["alpha_label"]) for r in results],
+                         [(s.start, s.stop) for s in specs])
+    for part, (sources, positions, ranks) in enumerate(plan):
+        done = store.load(f"reduce-train-{part}")
+        if done is not None:
+            summaries["train"][part] = done
+            reused.append(f"train-{part}")
+            continue
+        files = [(rd.train_file(partial_dir, specs[s].index), first) for s, first in sources]
+        calls["train"].append((part, files, positions, ranks, out_dirs[tables.TRAIN_SCORES]))
+    del plan
+
+    for kind, fn in (("test", rd.reduce_test_range), ("train", rd.reduce_train_range)):
+        def keep(i, summary, kind=kind):
+            store.save(f"reduce-{kind}-{summary['part']}", summary)
+            summaries[kind][summary["part"]] = summary
+            faults.maybe_stop_driver_in_reduce(fault, sum(len(v) for v in summaries.values()) - len(reused))
+
+        _run_tasks(fn, calls[kind], use_ray, keep)
+    return {"test": [summaries["test"][p] for p in sorted(summaries["test"])],
+            "train": [summaries["train"][p] for p in sorted(summaries["train"])],
+            "reused": reused, "staged": staged}
+
+
 def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore,
-                timer: _Timer, fault) -> dict:
+                timer: _Timer, fault, use_ray: bool = False) -> dict:
     shard_info = {s.index: {"index": s.index, "start": s.start, "stop": s.stop, "rows": s.rows}
                   for s in specs}
     results = {s.index: store.load(f"shard-{s.index}") for s in specs}
@@ -269,14 +354,16 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
 
     with timer.stage("score"):
         saved = []
+        partial_dir = storage.join(store.path, rd.PARTIAL_DIR)
 
         def persist(spec, result):
             store.save(f"shard-{spec.index}", result)
             saved.append(spec.index)
             faults.maybe_stop_driver(fault, len(saved))
 
-        shared = (theta, test["x_parts"], pool.put(test_pred))
-        for spec, r in zip(todo, pool.map("score", todo, *shared, desc="alpha + score", on_result=persist)):
+        shared = (theta, test["x_parts"], pool.put(test_pred), partial_dir)
+        for spec, r in zip(todo, pool.map("score_partial", todo, *shared, desc="alpha + score",
+                                          on_result=persist)):
             results[spec.index] = r
     for i, r in results.items():
         shard_info[i].setdefault("node", str(r.get("node", "")) or None)  # reused: node of the first run
@@ -285,22 +372,19 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
     with timer.stage("reduce"):
         faults.maybe_hold(fault, "reduce")
         ordered = [results[s.index] for s in specs]
-        topk = rd.merge_topk_table(ordered, config.k, test["ids"], test_pred)
-        train = rd.train_table(ordered)
         alpha_head = np.sum([r["alpha_head"] for r in ordered], axis=0)
-        surrogate = ordered[0]["test_surrogate"]
-        # per_class: a binary model's one logit z as [−z, z], the logits of classes 0 and 1.
-        dec = rd.test_table(test["ids"], test.get("labels"), test_pred, per_class(test["logits"]),
-                            per_class(surrogate),
-                            per_class(np.sum([r["test_alpha_head"] for r in ordered], axis=0)))
         residual = float(np.max(np.abs(theta - alpha_head)) / np.max(np.abs(theta)))
         index.write_head(storage.join(store.path, index.INDEX_DIR), theta, alpha_head)
-        topk, train, test_table = _with_keys(topk, train, dec["table"], ordered, test)
+        # The actors' work is done: their CPUs go to the reduce tasks.
+        devices = pool.devices()
+        recovery = pool.recovery()
+        pool.shutdown()
+        reduced = _reduce(config, specs, store, test, test_pred, theta, alpha_head, ordered, use_ray, fault)
+        del ordered
 
     nodes = sorted({i["node"] for i in shard_info.values() if i.get("node")})
+    test_summary = reduced["test"]
     return {
-        "_tables": {tables.INFLUENCE_TOPK: topk, tables.TRAIN_SCORES: train,
-                    tables.TEST_SCORES: test_table},
         "config": {key: storage.redact(val) for key, val in config.to_dict().items()},
         "config_digest": config.digest(),
         "model_sha256": hashlib.sha256(inputs.model_bytes).hexdigest(),
@@ -318,14 +402,19 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         "k": int(config.k),
         "head_fit": {**fit["info"], "grad_tol": config.grad_tol},
         "fidelity": {"train": fidelity_from_moments(fit["train_moments"]),
-                     "test": fidelity_from_moments(fidelity_moments(surrogate, test["logits"]))},
-        "decomposition": {"max_error": dec["max_error"], "max_relative_error": dec["max_relative_error"],
+                     "test": fidelity_from_moments(np.sum([r["fidelity"] for r in test_summary], axis=0))},
+        "decomposition": {"max_error": max(r["max_error"] for r in test_summary),
+                          "max_relative_error": max(r["max_relative_error"] for r in test_summary),
                           "theta_residual": residual},
         "scoring": _scoring(config, [results[s.index].get("scoring") for s in specs]),
+        "reduce": {"test_parts": len(test_summary), "train_parts": len(reduced["train"]),
+                   "rows_per_test_part": rd.REDUCE_ROWS,
+                   "reused_parts": reduced["reused"],
+                   "seconds": round(float(sum(r["seconds"] for r in test_summary + reduced["train"])), 4)},
         "shards": [shard_info[s.index] for s in specs],
         "resume": {"reused_shards": reused, "computed_shards": [s.index for s in todo]},
         "workers": {"count": pool.n_workers, "nodes": max(1, len(nodes)), "backend": pool.backend,
-                    "devices": pool.devices()},
-        "recovery": pool.recovery(),
+                    "devices": devices},
+        "recovery": recovery,
         "timings": dict(timer.times),
     }

@@ -1,16 +1,245 @@
-"""The reducer: merges the shards' partial results into the tables of DESIGN.md §3."""
+"""The reducer: merges the shards' partial results into the tables of DESIGN.md §3.
+
+Partials live in the run's work area, one pair of Parquet files per shard written by the
+worker that scored it: its top-k candidates for every test row (row groups of
+``PARTIAL_GROUP`` test rows, so a reader takes any range of test rows without the rest) and
+its per-train rows. Reduce tasks, one per range of test rows (and one per range of training
+rows), read only their range from every shard, merge it exactly and write one part file of
+each table. The functions here are pure (files in, files out, small summaries back): Ray runs
+them as tasks, the single-process engine calls them directly.
+"""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+import time
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from . import tables
+from . import storage, tables
+from .faults import maybe_kill_worker
 from .topk import merge_topk
 
 KINDS = ("proponent", "opponent")
+FIELDS = ("values", "ids", "alpha", "similarity")
+#: Test rows per row group of a shard's partial top-k file: the unit a reduce task reads.
+PARTIAL_GROUP = 4096
+#: Test rows per reduce task and part file of ``influence_topk``/``test_scores``: 16,384 rows
+#: of 16 shards' top-10 lists are ~100 MB of candidates in one task.
+REDUCE_ROWS = 4 * PARTIAL_GROUP
+#: Subdirectory of the run's work area for the shards' partials.
+PARTIAL_DIR = "partials"
+
+
+# Reduce tasks run in fresh Ray worker processes: they import NumPy and pyarrow only, not
+# TensorFlow (seconds per process), so these two small helpers are spelled out here.
+def linear_logits(x: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """x Θ in float64, as ``representer.linear_logits``."""
+    return np.asarray(x, dtype=np.float64) @ theta
+
+
+def per_class(a: np.ndarray) -> np.ndarray:
+    """As ``representer.per_class``: a binary model's one logit column z as [−z, z]."""
+    a = np.asarray(a)
+    return np.concatenate([-a, a], axis=-1) if a.shape[-1] == 1 else a
+
+
+def fidelity_moments(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """As ``representer.fidelity_moments``: [count, Σa, Σb, Σa², Σb², Σab, Σ|a−b|]."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
+    return np.array([a.size, a.sum(), b.sum(), a @ a, b @ b, a @ b, np.abs(a - b).sum()])
+
+
+# ---------------------------------------------------------------------------- shard partials
+def _fixed_list(arr: np.ndarray) -> pa.Array:
+    arr = np.ascontiguousarray(arr)
+    return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), arr.shape[1])
+
+
+def _matrix(col, dtype) -> np.ndarray:
+    flat = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    width = flat.type.list_size
+    return np.asarray(flat.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, width)
+
+
+def topk_file(partial_dir: str, shard: int) -> str:
+    return storage.join(partial_dir, f"shard-{shard:05d}-topk.parquet")
+
+
+def train_file(partial_dir: str, shard: int) -> str:
+    return storage.join(partial_dir, f"shard-{shard:05d}-train.parquet")
+
+
+def write_partial(partial_dir: str, shard: int, result: dict) -> None:
+    """Writes a shard's scored partials (from ``ShardWorker.score``) where reduce tasks read them.
+
+    Written by the worker that scored the shard, atomically, so that the driver never holds
+    them and a restarted worker that writes them again changes nothing.
+    """
+    topk = pa.table({f"{kind}_{field}": _fixed_list(result["topk"][kind][field])
+                     for kind in KINDS for field in FIELDS})
+    storage.write_atomic(topk_file(partial_dir, shard), lambda fh: pq.write_table(
+        topk, fh, row_group_size=PARTIAL_GROUP, compression="none", use_dictionary=False))
+    train = pa.table({name: np.asarray(col) for name, col in result["train"].items()})
+    storage.write_atomic(train_file(partial_dir, shard), lambda fh: pq.write_table(
+        train, fh, compression="none", use_dictionary=False))
+
+
+def read_partial_topk(path: str, start: int, stop: int) -> dict:
+    """Test rows [start, stop) of one shard's partial top-k, reading only their row groups."""
+    fs, p = storage.resolve(path)
+    with fs.open_input_file(p) as fh:
+        pf = pq.ParquetFile(fh)
+        groups, first, row = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if row < stop and row + n > start:
+                groups.append(g)
+                first = row if first is None else first
+            row += n
+        if stop > row or start < 0:
+            raise ValueError(f"{path}: has {row} test rows, asked for [{start}, {stop})")
+        t = pf.read_row_groups(groups).slice(start - (first or 0), stop - start)
+    dtypes = {"values": np.float32, "ids": np.int64, "alpha": np.float32, "similarity": np.float32}
+    return {kind: {field: _matrix(t.column(f"{kind}_{field}"), dtypes[field]) for field in FIELDS}
+            for kind in KINDS}
+
+
+def read_partial_train(path: str) -> Dict[str, np.ndarray]:
+    fs, p = storage.resolve(path)
+    t = pq.read_table(p, filesystem=fs)
+    return {name: t.column(name).to_numpy() for name in t.column_names}
+
+
+def _arrays(parts: list) -> list:
+    """Object-store references resolved (zero-copy views); arrays passed through."""
+    if any(not isinstance(p, np.ndarray) for p in parts):
+        import ray
+
+        parts = ray.get(list(parts))
+    return list(parts)
+
+
+def _rows(parts: list, offsets: Sequence[int], start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a matrix held as row parts starting at ``offsets``."""
+    pieces = []
+    for part, off in zip(parts, offsets):
+        a, b = max(start, off), min(stop, off + len(part))
+        if a < b:
+            pieces.append(part[a - off:b - off])
+    return np.concatenate(pieces) if len(pieces) > 1 else np.array(pieces[0])
+
+
+# ----------------------------------------------------------------------------- reduce tasks
+def reduce_test_range(part: int, start: int, stop: int, topk_files: List[str], k: int,
+                      test: Dict[str, np.ndarray], x_parts: list, x_offsets: Sequence[int],
+                      theta: np.ndarray, alpha_head: np.ndarray, out_dirs: Dict[str, str],
+                      fault=None, train_keys: Optional[tuple] = None) -> dict:
+    """One reduce task: test rows [start, stop) of ``influence_topk`` and ``test_scores``.
+
+    Args:
+        part: the part number (the range's place in test-row order).
+        start, stop: the test rows.
+        topk_files: every shard's partial top-k file.
+        k: entries kept per test row and kind.
+        test: this range's per-row vectors: ``ids``, ``labels`` (or None), ``pred`` and the
+            model's ``logits`` (rows, C).
+        x_parts: the test features' row parts (arrays or object-store references) that
+            overlap the range, starting at test rows ``x_offsets``.
+            ``keys`` too when the test source has string keys.
+        theta: the fitted head; alpha_head: Σ_i x_iᵀα_i over all shards (one column each
+            for a binary model, whose class 0 is explained by −z).
+        out_dirs: where the parts of ``influence_topk`` and ``test_scores`` go.
+        fault: test hook (see :mod:`distributed_influence.faults`).
+        train_keys: (train ids, their string keys) when the training source has keys.
+
+    Returns:
+        Small summaries: rows, decomposition errors, fidelity moments, seconds.
+    """
+    t0 = time.perf_counter()
+    partials = [{"topk": read_partial_topk(f, start, stop)} for f in topk_files]
+    topk = merge_topk_table(partials, k, test["ids"], test["pred"])
+    del partials
+    maybe_kill_worker(fault, part, kind="kill-reducer")
+    if train_keys is not None:
+        topk = tables.add_key_column(topk, "train_id", tables.TRAIN_KEY, *train_keys)
+    if test.get("keys") is not None:
+        topk = tables.add_key_column(topk, "test_id", tables.TEST_KEY, test["ids"], test["keys"])
+    tables.write_part(out_dirs[tables.INFLUENCE_TOPK], part, topk)
+    x = _rows(_arrays(x_parts), x_offsets, start, stop)
+    surrogate = linear_logits(x, theta)
+    dec = test_table(test["ids"], test.get("labels"), test["pred"], per_class(test["logits"]),
+                     per_class(surrogate), per_class(linear_logits(x, alpha_head)))
+    table = dec["table"]
+    if test.get("keys") is not None:
+        table = tables.add_key_column(table, "test_id", tables.TEST_KEY, test["ids"], test["keys"])
+    tables.write_part(out_dirs[tables.TEST_SCORES], part, table)
+    return {"part": part, "rows": stop - start, "max_error": dec["max_error"],
+            "max_relative_error": dec["max_relative_error"],
+            "fidelity": fidelity_moments(surrogate, test["logits"]), "seconds": time.perf_counter() - t0}
+
+
+def reduce_train_range(part: int, sources: List[tuple], positions: np.ndarray, ranks: np.ndarray,
+                       out_dir: str) -> dict:
+    """One reduce task: a range of ``train_scores`` rows, in train-id order.
+
+    Args:
+        part: the part number.
+        sources: (partial train file, first position) of every shard holding rows of the
+            range; positions count rows over all shards in shard order.
+        positions: for each output row (in id order), its position over all shards.
+        ranks: the global ``audit_rank`` of each output row.
+        out_dir: where the part of ``train_scores`` goes.
+    """
+    t0 = time.perf_counter()
+    cols: Dict[str, list] = {}
+    where = np.empty(len(positions), dtype=np.int64)
+    base = 0
+    for path, first in sources:
+        rows = read_partial_train(path)
+        n = len(rows["train_id"])
+        mine = (positions >= first) & (positions < first + n)
+        where[mine] = positions[mine] - first + base
+        base += n
+        for name, arr in rows.items():
+            cols.setdefault(name, []).append(arr)
+    merged = {name: np.concatenate(arrs)[where] for name, arrs in cols.items()}
+    merged["audit_score"] = np.abs(merged["alpha_label"])
+    merged["audit_rank"] = ranks
+    table = tables.to_table(merged, tables.TRAIN_SCHEMA)
+    if tables.TRAIN_KEY in merged:  # a source with string keys (DESIGN.md §3)
+        table = table.append_column(tables.TRAIN_KEY, pa.array(merged[tables.TRAIN_KEY], pa.string()))
+    tables.write_part(out_dir, part, table)
+    return {"part": part, "rows": len(positions), "seconds": time.perf_counter() - t0}
+
+
+def train_plan(ids_per_shard: List[np.ndarray], scores_per_shard: List[np.ndarray], bounds: List[tuple]):
+    """The global audit ranks and the train reduce tasks' inputs, from per-row vectors only.
+
+    Args:
+        ids_per_shard, scores_per_shard: each shard's train ids and |α_{i,y_i}|.
+        bounds: [start, stop) of each part in id order. With the shards' own row bounds, a
+            source whose ids grow with the row number gives one shard per part.
+
+    Returns:
+        list of (sources as shard indices with first positions, positions, ranks) per part,
+        in train-id order.
+    """
+    ids = np.concatenate(ids_per_shard)
+    scores = np.concatenate(scores_per_shard).astype(np.float32)
+    ranks = audit_ranks(scores, ids)
+    order = np.argsort(ids, kind="stable")
+    firsts = np.cumsum([0] + [len(i) for i in ids_per_shard])
+    plan = []
+    for a, b in bounds:
+        pos = order[a:b]
+        shard_of = np.searchsorted(firsts, pos, side="right") - 1
+        used = sorted(set(np.unique(shard_of).tolist()))
+        plan.append(([(s, int(firsts[s])) for s in used], pos, ranks[pos]))
+    return plan
 
 
 def merge_topk_table(results: List[dict], k: int, test_ids: np.ndarray, test_pred: np.ndarray) -> pa.Table:
@@ -53,17 +282,6 @@ def audit_ranks(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
     ranks = np.empty(len(scores), dtype=np.int64)
     ranks[order] = np.arange(1, len(scores) + 1)
     return ranks
-
-
-def train_table(results: List[dict]) -> pa.Table:
-    """One row per training example, in id order, with audit scores and ranks."""
-    cols = {name: np.concatenate([r["train"][name] for r in results]) for name in results[0]["train"]}
-    order = np.argsort(cols["train_id"], kind="stable")
-    cols = {name: arr[order] for name, arr in cols.items()}
-    score = np.abs(cols["alpha_label"])
-    cols["audit_score"] = score
-    cols["audit_rank"] = audit_ranks(score.astype(np.float32), cols["train_id"])
-    return tables.to_table(cols, tables.TRAIN_SCHEMA)
 
 
 def test_table(test_ids: np.ndarray, test_labels: Optional[np.ndarray], test_pred: np.ndarray,

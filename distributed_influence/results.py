@@ -31,23 +31,25 @@ class Results:
 def load_results(out: str) -> Results:
     """Loads the tables and manifest an audit (or explain) wrote to ``out`` (path or URI).
 
+    Each table is read from its dataset of part files (``OUT/NAME/part-*.parquet``), or from
+    the single file ``OUT/NAME.parquet`` of outputs written before the scale-out.
+
     Raises:
         InputError: ``out`` holds no finished results.
     """
-    import pyarrow.parquet as pq
-
-    def read(name: str, required: bool = True):
-        spec = storage.join(out, name)
-        if not storage.exists(spec):
-            if required:
-                raise InputError(f"{spec}: not found (is {out} the --out of a finished audit?)")
-            return None
-        fs, path = storage.resolve(spec)
-        return pq.read_table(path, filesystem=fs)
-
     manifest_spec = storage.join(out, tables.MANIFEST)
     if not storage.exists(manifest_spec):
         raise InputError(f"{manifest_spec}: not found (is {out} the --out of a finished audit?)")
     manifest = tables.read_manifest(out)
+
+    def read(name: str, required: bool = True):
+        try:
+            table = tables.read_table(out, name, manifest)
+        except (OSError, ValueError) as exc:  # a part missing or unreadable
+            raise InputError(f"{storage.join(out, name)}: unreadable table ({storage.reason(exc)})") from None
+        if table is None and required:
+            raise InputError(f"{storage.join(out, name)}: not found (is {out} the --out of a finished audit?)")
+        return table
+
     return Results(read(tables.INFLUENCE_TOPK), read(tables.TRAIN_SCORES, required=False),
                    read(tables.TEST_SCORES), manifest)

@@ -5,8 +5,11 @@ The run key hashes everything that changes the numbers (configuration, model byt
 fingerprints, shard plan), so a re-run of the same command finds and reuses its own finished
 work, and a run with different settings can never mix its partials with old ones.
 
-What is kept: the fitted head and every shard's scored partial results (test features are
-cheap to recompute and are not kept). Files are written under a temporary name and renamed, so a crash mid-write
+What is kept: the fitted head, every shard's scored partials (the top-k candidates and
+per-train rows, which the worker writes under ``partials/``, and the per-row vectors the driver
+keeps), and every finished reduce range (its part files under ``tables/`` and its summary).
+Test features are cheap to recompute and are not kept. Every file is written under a temporary
+name and renamed (:func:`distributed_influence.storage.write_atomic`), so a crash mid-write
 leaves no half file that could be mistaken for a finished one.
 """
 
@@ -111,16 +114,10 @@ class WorkStore:
         return storage.exists(self._file(name))
 
     def save(self, name: str, tree: dict) -> None:
-        storage.makedirs(self.path)
-        tmp = storage.join(self.path, name + ".tmp.npz")
-        if storage.is_uri(tmp):
-            buf = io.BytesIO()  # object stores take whole objects
-            np.savez(buf, **flatten(tree))
-            with storage.open_output(tmp) as fh:
-                fh.write(buf.getvalue())
-        else:
-            np.savez(tmp, **flatten(tree))  # straight to disk: no second copy in memory
-        storage.move(tmp, self._file(name))
+        """Persists a small result (the fit, a shard's per-row vectors, a reduce summary)."""
+        buf = io.BytesIO()  # the big partials are Parquet files the workers write themselves
+        np.savez(buf, **flatten(tree))
+        storage.write_atomic(self._file(name), lambda fh: fh.write(buf.getvalue()))
 
     def load(self, name: str) -> Optional[dict]:
         if not self.has(name):

@@ -12,6 +12,8 @@ log = logging.getLogger(__name__)
 # is imported, and by get_node_ip_address at call time) makes a local node advertise and bind
 # 127.0.0.1 instead of the machine's network address.
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+#: Bound on finding out that a cluster address does not answer (TCP, then one GCS request).
+PROBE_SECONDS = 15.0
 
 
 def use_loopback() -> None:
@@ -45,7 +47,7 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
         from .storage import redact
 
         log.info("joining the Ray cluster at %s", redact(address))
-        ray.init(address=address, log_to_driver=True)
+        join_cluster(address)
     else:
         use_loopback()
         # address="local": always a new instance, never a cluster some earlier `ray start`
@@ -54,6 +56,103 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
                  log_to_driver=True, configure_logging=False)
         log.info("started a local Ray instance on 127.0.0.1")
     return True
+
+
+def _host_port(address: str) -> Optional[Tuple[str, int]]:
+    """(host, port) of a ``host:port`` address; None for ``auto``, ``ray://...`` and the like."""
+    if "://" in address or address in ("auto", "local"):
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    import socket
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def probe_cluster(host: str, port: int, timeout: float = PROBE_SECONDS) -> list:
+    """The addresses the nodes of the cluster at host:port advertise, asked of its GCS.
+
+    Two steps, each bounded in time, because ``ray.init`` retries an address that does not
+    answer for minutes: a TCP connection (refused or silent: nothing listens there), then one
+    request to the GCS (no answer: something else listens there).
+
+    Raises:
+        ConfigError: nothing answers at host:port, or it is not a Ray cluster's GCS.
+    """
+    import socket
+    import threading
+
+    from .errors import ConfigError
+
+    where = f"--address {host}:{port}"
+    try:
+        with socket.create_connection((host, port), timeout=timeout / 3):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{where}: no Ray cluster answers there ({exc.strerror or exc}); "
+                          f"give the head's GCS address (the --port of `ray start --head`)") from None
+    found: dict = {}
+
+    def ask():
+        try:
+            from ray._raylet import GcsClient
+
+            infos = GcsClient(address=f"{host}:{port}").get_all_node_info(timeout=timeout / 2)
+            found["nodes"] = [i.node_manager_address for i in infos.values() if i.state == 0]
+        except Exception as exc:  # noqa: BLE001 - reported below as one line
+            found["error"] = exc
+
+    thread = threading.Thread(target=ask, daemon=True)  # the GCS client may block past its timeout
+    thread.start()
+    thread.join(timeout)
+    if "nodes" not in found:
+        why = str(found["error"]).splitlines()[0] if "error" in found else f"no answer within {timeout:g} s"
+        raise ConfigError(f"{where}: not a Ray cluster's GCS ({why}); give the head's GCS address "
+                          f"(the --port of `ray start --head`)")
+    if not found["nodes"]:
+        raise ConfigError(f"{where}: the Ray cluster there has no live node")
+    return found["nodes"]
+
+
+def join_cluster(address: str) -> None:
+    """Joins a running cluster, failing within ~PROBE_SECONDS with one line if there is none.
+
+    Ray canonicalises ``127.0.0.1:PORT`` to the machine's network address and then retries
+    the GCS there for minutes; against a head started with ``--node-ip-address=127.0.0.1``
+    (every service on loopback) that never succeeds. So a loopback address is probed first,
+    and when the cluster's nodes advertise loopback the driver stays on loopback too.
+
+    Raises:
+        ConfigError: nothing (or no Ray cluster) answers at ``address``, or Ray refuses to join.
+    """
+    import ray
+
+    from .errors import ConfigError
+
+    parsed = _host_port(address)
+    if parsed is not None:
+        host, port = parsed
+        nodes = probe_cluster(host, port)
+        if _is_loopback(host) and any(_is_loopback(n) for n in nodes):
+            use_loopback()
+            address = f"127.0.0.1:{port}"
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        ray.shutdown()
+        raise ConfigError(f"--address {address}: cannot join the Ray cluster "
+                          f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})") from None
 
 
 def plan_workers(n_shards: Optional[int], workers: Optional[int],

@@ -196,6 +196,23 @@ class ShardWorker:
             self._probs[spec.index] = cached
         return rp.hvp_sums(d.x_tf, theta, v, precision, probs=cached[1])
 
+    def summed(self, method: str, specs: list, *args):
+        """``method`` on each of this worker's shards, the results added up here.
+
+        For the fit's sums ((d+1)×C each, or (d+1)×C×l for the sketch): when several shards
+        share a worker, one sum per worker crosses the network instead of one per shard.
+        """
+        total = None
+        for spec in specs:
+            r = getattr(self, method)(spec, *args)
+            if total is None:
+                total = list(r) if isinstance(r, tuple) else r
+            elif isinstance(r, tuple):
+                total = [t + v for t, v in zip(total, r)]
+            else:
+                total = total + r
+        return tuple(total) if isinstance(total, list) else total
+
     def fidelity(self, spec: ShardSpec, theta: np.ndarray) -> np.ndarray:
         d = self._data(spec)
         return rp.fidelity_moments(rp.linear_logits(d.x, theta), d.logits)
@@ -289,6 +306,28 @@ def score_rows_against_index(files: list, query_x: np.ndarray, query_class: np.n
         values.append(scored["topk"]["proponent"]["values"])
         ids.append(scored["topk"]["proponent"]["ids"])
     return merge_topk(values, ids, min(k, sum(v.shape[1] for v in values)), largest=True)
+
+
+    def score_partial(self, spec: ShardSpec, theta: np.ndarray, test_parts: list, test_pred: np.ndarray,
+                      partial_dir: str) -> dict:
+        """:meth:`score`, with the big partials written to the run's work area by this worker.
+
+        The top-k candidates of every test row and the per-train rows go to ``partial_dir``
+        (see :func:`distributed_influence.reduce.write_partial`), where the reduce tasks read
+        them by range; the driver receives only what it keeps: per-train ids and label α (for
+        the global audit rank), Σ_i x_iᵀα_i, and where and how long the shard ran.
+        """
+        from . import reduce as rd
+
+        result = self.score(spec, theta, test_parts, test_pred)
+        rd.write_partial(partial_dir, spec.index, result)
+        small = {"shard": spec.index, "alpha_head": result["alpha_head"], "seconds": result["seconds"],
+                 "node": result["node"], "train_id": result["train"]["train_id"],
+                 "alpha_label": np.asarray(result["train"]["alpha_label"], np.float32),
+                 "scoring": result["scoring"]}
+        if "train_key" in result["train"]:
+            small["train_key"] = result["train"]["train_key"]
+        return small
 
 
 def _fetch_parts(parts: list) -> list:

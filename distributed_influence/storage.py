@@ -19,7 +19,8 @@ import os
 import posixpath
 import re
 import urllib.parse
-from typing import List, Optional, Tuple
+import uuid
+from typing import BinaryIO, Callable, List, Optional, Tuple
 
 import pyarrow.fs as pafs
 
@@ -137,6 +138,34 @@ def move(src: str, dst: str) -> None:
     """
     fs, src_path = resolve(src)
     fs.move(src_path, resolve(dst)[1])
+
+
+def write_atomic(spec: str, write: Callable[[BinaryIO], None]) -> None:
+    """Writes a file whole or not at all: under a hidden temporary name beside it, then moved.
+
+    Every writer of the project goes through here (tables, train index, partial results), so
+    a crash mid-write never leaves a half file that a reader, or a resumed run, could take for
+    a finished one. The temporary name starts with a dot, which dataset readers (pyarrow,
+    DuckDB globs of ``*.parquet``) skip.
+
+    Args:
+        spec: the final path or URI.
+        write: called with the open output stream; writes the content.
+    """
+    folder = dirname(spec)
+    makedirs(folder)
+    tmp = join(folder, f".{basename(spec)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open_output(tmp) as fh:
+            write(fh)
+        move(tmp, spec)
+    except BaseException:
+        fs, path = resolve(tmp)
+        try:
+            fs.delete_file(path)
+        except OSError:
+            pass
+        raise
 
 
 def move_tree(src: str, dst: str) -> None:

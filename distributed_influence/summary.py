@@ -26,8 +26,8 @@ def summary_lines(manifest: dict) -> List[str]:
     fid = manifest["fidelity"]
     dec = manifest["decomposition"]
     return [
-        f"wrote {manifest['config']['out']}: influence_topk.parquet, train_scores.parquet, "
-        f"test_scores.parquet, manifest.json",
+        f"wrote {manifest['config']['out']}: influence_topk/, train_scores/, test_scores/ "
+        f"(Parquet datasets), manifest.json",
         f"train {manifest['n_train']} x test {manifest['n_test']}, {manifest['n_classes']} classes, "
         f"feature dim {manifest['feature_dim']}, {len(manifest['shards'])} shards on "
         f"{manifest['workers']['count']} workers ({manifest['workers']['nodes']} node(s))",

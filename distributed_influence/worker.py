@@ -166,6 +166,10 @@ class InProcessPool:
     def call_all(self, method: str, args_per_worker: List[tuple]) -> list:
         return [getattr(self.worker, method)(*args) for args in args_per_worker]
 
+    def map_summed(self, method: str, specs: Sequence[ShardSpec], *shared) -> list:
+        """The per-worker sums of ``method`` over the shards (see ``ShardWorker.summed``)."""
+        return [self.worker.summed(method, list(specs), *shared)]
+
     def call_split(self, method: str, args_per_worker: List[tuple]):
         """Like :meth:`call_all` for methods returning (big, small): two lists."""
         out = self.call_all(method, args_per_worker)
@@ -300,6 +304,29 @@ class RayPool:
         calls = [_Call(method, tuple(args), ("call", p), p, what=f"{method} {p}")
                  for p, args in enumerate(args_per_worker)]
         return self._run(calls)
+
+    def map_summed(self, method: str, specs: Sequence[ShardSpec], *shared) -> list:
+        """One call per worker, for all its shards: their results summed on the worker
+        (``ShardWorker.summed``), so the fit receives one (d+1)×C sum per worker, not per shard.
+
+        A worker's sum is only meaningful whole: if the worker is given up during the call, the
+        call has no answer and its shards, moved to the survivors, answer one by one
+        (:meth:`map`), so a sum never lacks a shard. A worker that Ray brings back re-runs it.
+        """
+        ray = self._ray
+        shared_refs = tuple(ray.put(a) if getattr(a, "nbytes", 0) > INLINE_BYTES else a for a in shared)
+        groups: dict = {}
+        for s in specs:
+            self._shard_keys.add(("shard", s.index))
+            groups.setdefault(self._worker_for(("shard", s.index)), []).append(s)
+        order = sorted(groups.items())
+        calls = [_Call("summed", (method, group, *shared_refs), ("worker", w), i, movable=False, worker=w,
+                       what=f"{method} of shards {[s.index for s in group]}")
+                 for i, (w, group) in enumerate(order)]
+        out = self._run(calls)
+        lost = [s for (_, group), r in zip(order, out) if r is None for s in group]
+        summed = [r for r in out if r is not None]
+        return summed + (self.map(method, lost, *shared) if lost else [])
 
     def call_split(self, method: str, args_per_worker: List[tuple]):
         """Calls a method returning (big, small) on every worker: the big values stay in the

@@ -154,13 +154,22 @@ def reference(files, tmp_path_factory):
     return out
 
 
-def assert_same_results(out_a: str, out_b: str, rtol: float = 1e-5) -> None:
-    """Tables of two runs: same ids, kinds and ranks; float columns within rtol (relative to scale)."""
+def read(out: str, name: str):
+    """One table of an output directory, from its part files (``OUT/NAME/part-*.parquet``)."""
     import pyarrow.parquet as pq
 
-    for name in ("influence_topk.parquet", "train_scores.parquet", "test_scores.parquet"):
-        a = pq.read_table(os.path.join(out_a, name))
-        b = pq.read_table(os.path.join(out_b, name))
+    path = os.path.join(out, name)
+    assert os.path.isdir(path), f"{path}: not a dataset directory"
+    return pq.read_table(path)
+
+
+def assert_same_results(out_a: str, out_b: str, rtol: float = 1e-5) -> None:
+    """Tables of two runs: same ids, kinds and ranks; float columns within rtol (relative to scale)."""
+    from distributed_influence import tables
+
+    for name in tables.TABLES:
+        a = read(out_a, name)
+        b = read(out_b, name)
         assert a.schema == b.schema and a.num_rows == b.num_rows, name
         for col in a.column_names:
             x, y = a.column(col).to_numpy(zero_copy_only=False), b.column(col).to_numpy(zero_copy_only=False)

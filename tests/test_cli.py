@@ -15,14 +15,14 @@ from distributed_influence import tables
 from distributed_influence.cli import main
 
 EXPECTED = {
-    "influence_topk.parquet": [("test_id", pa.int64()), ("predicted_class", pa.int32()), ("kind", pa.string()),
+    "influence_topk": [("test_id", pa.int64()), ("predicted_class", pa.int32()), ("kind", pa.string()),
                                ("rank", pa.int32()), ("train_id", pa.int64()), ("representer_value", pa.float32()),
                                ("alpha", pa.float32()), ("similarity", pa.float32())],
-    "train_scores.parquet": [("train_id", pa.int64()), ("label", pa.int32()), ("alpha_label", pa.float32()),
+    "train_scores": [("train_id", pa.int64()), ("label", pa.int32()), ("alpha_label", pa.float32()),
                              ("audit_score", pa.float32()), ("audit_rank", pa.int64()),
                              ("influence_sum", pa.float32()), ("influence_abs_sum", pa.float32()),
                              ("predicted_class", pa.int32()), ("label_probability", pa.float32())],
-    "test_scores.parquet": [("test_id", pa.int64()), ("label", pa.int32()), ("predicted_class", pa.int32()),
+    "test_scores": [("test_id", pa.int64()), ("label", pa.int32()), ("predicted_class", pa.int32()),
                             ("model_logit", pa.float32()), ("surrogate_logit", pa.float32()),
                             ("representer_sum", pa.float32()), ("decomposition_error", pa.float32())],
 }
@@ -51,19 +51,19 @@ def test_audit_writes_contract_tables(files, tmp_path, kind, capsys):
     assert code == 0
     assert "decomposition" in capsys.readouterr().out
     for name, cols in EXPECTED.items():
-        schema = pq.read_schema(os.path.join(out, name))
+        schema = pq.read_table(os.path.join(out, name)).schema
         assert [(f.name, f.type) for f in schema] == cols, name
     n_test, n_train = 20, 60
-    topk = pq.read_table(os.path.join(out, "influence_topk.parquet"))
+    topk = pq.read_table(os.path.join(out, "influence_topk"))
     assert topk.num_rows == n_test * 2 * 4
     assert set(topk.column("kind").to_pylist()) == {"proponent", "opponent"}
     assert sorted(set(topk.column("rank").to_pylist())) == [1, 2, 3, 4]
-    train_t = pq.read_table(os.path.join(out, "train_scores.parquet"))
+    train_t = pq.read_table(os.path.join(out, "train_scores"))
     assert train_t.num_rows == n_train
     assert sorted(train_t.column("audit_rank").to_pylist()) == list(range(1, n_train + 1))
     if kind == "parquet":
         assert sorted(train_t.column("train_id").to_pylist()) == sorted(train_ids.tolist())
-        test_t = pq.read_table(os.path.join(out, "test_scores.parquet"))
+        test_t = pq.read_table(os.path.join(out, "test_scores"))
         assert test_t.column("test_id").to_pylist() == test_ids.tolist()
         assert set(topk.column("train_id").to_pylist()) <= set(train_ids.tolist())
     m = tables.read_manifest(out)
@@ -82,7 +82,7 @@ def test_test_set_without_labels_gives_null_labels(files, tmp_path):
     out = str(tmp_path / "out")
     assert main(["audit", "--model", files["model"], "--train", files["train"], "--test", test,
                  "--out", out, "--k", "2", "--in-process"]) == 0
-    labels = pq.read_table(os.path.join(out, "test_scores.parquet")).column("label")
+    labels = pq.read_table(os.path.join(out, "test_scores")).column("label")
     assert labels.null_count == len(x)
 
 
@@ -181,3 +181,52 @@ def test_help_documents_every_flag():
     for flag in ("--model", "--train", "--test", "--out", "--k", "--lam", "--target", "--shards", "--address",
                  "--feature-layer", "--logit-layer", "--batch-size", "--gpus-per-worker"):
         assert flag in out
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_cluster_address_fails_fast_with_one_line(files, tmp_path):
+    """Ray itself retries an address that does not answer for minutes; the audit says so at once."""
+    import time
+
+    from distributed_influence.errors import ConfigError
+    from distributed_influence.runtime import start_ray
+
+    port = _free_port()  # nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="no Ray cluster answers there"):
+        start_ray(f"127.0.0.1:{port}")
+    assert time.monotonic() - t0 < 30
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "distributed_influence.cli", "audit", "--model", files["model"],
+         "--train", files["train"], "--test", files["test"], "--out", str(tmp_path / "o"),
+         "--address", f"127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--address 127.0.0.1:{port}: no Ray cluster answers there" in lines[0], lines
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_address_that_is_not_a_ray_gcs_is_refused_in_bounded_time():
+    import socket
+    import time
+
+    from distributed_influence.errors import ConfigError
+    from distributed_influence.runtime import probe_cluster
+
+    with socket.socket() as listener:  # accepts connections, never speaks Ray's protocol
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError, match="not a Ray cluster's GCS"):
+            probe_cluster("127.0.0.1", listener.getsockname()[1], timeout=3.0)
+        assert time.monotonic() - t0 < 6

@@ -111,6 +111,25 @@ def test_job_submitted_to_a_ray_head_succeeds(head, files, reference, tmp_path):
     assert_same_results(reference, out)
 
 
+def test_audit_joins_a_loopback_head_by_its_address(head, files, reference, tmp_path):
+    """The README's local-cluster recipe: `--address 127.0.0.1:PORT` against a head started
+    with `--node-ip-address=127.0.0.1` joins (Ray alone would rewrite the address to the
+    machine's network address and retry there until the timeout below)."""
+    out = str(tmp_path / "out")
+    env = {k: v for k, v in head["env"].items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "distributed_influence.cli", "audit", "--model", files["model"],
+         "--train", files["train"], "--test", files["test"], "--out", out, "--k", "4", "--shards", "2",
+         "--address", f"127.0.0.1:{head['gcs']}"],
+        env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    with open(os.path.join(out, "manifest.json")) as fh:
+        manifest = json.load(fh)
+    assert manifest["workers"]["backend"] == "ray" and manifest["config"]["address"] == f"127.0.0.1:{head['gcs']}"
+    assert_same_results(reference, out)
+
+
 def test_cluster_yaml_validates_against_rays_schema():
     import jsonschema
     import yaml

@@ -13,19 +13,20 @@ def test_demo_finds_flipped_labels(tmp_path, capsys):
     out = str(tmp_path / "demo")
     assert main(["demo", "--out", out, "--n-train", "600", "--epochs", "25"]) == 0
     printed = capsys.readouterr().out
-    for name in ("influence_topk.parquet", "train_scores.parquet", "test_scores.parquet", "manifest.json"):
-        assert os.path.exists(os.path.join(out, name)), name
+    for name in ("influence_topk", "train_scores", "test_scores"):
+        assert os.path.isfile(os.path.join(out, name, "part-00000.parquet")), name
+    assert os.path.isfile(os.path.join(out, "manifest.json"))
     with open(os.path.join(out, "manifest.json")) as fh:
         manifest = json.load(fh)
     assert manifest["workers"]["backend"] == "ray"
-    test = pq.read_table(os.path.join(out, "test_scores.parquet")).to_pydict()
+    test = pq.read_table(os.path.join(out, "test_scores")).to_pydict()
     z = np.abs(np.array(test["surrogate_logit"], dtype=np.float64))
     assert np.all(np.array(test["decomposition_error"]) <= 1e-4 * np.maximum(1.0, z))
 
     # Independently of the demo's own count: flipped ids from its data dir vs the audit ranks.
     flipped = np.loadtxt(os.path.join(out, "data", "flipped_ids.txt"), dtype=np.int64)
     assert len(flipped) == 60
-    train = pq.read_table(os.path.join(out, "train_scores.parquet")).to_pydict()
+    train = pq.read_table(os.path.join(out, "train_scores")).to_pydict()
     rank = dict(zip(train["train_id"], train["audit_rank"]))
     found = np.mean([rank[i] <= 0.2 * len(rank) for i in flipped])
     assert found >= 0.5, found

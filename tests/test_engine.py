@@ -1,5 +1,7 @@
 """The single-process engine end to end, against an independent float64 NumPy oracle."""
 
+import os
+
 import keras
 import numpy as np
 import pyarrow.parquet as pq
@@ -31,21 +33,37 @@ def _oracle(files, target):
     return dict(theta=theta, alpha=alpha, pred=pred, r=r, x_tr=x_tr, x_te=x_te, y=tr["y"], z_te=z_te, z_tr=z_tr)
 
 
-@pytest.mark.parametrize("target", ["labels", "predictions"])
-def test_in_process_audit_matches_oracle(files, tmp_path, target):
+@pytest.mark.parametrize("target,shards,reduce_rows", [("labels", 1, None), ("predictions", 1, None),
+                                                       ("labels", 3, 7)])
+def test_in_process_audit_matches_oracle(files, tmp_path, monkeypatch, target, shards, reduce_rows):
+    """Also with 3 shards merged by 3 reduce ranges of 7, 7 and 6 test rows, read from partials
+    whose row groups (of 3 rows) do not line up with the ranges."""
+    from distributed_influence import reduce as rd
+
+    if reduce_rows:
+        monkeypatch.setattr(rd, "REDUCE_ROWS", reduce_rows)
+        monkeypatch.setattr(rd, "PARTIAL_GROUP", 3)
     out = str(tmp_path / "out")
     cfg = AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=out,
-                      k=K, lam=LAM, target=target, shards=1)
+                      k=K, lam=LAM, target=target, shards=shards)
     manifest = run_audit(cfg, use_ray=False)
+    n_parts = 3 if reduce_rows else 1
+    for name, parts in (("influence_topk", n_parts), ("test_scores", n_parts), ("train_scores", shards)):
+        listed = [f"{name}/part-{i:05d}.parquet" for i in range(parts)]
+        assert manifest["tables"][name] == listed
+        assert sorted(os.listdir(os.path.join(out, name))) == [f.split("/")[1] for f in listed]
+    assert sorted(os.listdir(out)) == ["index", "influence_topk", "manifest.json", "test_scores", "train_scores"]
     ref = _oracle(files, target)
     n = len(ref["y"])
 
     assert manifest["head_fit"]["max_abs_grad"] <= 1e-7
     assert manifest["decomposition"]["theta_residual"] <= 1e-4
 
-    topk = pq.read_table(f"{out}/influence_topk.parquet").to_pydict()
-    test = pq.read_table(f"{out}/test_scores.parquet").to_pydict()
-    train = pq.read_table(f"{out}/train_scores.parquet").to_pydict()
+    topk = pq.read_table(f"{out}/influence_topk").to_pydict()
+    test = pq.read_table(f"{out}/test_scores").to_pydict()
+    train = pq.read_table(f"{out}/train_scores").to_pydict()
+    np.testing.assert_array_equal(test["test_id"], np.arange(20))  # parts in test-id order
+    np.testing.assert_array_equal(train["train_id"], np.arange(n))
 
     # Top-k per test example equals sorting the full matrix.
     scale = np.abs(ref["r"]).max()

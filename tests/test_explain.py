@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from distributed_influence.cli import main
 from distributed_influence.job import run_audit
@@ -30,7 +31,7 @@ def test_explain_equals_full_audit_on_held_back_examples(files, tmp_path, capsys
     assert main(["explain", "--index", full, "--model", files["model"], "--test", sub, "--out", out]) == 0
     assert "4 test examples" in capsys.readouterr().out
 
-    for name in ("influence_topk.parquet", "test_scores.parquet"):
+    for name in ("influence_topk", "test_scores"):
         expected = _subset_rows(full, held, name)
         got = pq.read_table(os.path.join(out, name))
         assert got.schema == expected.schema
@@ -70,6 +71,27 @@ def test_load_results_returns_the_tables(files, tmp_path):
     top = frames["influence_topk"]
     first = top[(top.test_id == 0) & (top.kind == "proponent")].sort_values("rank")
     assert first.representer_value.is_monotonic_decreasing
+    assert res.manifest["tables"]["influence_topk"] == ["influence_topk/part-00000.parquet"]
+
+    # The layout before the scale-out: one file per table, no part listing in the manifest.
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("influence_topk", "train_scores", "test_scores"):
+        pq.write_table(getattr(res, name), old / f"{name}.parquet")
+    manifest = dict(res.manifest)
+    manifest.pop("tables")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    again = distributed_influence.load_results(str(old))
+    for name in ("influence_topk", "train_scores", "test_scores"):
+        assert getattr(again, name).equals(getattr(res, name)), name
+    shutil.rmtree(os.path.join(out, "test_scores"))
+    from distributed_influence.errors import InputError
+
+    with pytest.raises(InputError, match="test_scores: not found"):
+        distributed_influence.load_results(out)
 
 
 def test_readme_duckdb_queries_run_on_the_tables(files, tmp_path, monkeypatch):
@@ -77,11 +99,11 @@ def test_readme_duckdb_queries_run_on_the_tables(files, tmp_path, monkeypatch):
     out = tmp_path / "results"
     run_audit(audit_config(files, out, k=3), use_ray=False)
     monkeypatch.chdir(tmp_path)
-    worst = duckdb.sql("SELECT train_id, label, audit_score FROM 'results/train_scores.parquet' "
+    worst = duckdb.sql("SELECT train_id, label, audit_score FROM 'results/train_scores/*.parquet' "
                        "ORDER BY audit_rank LIMIT 20").fetchall()
-    train = pq.read_table(out / "train_scores.parquet").to_pydict()
+    train = pq.read_table(out / "train_scores").to_pydict()
     order = np.argsort(train["audit_rank"])[:20]
     assert [r[0] for r in worst] == [train["train_id"][i] for i in order]
-    counts = duckdb.sql("SELECT train_id, count(*) AS n FROM 'results/influence_topk.parquet' "
+    counts = duckdb.sql("SELECT train_id, count(*) AS n FROM 'results/influence_topk/*.parquet' "
                         "WHERE kind = 'opponent' AND rank = 1 GROUP BY train_id ORDER BY n DESC LIMIT 10").fetchall()
     assert sum(n for _, n in counts) <= 20 and counts[0][1] >= 1

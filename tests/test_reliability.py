@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from distributed_influence import representer as rp
+from distributed_influence import tables
 from distributed_influence.config import AuditConfig
 from distributed_influence.errors import ConfigError, SourceError
 from distributed_influence.faults import FAULT_ENV, InjectedFault
@@ -42,7 +43,7 @@ def test_driver_crash_then_rerun_reuses_finished_shards(ray_local, files, refere
     with pytest.raises(InjectedFault):
         run_audit(audit_config(files, out, shards=5), use_ray=True)
     # A failed run leaves no final table, and keeps its partial results.
-    assert not any(name.endswith(".parquet") for name in os.listdir(out))
+    assert not set(os.listdir(out)) & set(tables.TABLES)
     assert not os.path.exists(os.path.join(out, "manifest.json"))
     work = os.path.join(out, "_work")
     (key,) = os.listdir(work)
@@ -152,3 +153,35 @@ def test_unwritable_output_is_refused_before_any_work(files, tmp_path):
     with pytest.raises(ConfigError, match="cannot write results there"):
         run_audit(audit_config(files, str(blocker / "out")), use_ray=False)
     assert blocker.read_text() == "not a directory"
+
+
+def test_a_reduce_task_lost_mid_run_is_retried_and_changes_nothing(ray_local, files, reference, tmp_path,
+                                                                    monkeypatch):
+    from distributed_influence import reduce as rd
+
+    monkeypatch.setattr(rd, "REDUCE_ROWS", 7)  # 20 test rows: three reduce tasks
+    marker = tmp_path / "reducer-killed"
+    monkeypatch.setenv(FAULT_ENV, f"kill-reducer:1:{marker}")
+    out = str(tmp_path / "out")
+    m = run_audit(audit_config(files, out, shards=3), use_ray=True)
+    assert marker.exists() and int(marker.read_text()) != os.getpid()
+    assert m["reduce"]["test_parts"] == 3 and len(m["tables"]["influence_topk"]) == 3
+    assert_same_results(reference, out)
+
+
+def test_driver_crash_in_reduce_then_rerun_reuses_finished_parts(ray_local, files, reference, tmp_path,
+                                                                  monkeypatch):
+    from distributed_influence import reduce as rd
+
+    monkeypatch.setattr(rd, "REDUCE_ROWS", 7)
+    out = str(tmp_path / "out")
+    monkeypatch.setenv(FAULT_ENV, "stop-driver-after-reduce:2")
+    with pytest.raises(InjectedFault):
+        run_audit(audit_config(files, out, shards=3), use_ray=True)
+    assert not set(os.listdir(out)) & set(tables.TABLES)  # nothing published
+    monkeypatch.delenv(FAULT_ENV)
+    m = run_audit(audit_config(files, out, shards=3), use_ray=True)
+    assert len(m["resume"]["reused_shards"]) == 3
+    assert len(m["reduce"]["reused_parts"]) == 2
+    assert m["reduce"]["test_parts"] == 3 and m["reduce"]["train_parts"] == 3
+    assert_same_results(reference, out)

@@ -165,7 +165,7 @@ def test_missing_out_raises_input_error(tmp_path):
 
 def test_missing_table_raises_input_error(demo_out, tmp_path):
     out = _copy_output(demo_out, tmp_path / "out")
-    os.remove(os.path.join(out, tables.TEST_SCORES))
+    shutil.rmtree(os.path.join(out, tables.TEST_SCORES))
     with pytest.raises(InputError, match=tables.TEST_SCORES):
         report.write_report(out)
 

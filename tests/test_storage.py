@@ -210,11 +210,12 @@ def test_uris_pyarrow_cannot_use_are_input_errors(s3):
 def test_outputs_written_to_s3_appear_whole_manifest_last(s3):
     table = pa.table({"a": pa.array([1, 2, 3], pa.int64())})
     out = s3.uri("written")
-    tables.write_outputs(out, {"t.parquet": table}, {"n": np.int64(3)})
-    assert s3.listing("written") == ["manifest.json", "t.parquet"]  # no staging left behind
-    assert tables.read_manifest(out) == {"n": 3}
-    with s3.fs.open_input_file(f"{BUCKET}/written/t.parquet") as fh:
-        assert pq.read_table(fh).equals(table)
+    tables.write_outputs(out, {"t": table}, {"n": np.int64(3)}, rows_per_part=2)
+    # no staging or temporary file left behind
+    files = [p for p in s3.listing("written") if p != "t"]  # "t": the directory's own entry
+    assert files == ["manifest.json", "t/part-00000.parquet", "t/part-00001.parquet"]
+    assert tables.read_manifest(out) == {"n": 3, "tables": {"t": ["t/part-00000.parquet", "t/part-00001.parquet"]}}
+    assert tables.read_table(out, "t", tables.read_manifest(out)).equals(table)
 
 
 # ---------------------------------------------------------------------------------- the audit
@@ -244,7 +245,8 @@ def local_reference(inputs_local_and_on_s3, tmp_path_factory):
 
 
 def _assert_published(listing):
-    assert set(tables.OUTPUT_FILES) <= set(listing)
+    assert tables.MANIFEST in listing
+    assert all(f"{name}/part-00000.parquet" in listing for name in tables.TABLES)
     assert not [p for p in listing if ".staging-" in p]
 
 

@@ -1,0 +1,357 @@
+"""Scale benchmark: a trained MLP on a C-class Gaussian mixture, audited through the CLI on a
+Ray cluster of several nodes on this machine.
+
+    python benchmarks/scale.py --n 1000000 --m 100000 --classes 100 --dim 128 --shards 16 --nodes 2
+
+What it does, all in one run so that ratios are fair on a shared machine:
+
+1. makes the data (n train + m test rows of a C-class Gaussian mixture in ``--input-dim``
+   dimensions, 10% of the training labels flipped) and trains a small Keras MLP
+   (input → Dense(d, relu) → Dense(C) → softmax) on part of it;
+2. starts a Ray cluster of ``--nodes`` nodes on loopback (``ray.cluster_utils.Cluster`` in this
+   process, so every Ray process is a child of it and its memory can be sampled);
+3. runs ``distributed-influence audit --address <head>`` and prints per-stage times, the head
+   fit's passes over the training features, the driver's and the workers' peak RSS;
+4. times one float32 objective pass over all n rows in one process, and prints the fit's cost
+   as a multiple of it;
+5. checks exactness: the decomposition error from the manifest, and the top-k of sampled test
+   rows against a brute-force NumPy computation from the train index the audit wrote;
+6. unless ``--no-variants``: the same at ``--variant-n`` rows with m, m × 4, and shards × 4, to
+   see how the driver's memory grows.
+
+Timings are noisy when other processes share the machine; the contention line says how much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import K, TreeSampler, run_job  # noqa: E402 - the benchmarks' shared helpers
+
+GiB = 1024.0 ** 3
+NOISE = 0.10
+
+
+# ------------------------------------------------------------------------------------- data
+def mixture(n: int, classes: int, input_dim: int, seed: int, flip: float = 0.0):
+    """n rows of a C-class Gaussian mixture; ``flip`` of the labels replaced by another class."""
+    centers = np.random.default_rng(12345).normal(0.0, 1.0, size=(classes, input_dim)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, size=n)
+    x = centers[y] + rng.normal(0.0, 0.45, size=(n, input_dim)).astype(np.float32)
+    flipped = np.zeros(0, np.int64)
+    if flip:
+        flipped = np.sort(rng.choice(n, size=int(flip * n), replace=False))
+        y = y.copy()
+        y[flipped] = (y[flipped] + rng.integers(1, classes, size=len(flipped))) % classes
+    return x.astype(np.float32), y.astype(np.int64), flipped
+
+
+def write_npz(path: str, x: np.ndarray, y: np.ndarray) -> str:
+    np.savez(path, x=x, y=y, id=np.arange(len(y), dtype=np.int64))  # uncompressed: read by byte range
+    return path
+
+
+def train_mlp(x, y, classes: int, dim: int, epochs: int, path: str, seed: int) -> dict:
+    from distributed_influence.tfimport import import_keras
+
+    keras = import_keras()
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((x.shape[1],)),
+        keras.layers.Dense(dim, activation="relu", name="features"),
+        keras.layers.Dense(classes, name="logits"),
+        keras.layers.Activation("softmax", name="softmax"),
+    ])
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    t0 = time.perf_counter()
+    hist = model.fit(x, y, epochs=epochs, batch_size=512, verbose=0)
+    model.save(path)
+    return {"seconds": time.perf_counter() - t0, "train_accuracy": float(hist.history["accuracy"][-1])}
+
+
+def make_workload(root: str, n: int, m: int, classes: int, input_dim: int, dim: int, epochs: int,
+                  fit_rows: int, seed: int = 0) -> dict:
+    os.makedirs(root, exist_ok=True)
+    x, y, flipped = mixture(n, classes, input_dim, seed, flip=NOISE)
+    train = write_npz(os.path.join(root, "train.npz"), x, y)
+    model = os.path.join(root, "mlp.keras")
+    info = train_mlp(x[:fit_rows], y[:fit_rows], classes, dim, epochs, model, seed)
+    del x, y
+    xt, yt, _ = mixture(m, classes, input_dim, seed + 1)
+    test = write_npz(os.path.join(root, "test.npz"), xt, yt)
+    return {"model": model, "train": train, "test": test, "flipped": flipped, **info}
+
+
+# ----------------------------------------------------------------------------------- cluster
+def start_cluster(nodes: int, cpus_per_node: int):
+    """A Ray cluster on loopback whose processes are children of this one."""
+    from ray.cluster_utils import Cluster
+
+    from distributed_influence.runtime import use_loopback
+
+    use_loopback()
+    # A private temp dir and no dashboard: other Ray instances on this machine stay untouched.
+    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="scale_ray_", dir="/tmp"))
+    # On a busy machine a raylet's agents can take longer than Ray's default 30 s to start.
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "include_dashboard": False})
+    for _ in range(nodes - 1):
+        cluster.add_node(num_cpus=cpus_per_node)
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def audit(work: dict, out: str, shards: int, address: str, label: str) -> dict:
+    """One CLI run against the cluster, with the driver's and the workers' memory sampled."""
+    cluster_sampler = TreeSampler(os.getpid())  # the cluster's raylets and workers are our children
+    cluster_sampler.start()
+    try:
+        run = run_job(work["model"], work["train"], work["test"], out, out + ".log",
+                      extra=("--shards", str(shards), "--address", address))
+    finally:
+        cluster_sampler.stop()
+    worker_peak = max((s.peak_rss for s in cluster_sampler.seen.values()
+                       if any("ray::" in t or "default_worker.py" in t for t in s.titles)
+                       and s.pid != run.manifest.get("driver_pid")), default=0)
+    m = run.manifest
+    res = {"label": label, "wall": run.wall, "timings": m["timings"], "head_fit": m["head_fit"],
+           "driver_rss": run.peaks["driver"], "worker_rss": worker_peak,
+           "decomposition": m["decomposition"], "nodes": m["workers"]["nodes"],
+           "workers": m["workers"]["count"], "shards": len(m["shards"]), "reduce": m.get("reduce", {}),
+           "contention": run.contention.text(), "out": out}
+    return res
+
+
+def show(res: dict) -> None:
+    t = res["timings"]
+    fit = res["head_fit"]
+    p = fit.get("passes", {})
+    print(f"[{res['label']}] wall {res['wall']:.1f} s; stages: " +
+          ", ".join(f"{k} {v:.1f} s" for k, v in t.items()), flush=True)
+    print(f"[{res['label']}] {res['shards']} shards, {res['workers']} workers on {res['nodes']} nodes; "
+          f"head fit: {fit['iterations']} iterations, max|grad J| {fit['max_abs_grad']:.2e}, passes "
+          f"{p.get('total')} (evaluations {p.get('evaluations')}, Hessian products "
+          f"{p.get('hessian_products')}, sketches {p.get('sketches')} with {p.get('sketch_directions')} "
+          f"directions)", flush=True)
+    print(f"[{res['label']}] peak RSS: driver {res['driver_rss'] / GiB:.2f} GiB, largest worker "
+          f"{res['worker_rss'] / GiB:.2f} GiB; decomposition max relative error "
+          f"{res['decomposition']['max_relative_error']:.2e}; {res['contention']}", flush=True)
+
+
+# ------------------------------------------------------------------------ fit cost, exactness
+def objective_pass_seconds(work: dict, n: int, classes: int, repeats: int = 3) -> float:
+    """Seconds of one float32 objective pass (Σ CE and its gradient) over all n training rows
+    in this process, on features the model computes: the unit the fit's cost is given in."""
+    from distributed_influence import representer as rp
+    from distributed_influence.model import Featurizer, load_model, read_model_bytes, split_model
+
+    split = split_model(load_model(read_model_bytes(work["model"]), "mlp.keras"), None, None, "mlp.keras")
+    data = np.load(work["train"])
+    feats, _ = Featurizer(split, 8192)(data["x"])
+    x = rp.augment(feats)
+    del feats
+    targets = rp.tf.constant(rp.one_hot(data["y"], classes), rp.tf.float32)
+    x_tf = rp.tf.constant(x)
+    del x
+    theta = split.theta()
+    rp.objective_sums(x_tf, targets, theta, "float32")  # warm-up (tracing)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        rp.objective_sums(x_tf, targets, theta, "float32")
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def fit_comparison(work: dict, rows: int, classes: int, lam: float = 0.003) -> dict:
+    """The head fit in this process on the first ``rows`` training rows, with the sketch policy
+    of today (``adaptive``) and the one before the scale-out (``always``: 100 directions before
+    the first step), each in multiples of one float32 objective pass over the same rows."""
+    from distributed_influence import representer as rp
+    from distributed_influence.fit import fit_head
+    from distributed_influence.model import Featurizer, load_model, read_model_bytes, split_model
+
+    split = split_model(load_model(read_model_bytes(work["model"]), "mlp.keras"), None, None, "mlp.keras")
+    data = np.load(work["train"])
+    feats, _ = Featurizer(split, 8192)(data["x"][:rows])
+    x_tf = rp.tf.constant(rp.augment(feats))
+    t64 = rp.one_hot(data["y"][:rows], classes)
+    t32 = rp.tf.constant(t64, rp.tf.float32)
+    cache: dict = {}
+
+    def sums(theta, precision):
+        return rp.objective_sums(x_tf, t32 if precision == "float32" else t64, theta, precision)
+
+    def hvp(theta, v, precision):
+        key = (theta.tobytes(), precision)
+        if key not in cache:
+            cache.clear()
+            cache[key] = rp.softmax_blocks(x_tf, theta, precision)
+        return rp.hvp_sums(x_tf, theta, v, precision, probs=cache[key])
+
+    theta0 = split.theta()
+    sums(theta0, "float32")  # warm-up (tracing)
+    unit = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        sums(theta0, "float32")
+        unit = min(unit, time.perf_counter() - t0)
+    out = {"rows": rows, "objective_pass_seconds": unit}
+    for policy in ("always", "adaptive"):
+        t0 = time.perf_counter()
+        fit = fit_head(sums, hvp, rows, lam, theta0, sketch=policy)
+        sec = time.perf_counter() - t0
+        out[policy] = {"seconds": sec, "in_passes": sec / unit, "passes": fit.passes,
+                       "max_abs_grad": fit.max_abs_grad}
+        print(f"[fit, {rows} rows in one process] sketch {policy}: {sec:.1f} s = {sec / unit:.0f} float32 "
+              f"objective passes ({unit:.3f} s each), max|grad J| {fit.max_abs_grad:.1e}, passes {fit.passes}",
+              flush=True)
+    print(f"[fit] adaptive / always: {out['adaptive']['in_passes'] / out['always']['in_passes']:.2f}", flush=True)
+    return out
+
+
+def check_topk(work: dict, out: str, samples: int, k: int, seed: int = 7) -> dict:
+    """Top-k of sampled test rows against brute force over the train index (float64)."""
+    import pyarrow.parquet as pq
+
+    from distributed_influence import index
+    from distributed_influence import representer as rp
+    from distributed_influence.model import Featurizer, load_model, read_model_bytes, split_model
+
+    split = split_model(load_model(read_model_bytes(work["model"]), "mlp.keras"), None, None, "mlp.keras")
+    test = np.load(work["test"])
+    rows = np.sort(np.random.default_rng(seed).choice(len(test["y"]), size=samples, replace=False))
+    feats, logits = Featurizer(split, 1024)(test["x"][rows])
+    xt = rp.augment(feats).astype(np.float64)
+    pred = np.argmax(logits, axis=1)
+    xs, alphas, ids = [], [], []
+    for path in index.shard_files(os.path.join(out, index.INDEX_DIR)):
+        sh = index.read_shard(path)
+        xs.append(sh["x"])
+        alphas.append(sh["alpha"][:, :])
+        ids.append(sh["ids"])
+    x = np.concatenate(xs)
+    alpha = np.concatenate(alphas)
+    tid = np.concatenate(ids)
+    del xs, alphas
+    topk = pq.read_table(os.path.join(out, "influence_topk"), filters=[("test_id", "in", rows.tolist())],
+                         columns=["test_id", "kind", "rank", "train_id", "representer_value"]).to_pydict()
+    got = {}
+    for t, kind, rank, tr, v in zip(topk["test_id"], topk["kind"], topk["rank"], topk["train_id"],
+                                    topk["representer_value"]):
+        got.setdefault((t, kind), {})[rank] = (tr, v)
+    same, close = 0, 0
+    worst = 0.0
+    for j, t in enumerate(rows):
+        r = alpha[:, pred[j]] * (x.astype(np.float64) @ xt[j])
+        for kind, largest in (("proponent", True), ("opponent", False)):
+            order = np.lexsort((tid, -r if largest else r))[:k]
+            mine = got[(int(t), kind)]
+            ids_job = [mine[i + 1][0] for i in range(k)]
+            vals_job = np.array([mine[i + 1][1] for i in range(k)])
+            same += int(ids_job == tid[order].tolist())
+            scale = max(np.abs(r).max(), 1e-30)
+            err = float(np.max(np.abs(vals_job - r[order])) / scale)
+            worst = max(worst, err)
+            close += int(err <= 1e-5)
+    return {"lists": 2 * samples, "identical_ids": same, "values_within_1e-5": close,
+            "max_value_error_rel": worst}
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1_000_000, help="training rows")
+    ap.add_argument("--m", type=int, default=100_000, help="test rows")
+    ap.add_argument("--classes", type=int, default=100, help="C")
+    ap.add_argument("--dim", type=int, default=128, help="d, the feature dimension (width of the MLP)")
+    ap.add_argument("--input-dim", type=int, default=32, help="dimension of the mixture's inputs")
+    ap.add_argument("--shards", type=int, default=16)
+    ap.add_argument("--nodes", type=int, default=2, help="Ray nodes on this machine")
+    ap.add_argument("--cpus-per-node", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--fit-rows", type=int, default=100_000, help="rows the MLP is trained on")
+    ap.add_argument("--samples", type=int, default=20, help="test rows checked by brute force")
+    ap.add_argument("--variant-n", type=int, default=200_000, help="n of the m×4 and shards×4 runs")
+    ap.add_argument("--variant-m", type=int, default=10_000, help="m of the variants' base run")
+    ap.add_argument("--no-main", action="store_true", help="only the variants")
+    ap.add_argument("--fit-compare-rows", type=int, default=0,
+                    help="also compare the fit's sketch policies in one process on this many rows "
+                         "(0: skip)")
+    ap.add_argument("--fit-compare-only", action="store_true", help="only that comparison, no cluster")
+    ap.add_argument("--no-variants", action="store_true", help="only the main run")
+    ap.add_argument("--work-dir", default="/tmp/scale_bench")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    t_all = time.perf_counter()
+    print(f"machine: {os.cpu_count()} cores; k = {K}; noise {NOISE:.0%}", flush=True)
+    results = {}
+    if args.fit_compare_rows:
+        root = os.path.join(args.work_dir, "fitcmp")
+        work = make_workload(root, args.fit_compare_rows, 100, args.classes, args.input_dim, args.dim,
+                             args.epochs, min(args.fit_rows, args.fit_compare_rows))
+        results["fit_comparison"] = fit_comparison(work, args.fit_compare_rows, args.classes)
+        if args.fit_compare_only:
+            return 0
+    cluster = start_cluster(args.nodes, args.cpus_per_node)
+    try:
+        if not args.no_main:
+            root = os.path.join(args.work_dir, "main")
+            t0 = time.perf_counter()
+            work = make_workload(root, args.n, args.m, args.classes, args.input_dim, args.dim, args.epochs,
+                                 min(args.fit_rows, args.n))
+            print(f"data + model: {time.perf_counter() - t0:.1f} s (MLP train accuracy "
+                  f"{work['train_accuracy']:.3f} on noisy labels)", flush=True)
+            res = audit(work, os.path.join(root, "out"), args.shards, cluster.address, "main")
+            show(res)
+            t_pass = objective_pass_seconds(work, args.n, args.classes)
+            fit_s = res["timings"]["fit"]
+            res["objective_pass_seconds"] = t_pass
+            res["fit_in_passes"] = fit_s / t_pass
+            print(f"[main] one float32 objective pass over {args.n} rows in one process: {t_pass:.3f} s; "
+                  f"the fit ({fit_s:.1f} s) costs {fit_s / t_pass:.1f} of them; it made "
+                  f"{res['head_fit'].get('passes', {}).get('total')} passes", flush=True)
+            res["topk_check"] = check_topk(work, res["out"], args.samples, K)
+            print(f"[main] brute-force check of {args.samples} test rows: {json.dumps(res['topk_check'])}", flush=True)
+            results["main"] = res
+        if not args.no_variants:
+            root = os.path.join(args.work_dir, "variants")
+            work = make_workload(root, args.variant_n, 4 * args.variant_m, args.classes, args.input_dim,
+                                 args.dim, args.epochs, min(args.fit_rows, args.variant_n))
+            small = dict(work)
+            small["test"] = write_npz(os.path.join(root, "test_small.npz"),
+                                      *mixture(args.variant_m, args.classes, args.input_dim, 1)[:2])
+            for label, w, shards in (("base", small, args.shards), ("m x4", work, args.shards),
+                                     ("shards x4", small, 4 * args.shards)):
+                res = audit(w, os.path.join(root, "out_" + label.replace(" ", "")), shards, cluster.address,
+                            label)
+                show(res)
+                results[label] = res
+            base = results["base"]["driver_rss"]
+            for label in ("m x4", "shards x4"):
+                growth = results[label]["driver_rss"] / base - 1
+                print(f"driver peak RSS {label}: {results[label]['driver_rss'] / GiB:.3f} GiB vs "
+                      f"{base / GiB:.3f} GiB: {growth:+.1%}", flush=True)
+    finally:
+        cluster.shutdown()
+    print(f"benchmark total: {time.perf_counter() - t_all:.0f} s", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
