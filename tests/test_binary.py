@@ -150,9 +150,9 @@ def test_binary_audit_tables_match_oracle(binary_audit, binary_data):
     out = binary_audit["out"]
     ref = _oracle(binary_audit, binary_data)
     n = N_TRAIN
-    topk = pq.read_table(f"{out}/influence_topk.parquet").to_pydict()
-    test = pq.read_table(f"{out}/test_scores.parquet").to_pydict()
-    train = pq.read_table(f"{out}/train_scores.parquet").to_pydict()
+    topk = pq.read_table(f"{out}/influence_topk").to_pydict()
+    test = pq.read_table(f"{out}/test_scores").to_pydict()
+    train = pq.read_table(f"{out}/train_scores").to_pydict()
 
     scale = np.abs(ref["r"]).max()
     for kind, largest in (("proponent", True), ("opponent", False)):
@@ -192,7 +192,7 @@ def test_binary_audit_tables_match_oracle(binary_audit, binary_data):
 
 def test_binary_label_audit_finds_flipped_labels(binary_audit, binary_data):
     flipped = binary_data[4]
-    train = pq.read_table(f"{binary_audit['out']}/train_scores.parquet").to_pydict()
+    train = pq.read_table(f"{binary_audit['out']}/train_scores").to_pydict()
     ranks = np.asarray(train["audit_rank"])[np.isin(train["train_id"], flipped)]
     found = np.mean(ranks <= 0.2 * N_TRAIN)
     assert found >= 0.8, f"only {found:.0%} of the flipped labels in the top 20%"
@@ -227,7 +227,7 @@ def test_binary_explain_equals_the_audit(binary_audit, tmp_path):
 
     out = str(tmp_path / "explained")
     run_explain(binary_audit["out"], binary_audit["model"], binary_audit["test"], out)
-    for name in ("influence_topk.parquet", "test_scores.parquet"):
+    for name in ("influence_topk", "test_scores"):
         a = pq.read_table(f"{binary_audit['out']}/{name}")
         b = pq.read_table(f"{out}/{name}")
         assert a.column_names == b.column_names and a.num_rows == b.num_rows
