@@ -181,7 +181,7 @@ def _featurize_test(pool, inputs: Inputs) -> dict:
     object store): the driver keeps only references, logits, ids and labels."""
     parts = plan_shards(inputs.test.n_rows, pool.n_workers)
     x_parts, metas = pool.call_split("featurize_test", [(p.start, p.stop) for p in parts])
-    test = {"x_parts": x_parts, "part_sizes": [len(m["ids"]) for m in metas],
+    test = {"x_parts": x_parts,
             "logits": np.concatenate([m["logits"] for m in metas]),
             "ids": np.concatenate([m["ids"] for m in metas])}
     if metas[0]["labels"] is not None:
@@ -265,7 +265,7 @@ def _run_tasks(fn, calls: list, use_ray: bool, on_result) -> list:
 
 
 def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred: np.ndarray,
-            theta: np.ndarray, alpha_head: np.ndarray, results: list, use_ray: bool, fault) -> dict:
+            results: list, use_ray: bool, fault) -> dict:
     """The reduce stage: tasks merge the shards' partials by range and write the part files.
 
     Parts are written to ``_work/<key>/tables/`` and their summaries persisted, so a resumed run
@@ -276,8 +276,7 @@ def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred:
     out_dirs = {name: storage.join(staged, name) for name in tables.TABLES}
     partial_dir = storage.join(store.path, rd.PARTIAL_DIR)
     topk_files = [rd.topk_file(partial_dir, s.index) for s in specs]
-    sizes = test["part_sizes"]
-    offsets = np.cumsum([0] + sizes)[:-1]
+    test_files = [rd.test_file(partial_dir, s.index) for s in specs]  # shard 0 first: it holds x_t Θ
     summaries = {"test": {}, "train": {}}
     reused = []
     # Sources with string keys (DESIGN.md §3): every test task names the training rows of its
@@ -297,14 +296,11 @@ def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred:
             summaries["test"][part] = done
             reused.append(f"test-{part}")
             continue
-        near = [i for i, (o, n) in enumerate(zip(offsets, sizes)) if o < b and o + n > a]
         rows = {"ids": test["ids"][a:b], "labels": None if test.get("labels") is None else test["labels"][a:b],
                 "pred": test_pred[a:b], "logits": test["logits"][a:b]}
         if "keys" in test:
             rows["keys"] = test["keys"][a:b]
-        calls["test"].append((part, a, b, topk_files, config.k, rows, [test["x_parts"][i] for i in near],
-                              [int(offsets[i]) for i in near], theta, alpha_head, out_dirs, fault,
-                              train_keys))
+        calls["test"].append((part, a, b, topk_files, test_files, config.k, rows, out_dirs, fault, train_keys))
     plan = rd.train_plan([r["train_id"] for r in results], [np.abs(r["alpha_label"]) for r in results],
                          [(s.start, s.stop) for s in specs])
     for part, (sources, positions, ranks) in enumerate(plan):
@@ -379,7 +375,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         devices = pool.devices()
         recovery = pool.recovery()
         pool.shutdown()
-        reduced = _reduce(config, specs, store, test, test_pred, theta, alpha_head, ordered, use_ray, fault)
+        reduced = _reduce(config, specs, store, test, test_pred, ordered, use_ray, fault)
         del ordered
 
     nodes = sorted({i["node"] for i in shard_info.values() if i.get("node")})

@@ -12,7 +12,7 @@ them as tasks, the single-process engine calls them directly.
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -35,11 +35,6 @@ PARTIAL_DIR = "partials"
 
 # Reduce tasks run in fresh Ray worker processes: they import NumPy and pyarrow only, not
 # TensorFlow (seconds per process), so these two small helpers are spelled out here.
-def linear_logits(x: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """x Θ in float64, as ``representer.linear_logits``."""
-    return np.asarray(x, dtype=np.float64) @ theta
-
-
 def per_class(a: np.ndarray) -> np.ndarray:
     """As ``representer.per_class``: a binary model's one logit column z as [−z, z]."""
     a = np.asarray(a)
@@ -69,6 +64,10 @@ def topk_file(partial_dir: str, shard: int) -> str:
     return storage.join(partial_dir, f"shard-{shard:05d}-topk.parquet")
 
 
+def test_file(partial_dir: str, shard: int) -> str:
+    return storage.join(partial_dir, f"shard-{shard:05d}-test.parquet")
+
+
 def train_file(partial_dir: str, shard: int) -> str:
     return storage.join(partial_dir, f"shard-{shard:05d}-train.parquet")
 
@@ -83,6 +82,11 @@ def write_partial(partial_dir: str, shard: int, result: dict) -> None:
                      for kind in KINDS for field in FIELDS})
     storage.write_atomic(topk_file(partial_dir, shard), lambda fh: pq.write_table(
         topk, fh, row_group_size=PARTIAL_GROUP, compression="none", use_dictionary=False))
+    test = {"rep_sum": pa.array(np.asarray(result["test"]["rep_sum"], np.float64))}
+    if "surrogate" in result["test"]:
+        test["surrogate"] = _fixed_list(np.asarray(result["test"]["surrogate"], np.float64))
+    storage.write_atomic(test_file(partial_dir, shard), lambda fh: pq.write_table(
+        pa.table(test), fh, row_group_size=PARTIAL_GROUP, compression="none", use_dictionary=False))
     train = pa.table({name: np.asarray(col) for name, col in result["train"].items()})
     storage.write_atomic(train_file(partial_dir, shard), lambda fh: pq.write_table(
         train, fh, compression="none", use_dictionary=False))
@@ -90,6 +94,24 @@ def write_partial(partial_dir: str, shard: int, result: dict) -> None:
 
 def read_partial_topk(path: str, start: int, stop: int) -> dict:
     """Test rows [start, stop) of one shard's partial top-k, reading only their row groups."""
+    t = _read_range(path, start, stop)
+    dtypes = {"values": np.float32, "ids": np.int64, "alpha": np.float32, "similarity": np.float32}
+    return {kind: {field: _matrix(t.column(f"{kind}_{field}"), dtypes[field]) for field in FIELDS}
+            for kind in KINDS}
+
+
+def read_partial_test(path: str, start: int, stop: int) -> dict:
+    """Test rows [start, stop) of one shard's decomposition pieces (``rep_sum``, and
+    ``surrogate`` from shard 0)."""
+    t = _read_range(path, start, stop)
+    out = {"rep_sum": t.column("rep_sum").to_numpy()}
+    if "surrogate" in t.column_names:
+        out["surrogate"] = _matrix(t.column("surrogate"), np.float64)
+    return out
+
+
+def _read_range(path: str, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of a partial file written in row groups, reading only those groups."""
     fs, p = storage.resolve(path)
     with fs.open_input_file(p) as fh:
         pf = pq.ParquetFile(fh)
@@ -102,10 +124,7 @@ def read_partial_topk(path: str, start: int, stop: int) -> dict:
             row += n
         if stop > row or start < 0:
             raise ValueError(f"{path}: has {row} test rows, asked for [{start}, {stop})")
-        t = pf.read_row_groups(groups).slice(start - (first or 0), stop - start)
-    dtypes = {"values": np.float32, "ids": np.int64, "alpha": np.float32, "similarity": np.float32}
-    return {kind: {field: _matrix(t.column(f"{kind}_{field}"), dtypes[field]) for field in FIELDS}
-            for kind in KINDS}
+        return pf.read_row_groups(groups).slice(start - (first or 0), stop - start)
 
 
 def read_partial_train(path: str) -> Dict[str, np.ndarray]:
@@ -114,44 +133,23 @@ def read_partial_train(path: str) -> Dict[str, np.ndarray]:
     return {name: t.column(name).to_numpy() for name in t.column_names}
 
 
-def _arrays(parts: list) -> list:
-    """Object-store references resolved (zero-copy views); arrays passed through."""
-    if any(not isinstance(p, np.ndarray) for p in parts):
-        import ray
-
-        parts = ray.get(list(parts))
-    return list(parts)
-
-
-def _rows(parts: list, offsets: Sequence[int], start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of a matrix held as row parts starting at ``offsets``."""
-    pieces = []
-    for part, off in zip(parts, offsets):
-        a, b = max(start, off), min(stop, off + len(part))
-        if a < b:
-            pieces.append(part[a - off:b - off])
-    return np.concatenate(pieces) if len(pieces) > 1 else np.array(pieces[0])
-
-
-# ----------------------------------------------------------------------------- reduce tasks
-def reduce_test_range(part: int, start: int, stop: int, topk_files: List[str], k: int,
-                      test: Dict[str, np.ndarray], x_parts: list, x_offsets: Sequence[int],
-                      theta: np.ndarray, alpha_head: np.ndarray, out_dirs: Dict[str, str],
+def reduce_test_range(part: int, start: int, stop: int, topk_files: List[str], test_files: List[str],
+                      k: int, test: Dict[str, np.ndarray], out_dirs: Dict[str, str],
                       fault=None, train_keys: Optional[tuple] = None) -> dict:
     """One reduce task: test rows [start, stop) of ``influence_topk`` and ``test_scores``.
+
+    Everything it needs is on storage or in its arguments, not in any worker's memory or
+    object store: a task re-run on another node after a loss gives the same part.
 
     Args:
         part: the part number (the range's place in test-row order).
         start, stop: the test rows.
         topk_files: every shard's partial top-k file.
+        test_files: every shard's decomposition pieces, shard 0's first (it holds x_t Θ).
         k: entries kept per test row and kind.
         test: this range's per-row vectors: ``ids``, ``labels`` (or None), ``pred`` and the
-            model's ``logits`` (rows, C).
-        x_parts: the test features' row parts (arrays or object-store references) that
-            overlap the range, starting at test rows ``x_offsets``.
-            ``keys`` too when the test source has string keys.
-        theta: the fitted head; alpha_head: Σ_i x_iᵀα_i over all shards (one column each
-            for a binary model, whose class 0 is explained by −z).
+            model's ``logits`` (rows, C; one column for a binary model, whose class 0 is
+            explained by −z); ``keys`` too when the test source has string keys.
         out_dirs: where the parts of ``influence_topk`` and ``test_scores`` go.
         fault: test hook (see :mod:`distributed_influence.faults`).
         train_keys: (train ids, their string keys) when the training source has keys.
@@ -169,10 +167,12 @@ def reduce_test_range(part: int, start: int, stop: int, topk_files: List[str], k
     if test.get("keys") is not None:
         topk = tables.add_key_column(topk, "test_id", tables.TEST_KEY, test["ids"], test["keys"])
     tables.write_part(out_dirs[tables.INFLUENCE_TOPK], part, topk)
-    x = _rows(_arrays(x_parts), x_offsets, start, stop)
-    surrogate = linear_logits(x, theta)
+    pieces = [read_partial_test(f, start, stop) for f in test_files]
+    surrogate = pieces[0]["surrogate"]
+    # Σ over shards of x_t Σ_(i in shard) x_iᵀα_i = x_t Σ_i x_iᵀα_i, added in float64.
+    rep_sum = np.sum([p["rep_sum"] for p in pieces], axis=0)
     dec = test_table(test["ids"], test.get("labels"), test["pred"], per_class(test["logits"]),
-                     per_class(surrogate), per_class(linear_logits(x, alpha_head)))
+                     per_class(surrogate), rep_sum)
     table = dec["table"]
     if test.get("keys") is not None:
         table = tables.add_key_column(table, "test_id", tables.TEST_KEY, test["ids"], test["keys"])
@@ -295,14 +295,15 @@ def test_table(test_ids: np.ndarray, test_labels: Optional[np.ndarray], test_pre
 
     Args:
         surrogate_logits: (m, C) x_t Θ.
-        alpha_head_logits: (m, C) x_t Σ_i x_iᵀα_i summed over all shards.
+        alpha_head_logits: (m, C) x_t Σ_i x_iᵀα_i summed over all shards, or (m,) already at
+            each row's explained class.
 
     Returns:
         dict with the ``table`` and summary numbers for the manifest.
     """
     rows = np.arange(len(test_ids))
     surrogate = surrogate_logits[rows, test_pred]
-    rep_sum = alpha_head_logits[rows, test_pred]
+    rep_sum = alpha_head_logits if np.ndim(alpha_head_logits) == 1 else alpha_head_logits[rows, test_pred]
     err = np.abs(rep_sum - surrogate)
     labels = pa.nulls(len(test_ids), pa.int32()) if test_labels is None else test_labels
     table = tables.to_table(

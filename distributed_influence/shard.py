@@ -232,8 +232,8 @@ class ShardWorker:
 
         Returns:
             dict with the shard's partial top-k (values, ids, α, similarity for each kind),
-            its per-train rows, Σ_i x_iᵀα_i, and the test rows' surrogate logits and
-            x_t Σ_i x_iᵀα_i (for the decomposition).
+            its per-train rows, Σ_i x_iᵀα_i, and per test row x_t Σ_i x_iᵀα_i at the explained
+            class (and, from shard 0, the surrogate's logits x_t Θ) for the decomposition.
         """
         s = self.settings
         d = self._data(spec)
@@ -254,10 +254,11 @@ class ShardWorker:
         result = {
             "shard": spec.index,
             "topk": scored["topk"],
-            # x_t Θ and x_t Σ_(i in shard) x_iᵀα_i for every test row: the driver adds the
-            # latter over shards for the decomposition, without holding test features.
-            "test_surrogate": _logits(test_x, theta) if spec.index == 0 else np.zeros((0, 0)),
-            "test_alpha_head": _logits(test_x, alpha_head),
+            # For the decomposition, without test features in the reduce: x_t Σ_(i in shard)
+            # x_iᵀα_i at each test row's explained class (the reduce adds these over shards),
+            # and from one shard x_t Θ (the surrogate's logits; raw, one column if binary).
+            "test": {"rep_sum": rp.per_class(_logits(test_x, alpha_head))[np.arange(len(test_pred)), test_pred],
+                     **({"surrogate": _logits(test_x, theta)} if spec.index == 0 else {})},
             "train": {
                 "train_id": d.ids,
                 "label": d.labels,
@@ -275,6 +276,27 @@ class ShardWorker:
         if d.keys is not None:
             result["train"]["train_key"] = d.keys
         return result
+
+    def score_partial(self, spec: ShardSpec, theta: np.ndarray, test_parts: list, test_pred: np.ndarray,
+                      partial_dir: str) -> dict:
+        """:meth:`score`, with the big partials written to the run's work area by this worker.
+
+        The top-k candidates of every test row and the per-train rows go to ``partial_dir``
+        (see :func:`distributed_influence.reduce.write_partial`), where the reduce tasks read
+        them by range; the driver receives only what it keeps: per-train ids and label α (for
+        the global audit rank), Σ_i x_iᵀα_i, and where and how long the shard ran.
+        """
+        from . import reduce as rd
+
+        result = self.score(spec, theta, test_parts, test_pred)
+        rd.write_partial(partial_dir, spec.index, result)
+        small = {"shard": spec.index, "alpha_head": result["alpha_head"], "seconds": result["seconds"],
+                 "node": result["node"], "train_id": result["train"]["train_id"],
+                 "alpha_label": np.asarray(result["train"]["alpha_label"], np.float32),
+                 "scoring": result["scoring"]}
+        if "train_key" in result["train"]:
+            small["train_key"] = result["train"]["train_key"]
+        return small
 
 
 def score_rows_against_index(files: list, query_x: np.ndarray, query_class: np.ndarray, k: int,
@@ -306,28 +328,6 @@ def score_rows_against_index(files: list, query_x: np.ndarray, query_class: np.n
         values.append(scored["topk"]["proponent"]["values"])
         ids.append(scored["topk"]["proponent"]["ids"])
     return merge_topk(values, ids, min(k, sum(v.shape[1] for v in values)), largest=True)
-
-
-    def score_partial(self, spec: ShardSpec, theta: np.ndarray, test_parts: list, test_pred: np.ndarray,
-                      partial_dir: str) -> dict:
-        """:meth:`score`, with the big partials written to the run's work area by this worker.
-
-        The top-k candidates of every test row and the per-train rows go to ``partial_dir``
-        (see :func:`distributed_influence.reduce.write_partial`), where the reduce tasks read
-        them by range; the driver receives only what it keeps: per-train ids and label α (for
-        the global audit rank), Σ_i x_iᵀα_i, and where and how long the shard ran.
-        """
-        from . import reduce as rd
-
-        result = self.score(spec, theta, test_parts, test_pred)
-        rd.write_partial(partial_dir, spec.index, result)
-        small = {"shard": spec.index, "alpha_head": result["alpha_head"], "seconds": result["seconds"],
-                 "node": result["node"], "train_id": result["train"]["train_id"],
-                 "alpha_label": np.asarray(result["train"]["alpha_label"], np.float32),
-                 "scoring": result["scoring"]}
-        if "train_key" in result["train"]:
-            small["train_key"] = result["train"]["train_key"]
-        return small
 
 
 def _fetch_parts(parts: list) -> list:

@@ -276,9 +276,6 @@ class RayPool:
         """Broadcast: stored once in the object store, read zero-copy by the workers."""
         return self._ray.put(value)
 
-    def actor_for(self, spec: ShardSpec):
-        return self.actors[self._worker_for(("shard", spec.index))]
-
     def map(self, method: str, specs: Sequence[ShardSpec], *shared, desc: Optional[str] = None,
             on_result: Optional[Callable] = None) -> list:
         """Calls ``method(spec, *shared)`` on each shard's actor; results in shard order.
@@ -326,7 +323,10 @@ class RayPool:
         out = self._run(calls)
         lost = [s for (_, group), r in zip(order, out) if r is None for s in group]
         summed = [r for r in out if r is not None]
-        return summed + (self.map(method, lost, *shared) if lost else [])
+        if not lost:
+            return summed
+        self._recovery["redone_calls"].setdefault(method, []).extend(s.index for s in lost)
+        return summed + self.map(method, lost, *shared)
 
     def call_split(self, method: str, args_per_worker: List[tuple]):
         """Calls a method returning (big, small) on every worker: the big values stay in the
@@ -411,7 +411,8 @@ class RayPool:
 
     def _redo(self, c: _Call, pending: dict) -> None:
         """Issues a call again (on its worker, or where its work moved) and records it."""
-        self._recovery["redone_calls"].setdefault(c.method, []).append(c.key[1])
+        method, units = _public(c)
+        self._recovery["redone_calls"].setdefault(method, []).extend(units)
         self._submit(c, pending)
 
     def _run(self, calls: List[_Call], desc: Optional[str] = None,
@@ -511,7 +512,7 @@ class RayPool:
         s = self._suspects.get(c.worker)
         if s is None:
             now = time.perf_counter()
-            s = self._suspects[c.worker] = _Suspect(now, now + RESTART_WAIT, exc, c.method, [], now)
+            s = self._suspects[c.worker] = _Suspect(now, now + RESTART_WAIT, exc, _public(c)[0], [], now)
             log.info("worker %d: %s during %s; waiting up to %g s for Ray to bring it back",
                      c.worker, type(exc).__name__, c.method, RESTART_WAIT)
         s.parked.append(c)
@@ -664,6 +665,18 @@ class RayPool:
                 node = ""
             self._nodes[w] = node
         return node
+
+
+#: Calls recorded under the name of the work they do (the scoring stage's call writes partials).
+_PUBLIC_NAMES = {"score_partial": "score"}
+
+
+def _public(c: _Call) -> tuple:
+    """The method and shard indices a call stands for in the recovery record and the log: a
+    worker's summed fit call is its shards' ``objective``/``hvp``."""
+    if c.method == "summed":
+        return c.args[0], [s.index for s in c.args[1]]
+    return _PUBLIC_NAMES.get(c.method, c.method), [c.key[1]]
 
 
 def _lost_object(exc: BaseException) -> Optional[str]:
