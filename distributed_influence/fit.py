@@ -70,7 +70,7 @@ def fit_head(
     tol: float = 1e-10,
     max_iter: int = 1000,
     on_iteration: Optional[Callable[[int, float], None]] = None,
-    sketch: str = "adaptive",
+    sketch: str = "always",
 ) -> FitResult:
     """Fits the surrogate head to a stationary point.
 
@@ -91,9 +91,12 @@ def fit_head(
         max_iter: cap on the iterations of each L-BFGS phase of the fallback, and (at least
             50, at most MAX_CG_ITERATIONS) on the CG iterations of one Newton step.
         on_iteration: called with (iteration, max |∇J|) for progress display.
-        sketch: ``"adaptive"`` (default): a Nyström sketch only once a CG solve needed many
-            iterations, sized by them; ``"always"``: SKETCH_RANK directions before the first
-            step (the fit before the scale-out, kept to measure against).
+        sketch: ``"always"`` (default): SKETCH_RANK directions before the first step;
+            ``"adaptive"``: a Nyström sketch only once a CG solve needed many iterations, sized
+            by them. Measured: on the Fashion-MNIST CNN head (d = 1600, C = 10) the adaptive
+            policy took 380 Hessian products and 55 s against 72 products and ~7 s, while on a
+            100-class MLP head (d = 128) it cost 0.43 of "always"; until a rule that picks per
+            problem is measured on both, the default keeps the full audit fast.
 
     Returns:
         The :class:`FitResult`; ``converged`` is False when the caps were hit first.

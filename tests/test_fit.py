@@ -80,7 +80,8 @@ def test_fit_with_a_partial_sketch_reaches_the_explicit_newton_optimum(wide, tar
                    lambda th, v, prec: rp.hvp_sums(x, th, v, prec), len(x), LAM, theta0, tol=1e-10)
     assert res.converged and res.max_abs_grad <= 1e-10
     assert res.method.startswith("Newton-CG") and "L-BFGS" not in res.method  # no fallback
-    assert res.passes["sketches"] == 1 and res.passes["sketch_directions"] <= 12  # the partial sketch ran
+    # the partial sketch ran (12 directions each time; a CG solve that grows long sketches again)
+    assert res.passes["sketches"] >= 1 and res.passes["sketch_directions"] <= 12 * res.passes["sketches"]
     ref = oracle.newton_fit(x.astype(np.float64), t, LAM, theta0)
     assert np.abs(oracle.objective(x.astype(np.float64), t, ref, LAM)[1]).max() <= 1e-10
     np.testing.assert_allclose(res.theta, ref, atol=1e-7)
