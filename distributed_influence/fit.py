@@ -144,7 +144,8 @@ def fit_head(
     if np.max(np.abs(g)) > tol:
         x, j, g = _newton_pcg(objective("float32"), fun64, hessian_product("float32"), sketch_pass,
                               2.0 * lam, x, j, g, tol, max_iter, callback, always_sketch=sketch == "always")
-        phases.append("Newton-CG (float32 Hessian products; Nyström-preconditioned when CG needs it)")
+        phases.append("Newton-CG (float32 Hessian products; Nyström-preconditioned "
+                      + ("from the first step)" if sketch == "always" else "when CG needs it)"))
         log.info("Newton-CG: max|grad J| = %.3g", np.max(np.abs(g)))
     # Fallback, for a Newton phase that stalled: L-BFGS, then Newton steps without sketch.
     plan = (("float32", FLOAT32_GTOL), ("float64", tol))
