@@ -180,3 +180,22 @@ def assert_same_results(out_a: str, out_b: str, rtol: float = 1e-5) -> None:
                 np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * scale * 1e-2, err_msg=f"{name}:{col}")
             else:
                 np.testing.assert_array_equal(x, y, err_msg=f"{name}:{col}")
+
+
+def loopback_cluster(head_cpus: int, worker_nodes: int, **head_args):
+    """A `ray.cluster_utils.Cluster` on loopback with this process as its driver (Ray needs the
+    driver here for several raylets on one address); a generator for module fixtures."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from distributed_influence.runtime import use_loopback
+
+    use_loopback()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, **head_args})
+    for _ in range(worker_nodes):
+        c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address)
+    yield c
+    ray.shutdown()
+    c.shutdown()

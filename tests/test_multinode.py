@@ -3,24 +3,13 @@
 import pytest
 
 from distributed_influence.job import run_audit
-from distributed_influence.runtime import use_loopback
 
-from conftest import assert_same_results, audit_config
+from conftest import loopback_cluster, assert_same_results, audit_config
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    use_loopback()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    c.add_node(num_cpus=1)
-    c.wait_for_nodes()
-    ray.init(address=c.address)
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    yield from loopback_cluster(1, 1)
 
 
 def test_two_nodes_share_the_shards_and_match_single_process(cluster, files, reference, tmp_path):

@@ -20,9 +20,8 @@ from distributed_influence import worker as worker_mod
 from distributed_influence.errors import ClusterError
 from distributed_influence.faults import FAULT_ENV, HELD, RELEASE
 from distributed_influence.job import run_audit
-from distributed_influence.runtime import use_loopback
 
-from conftest import audit_config, blobs
+from conftest import loopback_cluster, audit_config, blobs
 
 N_NODES = 3
 SHARDS = 9  # shard i starts on worker i mod 3: worker 1 owns shards 1, 4 and 7
@@ -38,18 +37,7 @@ WAIT = 20.0
 
 @pytest.fixture(scope="module")
 def cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    use_loopback()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    for _ in range(N_NODES):
-        c.add_node(num_cpus=1)
-    c.wait_for_nodes()
-    ray.init(address=c.address)
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    yield from loopback_cluster(0, N_NODES, include_dashboard=False)
 
 
 @pytest.fixture(scope="module")
