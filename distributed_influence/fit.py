@@ -262,6 +262,7 @@ def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callb
         precond, rank = None, sketch_rank(size)
     far_fun, far_j = fun32, None  # J for the Armijo test, and its value at x once needed
     exact = True  # is g the float64 gradient at x (else the float32 one)?
+    quad = None  # max|∇J| after / max|∇J|² before the last full step: Newton's quadratic constant
     for _ in range(max_steps):
         gmax = float(np.max(np.abs(g)))
         if not exact and gmax <= near:
@@ -275,7 +276,7 @@ def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callb
         if gmax > near:
             rtol = min(0.5, np.sqrt(gmax))
         else:
-            rtol = _near_rtol(tol, gmax)
+            rtol = _near_rtol(tol, gmax, quad)
         iters = [0]
         op = LinearOperator((size, size), matvec=lambda p: hessp(x, p), dtype=np.float64)
         m = LinearOperator((size, size), matvec=precond, dtype=np.float64)
@@ -297,6 +298,7 @@ def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callb
                     if j_new <= far_j + 1e-4 * scale * slope:
                         exact = far_fun is fun64
                         x, far_j, g, accepted = x + scale * step, j_new, g_new.reshape(-1), True
+                        quad = float(np.max(np.abs(g))) / gmax ** 2 if scale == 1.0 else None
                         j64 = j_new if exact else j64
                         break
                     scale *= 0.5
@@ -310,7 +312,8 @@ def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callb
         else:
             found = _step_lowering_grad(fun64, x, step, gmax)
             if found is not None:
-                (x, j64, g), accepted, exact, far_j = found, True, True, None
+                (x, j64, g, scale), accepted, exact, far_j = found, True, True, None
+                quad = float(np.max(np.abs(g))) / gmax ** 2 if scale == 1.0 else None
         callback(x)
         if not accepted:
             log.info("Newton-CG stopped: no step makes progress at max|grad J| = %.3g", gmax)
@@ -320,22 +323,30 @@ def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callb
     return x, j64, g.reshape(-1)
 
 
-def _near_rtol(tol: float, gmax: float) -> float:
-    """CG's relative tolerance near the optimum: a Newton step there divides |∇J| by about the
-    CG residual, so aim at tol in one step (within reach of float32 Hessian products)."""
-    return min(1e-2, max(1e-6, 0.1 * tol / gmax))
+def _near_rtol(tol: float, gmax: float, quad: Optional[float] = None) -> float:
+    """CG's relative tolerance near the optimum.
+
+    After a Newton step, max |∇J| is about the CG residual's share (rtol·gmax) plus the step's
+    quadratic term (≈ quad·gmax², ``quad`` measured on the previous full step): aim at tol,
+    but never solve more exactly than the quadratic term allows. On the Fashion-MNIST head,
+    aiming at tol regardless took 27 + 23 + 10 CG iterations for the last three steps.
+    """
+    aim = 0.5 * tol / gmax
+    if quad is not None:
+        aim = max(aim, 0.5 * quad * gmax)
+    return min(0.5, max(1e-6, aim))
 
 
 def _step_lowering_grad(fun, x, step, gmax):
     """The first of step, step/2, step/4, step/8 whose max |∇J| is below ``gmax``.
 
     Returns:
-        (x, J, ∇J flattened) there, or None when none of them lowers max |∇J|.
+        (x, J, ∇J flattened, the scale taken) there, or None when none of them lowers max |∇J|.
     """
     for scale in (1.0, 0.5, 0.25, 0.125):
         j_new, g_new = fun(x + scale * step)
         if float(np.max(np.abs(g_new))) < gmax:
-            return x + scale * step, j_new, g_new.reshape(-1)
+            return x + scale * step, j_new, g_new.reshape(-1), scale
     return None
 
 
@@ -354,7 +365,7 @@ def _newton_polish(fun, hessp, x, j, g, tol, max_iter, callback, max_steps: int 
         step, _info = cg(op, -g.ravel(), rtol=_near_rtol(tol, gmax), atol=0.0, maxiter=max(50, max_iter))
         found = _step_lowering_grad(fun, x, step, gmax)
         if found is not None:
-            x, j, g = found
+            x, j, g, _scale = found
         callback(x)
         if found is None:
             log.info("Newton polish stopped: no step reduces max|grad J| below %.3g", gmax)

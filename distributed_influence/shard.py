@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from . import index
+from . import cpu_sums, index
 from . import representer as rp
 from . import scoring
 from .errors import InputError, SourceError
@@ -53,8 +53,7 @@ class ShardData:
     labels: np.ndarray  # (s,) int64
     ids: np.ndarray  # (s,) int64
     targets: np.ndarray  # (s, C) float64 t_i of the fit
-    x_tf: object = None  # x as a resident tensor: the fit evaluates it hundreds of times
-    targets32: object = None
+    x_tf: object = None  # x as a resident tensor on a GPU worker: the fit reads it hundreds of times
     keys: Optional[np.ndarray] = None  # (s,) str: the rows' string keys, when the source has them
 
 
@@ -177,24 +176,33 @@ class ShardWorker:
             x, logits, ids, labels = x[order], logits[order], ids[order], labels[order]
             keys = None if keys is None else keys[order]
             targets = rp.fit_targets(labels, logits, self.settings.target)
-            self._shards[spec.index] = ShardData(x, logits, labels, ids, targets, x_tf=rp.tf.constant(x),
-                                                 targets32=rp.tf.constant(targets, rp.tf.float32), keys=keys)
+            # On a GPU the fit's passes run in TensorFlow on a resident copy; on a CPU in NumPy
+            # (cpu_sums: faster there) on the features themselves, with no second copy.
+            x_tf = rp.tf.constant(x) if _has_gpu() else None
+            self._shards[spec.index] = ShardData(x, logits, labels, ids, targets, x_tf=x_tf, keys=keys)
         return self._shards[spec.index]
+
+    @staticmethod
+    def _fit_math(d: ShardData):
+        """The module computing the fit's sums for a shard, and the features it works on."""
+        return (cpu_sums, d.x) if d.x_tf is None else (rp, d.x_tf)
 
     # ----------------------------------------------------------------------------- head fit
     def objective(self, spec: ShardSpec, theta: np.ndarray, precision: str = "float64") -> Tuple[float, np.ndarray]:
         d = self._data(spec)
-        return rp.objective_sums(d.x_tf, d.targets32 if precision == "float32" else d.targets, theta, precision)
+        math, x = self._fit_math(d)
+        return math.objective_sums(x, d.targets, theta, precision)
 
     def hvp(self, spec: ShardSpec, theta: np.ndarray, v: np.ndarray, precision: str = "float64") -> np.ndarray:
         """Hessian-vector product sums; softmax(XΘ) is kept while Θ stays (one Newton step)."""
         d = self._data(spec)
         key = (hashlib.sha1(np.ascontiguousarray(theta).tobytes()).hexdigest(), precision)
         cached = self._probs.get(spec.index)
+        math, x = self._fit_math(d)
         if cached is None or cached[0] != key:
-            cached = (key, rp.softmax_blocks(d.x_tf, theta, precision))
+            cached = (key, math.softmax_blocks(x, theta, precision))
             self._probs[spec.index] = cached
-        return rp.hvp_sums(d.x_tf, theta, v, precision, probs=cached[1])
+        return math.hvp_sums(x, theta, v, precision, probs=cached[1])
 
     def summed(self, method: str, specs: list, *args):
         """``method`` on each of this worker's shards, the results added up here.
@@ -342,6 +350,11 @@ def _fetch_parts(parts: list) -> list:
 
 def _logits(parts: list, theta: np.ndarray) -> np.ndarray:
     return np.concatenate([rp.linear_logits(p, theta) for p in parts])
+
+
+def _has_gpu() -> bool:
+    """Whether TensorFlow runs this worker's ops on a GPU (after configure_devices)."""
+    return bool(rp.tf.config.list_logical_devices("GPU"))
 
 
 def _node_id() -> Optional[str]:

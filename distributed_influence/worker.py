@@ -58,17 +58,21 @@ def configure_devices(num_gpus: float, num_cpus: float) -> dict:
     tf = import_tensorflow()
 
     gpus = tf.config.list_physical_devices("GPU")
+    threads = max(1, int(num_cpus))
     try:
         if not num_gpus:
             tf.config.set_visible_devices([], "GPU")
         else:
             for gpu in gpus:
                 tf.config.experimental.set_memory_growth(gpu, True)
-        threads = max(1, int(num_cpus))
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
     except RuntimeError as exc:  # TensorFlow already initialised in this process
         log.warning("device configuration skipped: %s", exc)
+    # NumPy's BLAS runs the fit's passes on CPU workers (cpu_sums): as many threads as CPUs.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads, user_api="blas")
     gpu_ids: list = []
     try:
         import ray

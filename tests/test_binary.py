@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from distributed_influence import cpu_sums
 from distributed_influence import representer as rp
 from distributed_influence.cli import main
 from distributed_influence.fit import fit_head
@@ -112,6 +113,12 @@ def test_logistic_math_against_numpy_oracle():
     np.testing.assert_allclose(rp.hvp_sums(x, w0, v), hess @ v, rtol=1e-10)
     vs = rng.normal(size=(d + 1, 1, 4))
     np.testing.assert_allclose(rp.hvp_sums(x, w0, vs)[:, 0, :], hess @ vs[:, 0, :], rtol=1e-10)
+    # The NumPy sums of CPU workers: the same closed forms.
+    loss_np, grad_np = cpu_sums.objective_sums(x, t[:, None], w0)
+    np.testing.assert_allclose(loss_np / n + LAM * np.sum(w0 ** 2), j, rtol=1e-12)
+    np.testing.assert_allclose(grad_np[:, 0] / n + 2 * LAM * w0[:, 0], g, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(cpu_sums.hvp_sums(x, w0, v), hess @ v, rtol=1e-10)
+    np.testing.assert_allclose(cpu_sums.hvp_sums(x, w0, vs)[:, 0, :], hess @ vs[:, 0, :], rtol=1e-10)
 
     fit = fit_head(lambda th, prec: rp.objective_sums(x, t[:, None], th, prec),
                    lambda th, vv, prec: rp.hvp_sums(x, th, vv, prec), n, LAM, w0, tol=1e-11)

@@ -4,6 +4,7 @@ preconditioner, and the fit with a partial sketch and with its fallback."""
 import numpy as np
 import pytest
 
+from distributed_influence import cpu_sums
 from distributed_influence import fit as fitmod
 from distributed_influence import representer as rp
 from distributed_influence.fit import fit_head, nystrom_preconditioner
@@ -11,6 +12,8 @@ from distributed_influence.fit import fit_head, nystrom_preconditioner
 import oracle
 
 LAM = 0.003
+#: The fit's sums: TensorFlow (GPU workers) and NumPy (CPU workers).
+SUMS = [pytest.param(rp, id="tensorflow"), pytest.param(cpu_sums, id="numpy")]
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +27,17 @@ def wide():
     return rp.augment(f), labels, theta0
 
 
+@pytest.mark.parametrize("sums", SUMS)
 @pytest.mark.parametrize("precision", ["float32", "float64"])
-def test_many_direction_hvp_equals_explicit_hessian(wide, precision, monkeypatch):
+def test_many_direction_hvp_equals_explicit_hessian(wide, precision, sums, monkeypatch):
     x, _labels, theta = wide
     # Small chunks, so that the column chunks and row blocks are all exercised.
     monkeypatch.setattr(rp, "MULTI_HVP_COLUMNS", 15)
     monkeypatch.setattr(rp, "MULTI_HVP_ROWS", 70)
+    monkeypatch.setattr(cpu_sums, "ROWS", 70)
+    monkeypatch.setattr(cpu_sums, "BLOCK_ELEMENTS", 70 * theta.shape[1] * 3)  # 3 directions at a time
     v = np.random.default_rng(2).normal(size=theta.shape + (7,))
-    got = rp.hvp_sums(x, theta, v, precision) / len(x)
+    got = sums.hvp_sums(x, theta, v, precision) / len(x)
     h = oracle.data_hessian(x.astype(np.float64), theta)
     want = np.stack([(h @ v[:, :, j].ravel()).reshape(theta.shape) for j in range(v.shape[2])], axis=2)
     tol = 1e-5 if precision == "float32" else 1e-11
@@ -70,14 +76,15 @@ def test_nystrom_with_few_directions_still_cuts_the_condition_number():
     assert ev.max() / ev.min() <= 10 * (lam[20] + mu) / mu
 
 
+@pytest.mark.parametrize("sums", SUMS)
 @pytest.mark.parametrize("target", ["labels", "predictions"])
-def test_fit_with_a_partial_sketch_reaches_the_explicit_newton_optimum(wide, target, monkeypatch):
+def test_fit_with_a_partial_sketch_reaches_the_explicit_newton_optimum(wide, target, sums, monkeypatch):
     x, labels, theta0 = wide
     monkeypatch.setattr(fitmod, "SKETCH_RANK", 12)  # 12 of 125 directions
     C = theta0.shape[1]
     t = rp.one_hot(labels, C) if target == "labels" else oracle.softmax(x.astype(np.float64) @ theta0)
-    res = fit_head(lambda th, prec: rp.objective_sums(x, t, th, prec),
-                   lambda th, v, prec: rp.hvp_sums(x, th, v, prec), len(x), LAM, theta0, tol=1e-10)
+    res = fit_head(lambda th, prec: sums.objective_sums(x, t, th, prec),
+                   lambda th, v, prec: sums.hvp_sums(x, th, v, prec), len(x), LAM, theta0, tol=1e-10)
     assert res.converged and res.max_abs_grad <= 1e-10
     assert res.method.startswith("Newton-CG") and "L-BFGS" not in res.method  # no fallback
     # the partial sketch ran (12 directions each time; a CG solve that grows long sketches again)

@@ -4,12 +4,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from distributed_influence import cpu_sums
 from distributed_influence import representer as rp
 from distributed_influence.fit import fit_head
 
 import oracle
 
 LAM = 0.003
+#: The fit's sums: TensorFlow (GPU workers) and NumPy (CPU workers), one formula, both checked.
+SUMS = [pytest.param(rp, id="tensorflow"), pytest.param(cpu_sums, id="numpy")]
 
 
 @pytest.fixture(scope="module")
@@ -53,38 +56,44 @@ def test_gradient_of_a_slice_is_none_but_alpha_of_that_class_is_right(problem):
     np.testing.assert_allclose(alpha[:, j], expected, rtol=1e-9, atol=1e-15)
 
 
-def test_objective_sums_match_finite_differences(problem):
+@pytest.mark.parametrize("sums", SUMS)
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_objective_sums_match_finite_differences(problem, sums, precision):
     x, labels, theta = problem
     t = rp.one_hot(labels, theta.shape[1])
-    loss, grad = rp.objective_sums(x, t, theta)
+    loss, grad = sums.objective_sums(x, t, theta, precision)
+    rel, atol = (1e-12, 1e-8) if precision == "float64" else (1e-6, 1e-6)
     x64 = x.astype(np.float64)
     j_ref, _ = oracle.objective(x64, t, theta, 0.0)
-    assert loss == pytest.approx(j_ref * len(x), rel=1e-12)
+    assert loss == pytest.approx(j_ref * len(x), rel=rel)
     eps = 1e-6
     num = np.zeros_like(theta)
     for idx in np.ndindex(theta.shape):
         e = np.zeros_like(theta)
         e[idx] = eps
         num[idx] = (oracle.objective(x64, t, theta + e, 0.0)[0] - oracle.objective(x64, t, theta - e, 0.0)[0]) / (2 * eps)
-    np.testing.assert_allclose(grad / len(x), num, atol=1e-8)
+    np.testing.assert_allclose(grad / len(x), num, atol=atol)
 
 
-def test_hvp_matches_gradient_differences(problem):
+@pytest.mark.parametrize("sums", SUMS)
+def test_hvp_matches_gradient_differences(problem, sums):
     x, labels, theta = problem
     t = rp.one_hot(labels, theta.shape[1])
     v = np.random.default_rng(3).normal(size=theta.shape)
     eps = 1e-5
-    gp = rp.objective_sums(x, t, theta + eps * v)[1]
-    gm = rp.objective_sums(x, t, theta - eps * v)[1]
-    np.testing.assert_allclose(rp.hvp_sums(x, theta, v), (gp - gm) / (2 * eps), rtol=1e-6, atol=1e-7)
+    gp = oracle.objective(x.astype(np.float64), t, theta + eps * v, 0.0)[1] * len(x)
+    gm = oracle.objective(x.astype(np.float64), t, theta - eps * v, 0.0)[1] * len(x)
+    np.testing.assert_allclose(sums.hvp_sums(x, theta, v), (gp - gm) / (2 * eps), rtol=1e-6, atol=1e-7)
 
 
-def test_objective_sums_add_over_row_splits(problem, monkeypatch):
+@pytest.mark.parametrize("sums, block", [pytest.param(rp, "ROW_BLOCK", id="tensorflow"),
+                                         pytest.param(cpu_sums, "ROWS", id="numpy")])
+def test_objective_sums_add_over_row_splits(problem, monkeypatch, sums, block):
     x, labels, theta = problem
-    monkeypatch.setattr(rp, "ROW_BLOCK", 30)  # the float64 sums run in row blocks inside too
+    monkeypatch.setattr(sums, block, 30)  # the float64 sums run in row blocks inside too
     t = rp.one_hot(labels, theta.shape[1])
-    whole = rp.objective_sums(x, t, theta)
-    parts = [rp.objective_sums(x[a:b], t[a:b], theta) for a, b in ((0, 13), (13, 50), (50, 80))]
+    whole = sums.objective_sums(x, t, theta)
+    parts = [sums.objective_sums(x[a:b], t[a:b], theta) for a, b in ((0, 13), (13, 50), (50, 80))]
     assert sum(p[0] for p in parts) == pytest.approx(whole[0], rel=1e-12)
     np.testing.assert_allclose(sum(p[1] for p in parts), whole[1], rtol=1e-12, atol=1e-12)
 

@@ -1,0 +1,92 @@
+"""The head fit's sums over a shard's rows in NumPy, for workers without a GPU.
+
+Same functions and signatures as the TensorFlow ones in :mod:`distributed_influence.representer`
+(which GPU workers use, on a resident tensor). On a CPU they are faster and lighter, because
+they work in row blocks small enough to stay in cache, with NumPy's BLAS. Measured on one core,
+30,000 × 1601 Fashion-MNIST features, 10 classes: a float64 evaluation 0.20 s against 0.34 s,
+a float32 Hessian-vector product 0.075 s against 0.099 s; and the worker needs no second,
+TensorFlow, copy of its features (a shard's size in memory).
+
+The formulas are the representer module's (softmax cross-entropy, or sigmoid cross-entropy for
+one column); the tests check both against finite differences and an explicit Hessian.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import numpy as np
+
+#: Rows per block: X_b (rows × d+1) and its products stay in a core's cache between the two
+#: reads of each Hessian product (measured best at 256 to 512 rows for d = 1600).
+ROWS = 512
+#: Bound on a block's temporaries when many directions are applied at once: rows × columns.
+BLOCK_ELEMENTS = 1 << 20
+
+
+def _blocks(n: int, rows: int = ROWS):
+    for a in range(0, n, rows):
+        yield a, min(n, a + rows)
+
+
+def _link(z: np.ndarray) -> np.ndarray:
+    """softmax by rows, or the sigmoid for one column."""
+    if z.shape[1] == 1:
+        return 1.0 / (1.0 + np.exp(-z))
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _loss_sum(z: np.ndarray, t: np.ndarray) -> float:
+    """Σ_i of the softmax cross-entropy −Σ_c t_ic log softmax(z_i)_c, or of the sigmoid one."""
+    if z.shape[1] == 1:
+        return float(np.sum(np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z)))))
+    m = z.max(axis=1, keepdims=True)
+    lse = m + np.log(np.exp(z - m).sum(axis=1, keepdims=True))
+    return float(np.sum(t * (lse - z)))
+
+
+def objective_sums(x: np.ndarray, targets: np.ndarray, theta: np.ndarray,
+                   precision: str = "float64") -> Tuple[float, np.ndarray]:
+    """Σ_i CE(x_i Θ, t_i) and Σ_i x_iᵀ(p_i − t_i), as :func:`representer.objective_sums`."""
+    dtype = np.dtype(precision)
+    th = np.asarray(theta, dtype)
+    loss, grad = 0.0, np.zeros(th.shape, np.float64)
+    for a, b in _blocks(len(x)):
+        xb = x[a:b].astype(dtype, copy=False)
+        tb = np.asarray(targets[a:b], dtype)
+        z = xb @ th
+        loss += _loss_sum(z, tb)
+        grad += xb.T @ (_link(z) - tb)
+    return loss, grad
+
+
+def softmax_blocks(x: np.ndarray, theta: np.ndarray, precision: str = "float64") -> List[np.ndarray]:
+    """softmax(XΘ) (σ for one column), kept for the Hessian products of one Newton step."""
+    dtype = np.dtype(precision)
+    th = np.asarray(theta, dtype)
+    return [_link(x[a:b].astype(dtype, copy=False) @ th) for a, b in _blocks(len(x))]
+
+
+def hvp_sums(x: np.ndarray, theta: np.ndarray, v: np.ndarray, precision: str = "float64",
+             probs=None) -> np.ndarray:
+    """Σ_i of the cross-entropy Hessian at Θ applied to V, as :func:`representer.hvp_sums`:
+    Xᵀ(P∘U − P∘rowsum(P∘U)) with U = XV, for V of shape (d+1, C) or (d+1, C, l)."""
+    if probs is None:
+        probs = softmax_blocks(x, theta, precision)
+    dtype = np.dtype(precision)
+    d1, n_classes = v.shape[0], v.shape[1]
+    width = v.shape[2] if v.ndim == 3 else 1
+    vv = np.asarray(v, dtype).reshape(d1, n_classes, width)
+    out = np.zeros((d1, n_classes, width), np.float64)
+    # Directions in chunks so that a block's (rows × C·l) temporaries stay bounded.
+    step = max(1, min(width, BLOCK_ELEMENTS // (ROWS * n_classes)))
+    for c0 in range(0, width, step):
+        vc = np.ascontiguousarray(vv[:, :, c0:c0 + step]).reshape(d1, -1)
+        acc = out[:, :, c0:c0 + step]
+        for (a, b), p in zip(_blocks(len(x)), probs):
+            xb = x[a:b].astype(dtype, copy=False)
+            pu = p[:, :, None] * (xb @ vc).reshape(b - a, n_classes, -1)
+            w = pu - p[:, :, None] * pu.sum(axis=1, keepdims=True)
+            acc += (xb.T @ w.reshape(b - a, -1)).reshape(acc.shape)
+    return out.reshape(v.shape)
