@@ -93,21 +93,43 @@ def open_sources(train_spec: str, test_spec: str, options: dict) -> Tuple[Source
     return train, open_source(test_spec, classes=classes, **options)
 
 
-def prepare_inputs(config: AuditConfig) -> Inputs:
-    """Opens the model and sources and checks them against each other.
+@dataclasses.dataclass
+class Opened:
+    """What the driver has before loading the model: enough to start the workers."""
+
+    model_bytes: bytes
+    model_name: str
+    train: Source
+    test: Source
+
+
+def open_inputs(config: AuditConfig) -> Opened:
+    """The checks and reads that need no TensorFlow: the output location, the model file's
+    bytes, and the sources opened (their sizes and layouts, which the workers need).
+
+    Raises:
+        InputError: the output location, the model file or a source cannot be used.
+    """
+    _check_out(config.out)
+    model_bytes = read_model_bytes(config.model)
+    train, test = open_sources(config.train, config.test, options_from(config))
+    return Opened(model_bytes, storage.basename(config.model), train, test)
+
+
+def prepare_inputs(config: AuditConfig, opened: Optional[Opened] = None) -> Inputs:
+    """Opens the model and sources (unless ``opened`` already holds them) and checks them
+    against each other.
 
     Raises:
         InputError: any input that cannot give a correct result, with one clear message.
     """
-    _check_out(config.out)
-    model_bytes = read_model_bytes(config.model)
-    name = storage.basename(config.model)
-    model = load_model(model_bytes, name)
+    opened = opened or open_inputs(config)
+    name, train, test = opened.model_name, opened.train, opened.test
+    model = load_model(opened.model_bytes, name)
     split = split_model(model, config.feature_layer, config.logit_layer, name)
     input_shape = tuple(config.input_shape) if config.input_shape else split.input_shape
-    train, test = open_sources(config.train, config.test, options_from(config))
     check_source(train, "training", split.n_classes, input_shape, need_labels=True)
     check_source(test, "test", split.n_classes, input_shape, need_labels=False)
     if config.k > train.n_rows:
         raise ConfigError(f"--k {config.k} exceeds the {train.n_rows} training examples")
-    return Inputs(model_bytes, name, split, train, test, input_shape)
+    return Inputs(opened.model_bytes, name, split, train, test, input_shape)

@@ -24,13 +24,12 @@ from . import storage
 from . import tables
 from .config import AuditConfig
 from .fit import fit_head
-from .inputs import Inputs, prepare_inputs
-from .representer import fidelity_from_moments, predicted_classes
+from .inputs import Inputs, open_inputs, prepare_inputs
 from .resume import WorkStore, run_key
-from .scoring import summarize as scoring_summary
-from .shard import WorkerSettings, plan_shards
 from .sources import options_from
-from .worker import InProcessPool, RayPool, progress_bar, unwrap_ray_error
+
+# The modules of the workers' math (shard, worker, scoring, representer) import TensorFlow, which
+# takes seconds; they are imported where needed, so that a Ray run overlaps that with Ray's start.
 
 log = logging.getLogger(__name__)
 
@@ -108,22 +107,32 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
     timer = _Timer()
     t_start = time.perf_counter()
     fault = faults.from_env()
-    with timer.stage("validate"):
-        inputs = prepare_inputs(config)
     started = False
     pool = None
     gpus = 0.0
+    if use_ray:
+        opened = open_inputs(config)  # what needs no TensorFlow: a wrong path stops here, before Ray
+        validation = _validate_in_background(config, opened, timer)
+    else:
+        with timer.stage("validate"):
+            inputs = prepare_inputs(config)
     try:
         if use_ray:
             from .runtime import plan_workers, start_ray
 
-            with timer.stage("ray_start"):
-                started = start_ray(config.address)
+            try:
+                with timer.stage("ray_start"):
+                    started = start_ray(config.address)
+            finally:
+                inputs = validation.result()  # its error, if any, is the one to report
             n_workers, gpus, cpus = plan_workers(config.shards, config.workers, config.gpus_per_worker)
             n_shards = config.shards or n_workers
         else:
             n_workers = 1
             n_shards = config.shards or 1
+        from .shard import WorkerSettings, plan_shards
+        from .worker import InProcessPool, RayPool
+
         specs = plan_shards(inputs.train.n_rows, n_shards)
         key = run_key(config.digest(), inputs.model_bytes, config.train, config.test,
                       [(s.start, s.stop) for s in specs])
@@ -147,6 +156,8 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
         with _driver_threads(use_ray):
             manifest = _run_stages(config, inputs, pool, specs, store, timer, fault, use_ray)
     except Exception as exc:
+        from .worker import unwrap_ray_error
+
         raise unwrap_ray_error(exc) from None
     finally:
         if pool is not None:
@@ -164,6 +175,30 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
     return manifest
 
 
+def _validate_in_background(config: AuditConfig, opened, timer: _Timer):
+    """Loads and checks the model and sources in a thread, while the caller starts Ray.
+
+    Both take seconds (importing TensorFlow and Keras, starting Ray's processes) and neither
+    needs the other. Ray itself must start in the main thread: the processes it starts are
+    bound to the life of the thread that starts them.
+
+    Returns:
+        A future of the :class:`Inputs`; ``result()`` raises the input error, if any.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def validate():
+        from . import shard, worker  # noqa: F401 - TensorFlow and the workers' modules, here
+
+        with timer.stage("validate"):
+            return prepare_inputs(config, opened)
+
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate")
+    future = executor.submit(validate)
+    executor.shutdown(wait=False)  # the thread ends when the validation does
+    return future
+
+
 def _absolute(spec: str) -> str:
     """Local paths as absolute paths: workers may not share the driver's working directory."""
     return spec if storage.is_uri(spec) or spec.startswith("digits") else os.path.abspath(spec)
@@ -179,6 +214,7 @@ def _publish_index(store: WorkStore, out: str) -> None:
 def _featurize_test(pool, inputs: Inputs) -> dict:
     """Test features, computed by the workers in parallel and left where they are (in Ray's
     object store): the driver keeps only references, logits, ids and labels."""
+    from .shard import plan_shards
     parts = plan_shards(inputs.test.n_rows, pool.n_workers)
     x_parts, metas = pool.call_split("featurize_test", [(p.start, p.stop) for p in parts])
     test = {"x_parts": x_parts,
@@ -193,6 +229,7 @@ def _featurize_test(pool, inputs: Inputs) -> dict:
 
 def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> dict:
     """The head fit on the shards' sums, and the fidelity of the surrogate; persisted."""
+    from .worker import progress_bar
     def sums(theta, precision):
         res = pool.map_summed("objective", specs, theta, precision)
         return sum(r[0] for r in res), np.sum([r[1] for r in res], axis=0)
@@ -224,6 +261,7 @@ def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> 
 
 def _scoring(config: AuditConfig, records: list) -> dict:
     """The manifest's ``scoring`` section; one warning line when pruned fell back to dense."""
+    from .scoring import summarize as scoring_summary
     summary = scoring_summary(records, config.scoring)
     if summary["method"] != config.scoring:
         log.warning("--scoring %s: scored densely instead (%s)", config.scoring, summary["reason"])
@@ -232,13 +270,13 @@ def _scoring(config: AuditConfig, records: list) -> dict:
     return summary
 
 
-def _run_tasks(fn, calls: list, use_ray: bool, on_result) -> list:
-    """Runs ``fn(*args)`` for every args tuple of ``calls``: as Ray tasks (one CPU each, re-run
-    if their worker process or node is lost), or one after the other in this process.
-    ``on_result(i, result)`` runs as each finishes; results come back in call order."""
+def _run_tasks(calls: list, use_ray: bool, on_result) -> list:
+    """Runs ``fn(*args)`` for every (fn, args) of ``calls``: all at once as Ray tasks (one CPU
+    each, re-run if their worker process or node is lost), or one after the other in this
+    process. ``on_result(i, result)`` runs as each finishes; results come back in call order."""
     if not use_ray:
         out = []
-        for i, args in enumerate(calls):
+        for i, (fn, args) in enumerate(calls):
             out.append(fn(*args))
             on_result(i, out[-1])
         return out
@@ -246,8 +284,12 @@ def _run_tasks(fn, calls: list, use_ray: bool, on_result) -> list:
 
     from .worker import MAX_RESTARTS
 
-    task = ray.remote(num_cpus=1, max_retries=MAX_RESTARTS)(fn)
-    refs = [task.remote(*args) for args in calls]
+    tasks = {}
+    refs = []
+    for fn, args in calls:
+        if fn not in tasks:
+            tasks[fn] = ray.remote(num_cpus=1, max_retries=MAX_RESTARTS)(fn)
+        refs.append(tasks[fn].remote(*args))
     index = {ref: i for i, ref in enumerate(refs)}
     out = [None] * len(refs)
     pending = list(refs)
@@ -313,13 +355,16 @@ def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred:
         calls["train"].append((part, files, positions, ranks, out_dirs[tables.TRAIN_SCORES]))
     del plan
 
-    for kind, fn in (("test", rd.reduce_test_range), ("train", rd.reduce_train_range)):
-        def keep(i, summary, kind=kind):
-            store.save(f"reduce-{kind}-{summary['part']}", summary)
-            summaries[kind][summary["part"]] = summary
-            faults.maybe_stop_driver_in_reduce(fault, sum(len(v) for v in summaries.values()) - len(reused))
+    # Test and train parts at once: one test part alone (m ≤ 16,384) would leave CPUs idle.
+    kinds = [("test", rd.reduce_test_range)] * len(calls["test"]) + [("train", rd.reduce_train_range)] * len(calls["train"])
 
-        _run_tasks(fn, calls[kind], use_ray, keep)
+    def keep(i, summary):
+        kind = kinds[i][0]
+        store.save(f"reduce-{kind}-{summary['part']}", summary)
+        summaries[kind][summary["part"]] = summary
+        faults.maybe_stop_driver_in_reduce(fault, sum(len(v) for v in summaries.values()) - len(reused))
+
+    _run_tasks([(fn, args) for (_, fn), args in zip(kinds, calls["test"] + calls["train"])], use_ray, keep)
     return {"test": [summaries["test"][p] for p in sorted(summaries["test"])],
             "train": [summaries["train"][p] for p in sorted(summaries["train"])],
             "reused": reused, "staged": staged}
@@ -327,6 +372,7 @@ def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred:
 
 def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore,
                 timer: _Timer, fault, use_ray: bool = False) -> dict:
+    from .representer import fidelity_from_moments, predicted_classes
     shard_info = {s.index: {"index": s.index, "start": s.start, "stop": s.stop, "rows": s.rows}
                   for s in specs}
     results = {s.index: store.load(f"shard-{s.index}") for s in specs}
