@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage, tables
+from .columns import fixed_list, matrix
 from .faults import maybe_kill_worker
 from .topk import merge_topk
 
@@ -49,17 +50,6 @@ def fidelity_moments(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- shard partials
-def _fixed_list(arr: np.ndarray) -> pa.Array:
-    arr = np.ascontiguousarray(arr)
-    return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), arr.shape[1])
-
-
-def _matrix(col, dtype) -> np.ndarray:
-    flat = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    width = flat.type.list_size
-    return np.asarray(flat.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(-1, width)
-
-
 def topk_file(partial_dir: str, shard: int) -> str:
     return storage.join(partial_dir, f"shard-{shard:05d}-topk.parquet")
 
@@ -78,13 +68,13 @@ def write_partial(partial_dir: str, shard: int, result: dict) -> None:
     Written by the worker that scored the shard, atomically, so that the driver never holds
     them and a restarted worker that writes them again changes nothing.
     """
-    topk = pa.table({f"{kind}_{field}": _fixed_list(result["topk"][kind][field])
+    topk = pa.table({f"{kind}_{field}": fixed_list(result["topk"][kind][field])
                      for kind in KINDS for field in FIELDS})
     storage.write_atomic(topk_file(partial_dir, shard), lambda fh: pq.write_table(
         topk, fh, row_group_size=PARTIAL_GROUP, compression="none", use_dictionary=False))
     test = {"rep_sum": pa.array(np.asarray(result["test"]["rep_sum"], np.float64))}
     if "surrogate" in result["test"]:
-        test["surrogate"] = _fixed_list(np.asarray(result["test"]["surrogate"], np.float64))
+        test["surrogate"] = fixed_list(np.asarray(result["test"]["surrogate"], np.float64))
     storage.write_atomic(test_file(partial_dir, shard), lambda fh: pq.write_table(
         pa.table(test), fh, row_group_size=PARTIAL_GROUP, compression="none", use_dictionary=False))
     train = pa.table({name: np.asarray(col) for name, col in result["train"].items()})
@@ -96,7 +86,7 @@ def read_partial_topk(path: str, start: int, stop: int) -> dict:
     """Test rows [start, stop) of one shard's partial top-k, reading only their row groups."""
     t = _read_range(path, start, stop)
     dtypes = {"values": np.float32, "ids": np.int64, "alpha": np.float32, "similarity": np.float32}
-    return {kind: {field: _matrix(t.column(f"{kind}_{field}"), dtypes[field]) for field in FIELDS}
+    return {kind: {field: matrix(t.column(f"{kind}_{field}"), dtypes[field]) for field in FIELDS}
             for kind in KINDS}
 
 
@@ -106,7 +96,7 @@ def read_partial_test(path: str, start: int, stop: int) -> dict:
     t = _read_range(path, start, stop)
     out = {"rep_sum": t.column("rep_sum").to_numpy()}
     if "surrogate" in t.column_names:
-        out["surrogate"] = _matrix(t.column("surrogate"), np.float64)
+        out["surrogate"] = matrix(t.column("surrogate"), np.float64)
     return out
 
 
