@@ -47,7 +47,8 @@ def add_audit_arguments(p: argparse.ArgumentParser) -> None:
                         "Ray on this machine)")
     p.add_argument("--feature-layer", default=None, help="name of the layer whose output is the feature vector")
     p.add_argument("--logit-layer", default=None, help="name of the Dense layer that produces the logits")
-    p.add_argument("--batch-size", type=int, default=256, help="rows per forward pass (default 256)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per forward pass (default: by input size, 32 to 1024; halved on out-of-memory)")
     p.add_argument("--test-block", type=int, default=1024,
                    help="test examples scored at once per shard; bounds worker memory (default 1024)")
     p.add_argument("--gpus-per-worker", type=float, default=None,

@@ -37,7 +37,7 @@ class AuditConfig:
             in-process on this machine.
         feature_layer: name of the layer whose output is the penultimate feature vector.
         logit_layer: name of the Dense layer producing the logits.
-        batch_size: rows per forward pass.
+        batch_size: rows per forward pass; None picks it from the input size.
         test_block: test examples scored at once; a worker's scoring memory is
             O(test_block × shard rows) whatever the size of the test set.
         gpus_per_worker: GPUs per Ray worker; None means 1 when the cluster has GPUs, else 0.
@@ -70,7 +70,7 @@ class AuditConfig:
     address: Optional[str] = None
     feature_layer: Optional[str] = None
     logit_layer: Optional[str] = None
-    batch_size: int = 256
+    batch_size: Optional[int] = None  # None: by input size (model.auto_batch_size)
     test_block: int = 1024
     gpus_per_worker: Optional[float] = None
     workers: Optional[int] = None
@@ -100,7 +100,7 @@ class AuditConfig:
             raise ConfigError(f"--shards must be an integer >= 1, got {self.shards!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
             raise ConfigError(f"--workers must be an integer >= 1, got {self.workers!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise ConfigError(f"--batch-size must be an integer >= 1, got {self.batch_size!r}")
         if not isinstance(self.test_block, int) or self.test_block < 1:
             raise ConfigError(f"--test-block must be an integer >= 1, got {self.test_block!r}")

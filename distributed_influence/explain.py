@@ -20,7 +20,7 @@ from .errors import ConfigError, InputError
 
 
 def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int] = None,
-                batch_size: int = 256, test_block: int = 1024, scoring: str = "pruned") -> dict:
+                batch_size: Optional[int] = None, test_block: int = 1024, scoring: str = "pruned") -> dict:
     """Scores the test source against the train index stored in ``index_out``.
 
     Args:
@@ -29,7 +29,7 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
         test: test source to explain.
         out: output directory for the ``influence_topk`` and ``test_scores`` datasets and manifest.
         k: proponents/opponents per test example (default: the audit's k).
-        batch_size: rows per forward pass.
+        batch_size: rows per forward pass; None picks it from the input size.
         test_block: test examples scored at once.
         scoring: ``pruned`` (default) or ``dense``: the same tables (see :mod:`.scoring`). No
             per-train sums are written here, so pruning never has to fall back.
@@ -72,7 +72,7 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
         raise ConfigError(f"--k must be between 1 and the {audit['n_train']} training examples, got {k}")
     if scoring not in sc.METHODS:
         raise ConfigError(f"--scoring must be one of {', '.join(sc.METHODS)}, got {scoring!r}")
-    if batch_size < 1 or test_block < 1:
+    if (batch_size is not None and batch_size < 1) or test_block < 1:
         raise ConfigError("--batch-size and --test-block must be >= 1")
     name = storage.basename(model)
     split = split_model(load_model(data, name), cfg.get("feature_layer"), cfg.get("logit_layer"), name)
@@ -146,7 +146,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output directory for influence_topk/test_scores tables")
     p.add_argument("--k", type=int, default=None, help="proponents and opponents per test example "
                                                          "(default: the audit's k)")
-    p.add_argument("--batch-size", type=int, default=256, help="rows per forward pass (default 256)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per forward pass (default: by input size, 32 to 1024; halved on out-of-memory)")
     p.add_argument("--test-block", type=int, default=1024, help="test examples scored at once (default 1024)")
     p.add_argument("--scoring", choices=["pruned", "dense"], default="pruned",
                    help="pruned (default) or dense scoring: the same tables (see the audit's --scoring)")

@@ -68,7 +68,7 @@ class WorkerSettings:
     lam: float
     k: int
     n_train: int
-    batch_size: int
+    batch_size: Optional[int]  # None: by input size
     test_block: int
     scoring: str = "pruned"  # pruned | dense (same tables; see scoring.py)
     feature_layer: Optional[str] = None

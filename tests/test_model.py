@@ -87,3 +87,14 @@ def test_missing_and_corrupt_model_files(tmp_path):
         load_model(read_model_bytes(str(bad)), "bad.keras")
     with pytest.raises(ModelError, match="expected a .keras"):
         read_model_bytes(str(tmp_path / "model.pkl"))
+
+
+def test_automatic_batch_size_follows_the_input_size():
+    """About 2^20 input values per batch, a power of two within [32, 1024]."""
+    from distributed_influence.model import auto_batch_size
+
+    assert auto_batch_size((28, 28, 1)) == 1024  # 784 values: 1337 rows, capped
+    assert auto_batch_size((8, 8, 1)) == 1024
+    assert auto_batch_size((32, 32, 3)) == 256  # 3072 values: 341 rows
+    assert auto_batch_size((224, 224, 3)) == 32  # 150,528 values: 6 rows, raised to the floor
+    assert auto_batch_size((None, 128)) == 1024
