@@ -150,74 +150,105 @@ def show(res: dict) -> None:
 
 
 # ------------------------------------------------------------------------ fit cost, exactness
-def objective_pass_seconds(work: dict, n: int, classes: int, repeats: int = 3) -> float:
-    """Seconds of one float32 objective pass (Σ CE and its gradient) over all n training rows
-    in this process, on features the model computes: the unit the fit's cost is given in."""
+#: The head fit of main when the scale-out work began: the baseline the fit's cost is compared to.
+BASELINE_FIT_COMMIT = "6b4c0d8"
+
+
+def _features(work: dict, rows: int, classes: int):
+    """The first ``rows`` training rows' augmented features and one-hot targets, in this process."""
     from distributed_influence import representer as rp
-    from distributed_influence.model import Featurizer, load_model, read_model_bytes, split_model
-
-    split = split_model(load_model(read_model_bytes(work["model"]), "mlp.keras"), None, None, "mlp.keras")
-    data = np.load(work["train"])
-    feats, _ = Featurizer(split, 8192)(data["x"])
-    x = rp.augment(feats)
-    del feats
-    targets = rp.tf.constant(rp.one_hot(data["y"], classes), rp.tf.float32)
-    x_tf = rp.tf.constant(x)
-    del x
-    theta = split.theta()
-    rp.objective_sums(x_tf, targets, theta, "float32")  # warm-up (tracing)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        rp.objective_sums(x_tf, targets, theta, "float32")
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def fit_comparison(work: dict, rows: int, classes: int, lam: float = 0.003) -> dict:
-    """The head fit in this process on the first ``rows`` training rows, with the sketch policy
-    of today (``adaptive``) and the one before the scale-out (``always``: 100 directions before
-    the first step), each in multiples of one float32 objective pass over the same rows."""
-    from distributed_influence import representer as rp
-    from distributed_influence.fit import fit_head
     from distributed_influence.model import Featurizer, load_model, read_model_bytes, split_model
 
     split = split_model(load_model(read_model_bytes(work["model"]), "mlp.keras"), None, None, "mlp.keras")
     data = np.load(work["train"])
     feats, _ = Featurizer(split, 8192)(data["x"][:rows])
-    x_tf = rp.tf.constant(rp.augment(feats))
-    t64 = rp.one_hot(data["y"][:rows], classes)
-    t32 = rp.tf.constant(t64, rp.tf.float32)
+    return rp.augment(feats), rp.one_hot(data["y"][:rows], classes), split.theta()
+
+
+def _pass_seconds(x: np.ndarray, targets: np.ndarray, theta: np.ndarray, repeats: int = 3) -> float:
+    """The best of a few float32 objective passes (Σ CE and its gradient) over x, with the sums
+    the job's CPU workers use: the unit the fit's cost is given in."""
+    from distributed_influence import cpu_sums
+
+    cpu_sums.objective_sums(x, targets, theta, "float32")
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        cpu_sums.objective_sums(x, targets, theta, "float32")
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def objective_pass_seconds(work: dict, n: int, classes: int) -> float:
+    """Seconds of one float32 objective pass over all n training rows in this process."""
+    x, targets, theta = _features(work, n, classes)
+    return _pass_seconds(x, targets, theta)
+
+
+def _baseline_fit_module():
+    """fit.py as it was at BASELINE_FIT_COMMIT, loaded from git (None outside a git checkout)."""
+    import importlib.util
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        code = subprocess.run(["git", "-C", root, "show", f"{BASELINE_FIT_COMMIT}:distributed_influence/fit.py"],
+                              check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = os.path.join(tempfile.mkdtemp(), "fit_baseline.py")
+    with open(path, "w") as fh:
+        fh.write(code)
+    spec = importlib.util.spec_from_file_location("fit_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def fit_comparison(work: dict, rows: int, classes: int, lam: float = 0.003) -> dict:
+    """The head fit in this process on the first ``rows`` training rows: this version's
+    ``fit_head`` (default and adaptive sketch policies) against the one of main at
+    BASELINE_FIT_COMMIT, all on the same sums (NumPy, as on the job's CPU workers), each in
+    multiples of one float32 objective pass over the same rows."""
+    from distributed_influence import cpu_sums
+    from distributed_influence.fit import fit_head
+
+    x, t64, theta0 = _features(work, rows, classes)
     cache: dict = {}
 
     def sums(theta, precision):
-        return rp.objective_sums(x_tf, t32 if precision == "float32" else t64, theta, precision)
+        return cpu_sums.objective_sums(x, t64, theta, precision)
 
     def hvp(theta, v, precision):
         key = (theta.tobytes(), precision)
         if key not in cache:
             cache.clear()
-            cache[key] = rp.softmax_blocks(x_tf, theta, precision)
-        return rp.hvp_sums(x_tf, theta, v, precision, probs=cache[key])
+            cache[key] = cpu_sums.softmax_blocks(x, theta, precision)
+        return cpu_sums.hvp_sums(x, theta, v, precision, probs=cache[key])
 
-    theta0 = split.theta()
-    sums(theta0, "float32")  # warm-up (tracing)
-    unit = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        sums(theta0, "float32")
-        unit = min(unit, time.perf_counter() - t0)
+    unit = _pass_seconds(x, t64, theta0)
     out = {"rows": rows, "objective_pass_seconds": unit}
-    for policy in ("always", "adaptive"):
+    fits = [("this version (sketch always, the default)", lambda: fit_head(sums, hvp, rows, lam, theta0)),
+            ("this version (sketch adaptive)", lambda: fit_head(sums, hvp, rows, lam, theta0, sketch="adaptive"))]
+    baseline = _baseline_fit_module()
+    if baseline is None:
+        print("[fit] no git checkout here: the baseline fit is not run", flush=True)
+    else:
+        fits.append((f"main at {BASELINE_FIT_COMMIT}", lambda: baseline.fit_head(sums, hvp, rows, lam, theta0)))
+    for label, run in fits:
         t0 = time.perf_counter()
-        fit = fit_head(sums, hvp, rows, lam, theta0, sketch=policy)
+        fit = run()
         sec = time.perf_counter() - t0
-        out[policy] = {"seconds": sec, "in_passes": sec / unit, "passes": fit.passes,
-                       "max_abs_grad": fit.max_abs_grad}
-        print(f"[fit, {rows} rows in one process] sketch {policy}: {sec:.1f} s = {sec / unit:.0f} float32 "
-              f"objective passes ({unit:.3f} s each), max|grad J| {fit.max_abs_grad:.1e}, passes {fit.passes}",
+        out[label] = {"seconds": sec, "in_passes": sec / unit, "passes": getattr(fit, "passes", None),
+                      "max_abs_grad": fit.max_abs_grad}
+        print(f"[fit, {rows} rows in one process] {label}: {sec:.1f} s = {sec / unit:.0f} float32 objective "
+              f"passes ({unit:.3f} s each), max|grad J| {fit.max_abs_grad:.1e}, passes {out[label]['passes']}",
               flush=True)
-    print(f"[fit] adaptive / always: {out['adaptive']['in_passes'] / out['always']['in_passes']:.2f}", flush=True)
+    if baseline is not None:
+        base = out[f"main at {BASELINE_FIT_COMMIT}"]["in_passes"]
+        for label, _ in fits[:2]:
+            print(f"[fit] {label} / main at {BASELINE_FIT_COMMIT}: {out[label]['in_passes'] / base:.2f}", flush=True)
     return out
 
 
@@ -287,8 +318,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variant-m", type=int, default=10_000, help="m of the variants' base run")
     ap.add_argument("--no-main", action="store_true", help="only the variants")
     ap.add_argument("--fit-compare-rows", type=int, default=0,
-                    help="also compare the fit's sketch policies in one process on this many rows "
-                         "(0: skip)")
+                    help="also fit the head in one process on this many rows with this version's "
+                         "fit and with main's at the scale-out's start, in float32 objective passes (0: skip)")
     ap.add_argument("--fit-compare-only", action="store_true", help="only that comparison, no cluster")
     ap.add_argument("--no-variants", action="store_true", help="only the main run")
     ap.add_argument("--work-dir", default="/tmp/scale_bench")

@@ -28,6 +28,15 @@ FLOAT32_GTOL = 1e-5
 #: the Hessian-vector products of the whole fit from 483 (no preconditioner) to 72 for 1.3 s of
 #: sketching; 300 saved 17 more products (~0.6 s) for 2.7 s more sketching.
 SKETCH_RANK = 100
+#: Cap on the sketch's directions × classes. A sketch pass applies the Hessian to l directions of
+#: (d+1)×C each: its flops grow with C·l, while a Hessian product of a head with few classes is
+#: bound by reading the features, so the same sketch costs many more products' time when C is
+#: large. Measured: with C = 10 (the Fashion-MNIST CNN head) 100 directions took ~24 products'
+#: time and saved ~400; with C = 100 (an MLP head, d = 128) they took ~110 products' time and saved
+#: none. 1,000 keeps the first and gives the second 10 directions.
+SKETCH_COLUMNS = 1000
+#: Fewer directions than this are not worth a sketch pass: CG runs without preconditioner.
+MIN_SKETCH_RANK = 8
 #: Cap on the sketch's size on the driver (N × rank float64), for very wide heads.
 SKETCH_BYTES = 1 << 28
 #: Newton steps with max |∇J| above this use float32 evaluations and an Armijo test on J;
@@ -91,7 +100,8 @@ def fit_head(
         max_iter: cap on the iterations of each L-BFGS phase of the fallback, and (at least
             50, at most MAX_CG_ITERATIONS) on the CG iterations of one Newton step.
         on_iteration: called with (iteration, max |∇J|) for progress display.
-        sketch: ``"always"`` (default): SKETCH_RANK directions before the first step;
+        sketch: ``"always"`` (default): a sketch before the first step, of SKETCH_RANK directions
+            or fewer for many classes (see SKETCH_COLUMNS and :func:`sketch_rank`);
             ``"adaptive"``: a Nyström sketch only once a CG solve needed many iterations, sized
             by them. Measured: on the Fashion-MNIST CNN head (d = 1600, C = 10) the adaptive
             policy took 380 Hessian products and 55 s against 72 products and ~7 s, while on a
@@ -143,7 +153,8 @@ def fit_head(
     phases = []
     if np.max(np.abs(g)) > tol:
         x, j, g = _newton_pcg(objective("float32"), fun64, hessian_product("float32"), sketch_pass,
-                              2.0 * lam, x, j, g, tol, max_iter, callback, always_sketch=sketch == "always")
+                              2.0 * lam, x, j, g, tol, max_iter, callback, always_sketch=sketch == "always",
+                              n_classes=shape[1])
         phases.append("Newton-CG (float32 Hessian products; Nyström-preconditioned "
                       + ("from the first step)" if sketch == "always" else "when CG needs it)"))
         log.info("Newton-CG: max|grad J| = %.3g", np.max(np.abs(g)))
@@ -226,13 +237,15 @@ def nystrom_preconditioner(sketch: Callable[[np.ndarray], np.ndarray], size: int
     return apply
 
 
-def sketch_rank(size: int) -> int:
-    """The sketch's l: SKETCH_RANK, within ``size`` and SKETCH_BYTES of float64 on the driver."""
-    return max(1, min(SKETCH_RANK, size, SKETCH_BYTES // (8 * size)))
+def sketch_rank(size: int, n_classes: int = 1) -> int:
+    """The sketch's l: SKETCH_RANK, within ``size``, SKETCH_COLUMNS // C and SKETCH_BYTES of
+    float64 on the driver; 0 (no sketch) when that leaves fewer than MIN_SKETCH_RANK."""
+    rank = min(SKETCH_RANK, size, SKETCH_COLUMNS // max(1, n_classes), SKETCH_BYTES // (8 * size))
+    return rank if rank >= MIN_SKETCH_RANK else 0
 
 
 def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callback, max_steps: int = 50,
-                always_sketch: bool = False):
+                always_sketch: bool = False, n_classes: int = 1):
     """Newton steps whose directions come from preconditioned CG; the main phase of the fit.
 
     Far from the optimum (max |∇J| above FLOAT32_NEWTON_GTOL, or above ``tol`` if that is
@@ -258,8 +271,8 @@ def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callb
     # product (103 with it, 99 without); on Fashion-MNIST's CNN head they saved 411.
     identity = lambda r: r  # noqa: E731
     precond, resketches, rank = identity, 0, None
-    if always_sketch:
-        precond, rank = None, sketch_rank(size)
+    if always_sketch and sketch_rank(size, n_classes):
+        precond, rank = None, sketch_rank(size, n_classes)
     far_fun, far_j = fun32, None  # J for the Armijo test, and its value at x once needed
     exact = True  # is g the float64 gradient at x (else the float32 one)?
     quad = None  # max|∇J| after / max|∇J|² before the last full step: Newton's quadratic constant
@@ -284,8 +297,9 @@ def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callb
                          M=m, callback=lambda _xk: iters.__setitem__(0, iters[0] + 1))
         if iters[0] > RESKETCH_ITERATIONS and resketches < 2:
             if rank is None:  # the first sketch: as many directions as this solve needed
-                rank = min(sketch_rank(size), iters[0])
-            precond, resketches = None, resketches + 1
+                rank = min(sketch_rank(size, n_classes), iters[0])
+            if rank:
+                precond, resketches = None, resketches + 1
         accepted = False
         if gmax > near:
             slope = float(np.dot(g.ravel(), step))
