@@ -52,7 +52,7 @@ class ShardData:
     logits: np.ndarray  # (s, C) float32 model logits
     labels: np.ndarray  # (s,) int64
     ids: np.ndarray  # (s,) int64
-    targets: np.ndarray  # (s, C) float64 t_i of the fit
+    targets: rp.RowTargets  # t_i of the fit, (s, C) float64 by row block
     x_tf: object = None  # x as a resident tensor on a GPU worker: the fit reads it hundreds of times
     keys: Optional[np.ndarray] = None  # (s,) str: the rows' string keys, when the source has them
 
@@ -175,7 +175,7 @@ class ShardWorker:
             order = np.argsort(ids, kind="stable")
             x, logits, ids, labels = x[order], logits[order], ids[order], labels[order]
             keys = None if keys is None else keys[order]
-            targets = rp.fit_targets(labels, logits, self.settings.target)
+            targets = rp.RowTargets(labels, logits, self.settings.target)
             # On a GPU the fit's passes run in TensorFlow on a resident copy; on a CPU in NumPy
             # (cpu_sums: faster there) on the features themselves, with no second copy.
             x_tf = rp.tf.constant(x) if _has_gpu() else None
@@ -191,7 +191,7 @@ class ShardWorker:
     def objective(self, spec: ShardSpec, theta: np.ndarray, precision: str = "float64") -> Tuple[float, np.ndarray]:
         d = self._data(spec)
         math, x = self._fit_math(d)
-        return math.objective_sums(x, d.targets, theta, precision)
+        return math.objective_sums(x, d.targets if math is cpu_sums else d.targets.dense(), theta, precision)
 
     def hvp(self, spec: ShardSpec, theta: np.ndarray, v: np.ndarray, precision: str = "float64") -> np.ndarray:
         """Hessian-vector product sums; softmax(XΘ) is kept while Θ stays (one Newton step)."""
@@ -245,6 +245,7 @@ class ShardWorker:
         """
         s = self.settings
         d = self._data(spec)
+        self._probs.clear()  # the fit's softmax blocks: the fit is over once scoring starts
         t0 = time.perf_counter()
         test_x = _fetch_parts(test_parts)
         probs = rp.probabilities(d.logits)  # (s, classes): [1 − σ, σ] for a binary model
