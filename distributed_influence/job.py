@@ -215,6 +215,7 @@ def _featurize_test(pool, inputs: Inputs) -> dict:
     """Test features, computed by the workers in parallel and left where they are (in Ray's
     object store): the driver keeps only references, logits, ids and labels."""
     from .shard import plan_shards
+
     parts = plan_shards(inputs.test.n_rows, pool.n_workers)
     x_parts, metas = pool.call_split("featurize_test", [(p.start, p.stop) for p in parts])
     test = {"x_parts": x_parts,
@@ -230,6 +231,7 @@ def _featurize_test(pool, inputs: Inputs) -> dict:
 def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> dict:
     """The head fit on the shards' sums, and the fidelity of the surrogate; persisted."""
     from .worker import progress_bar
+
     def sums(theta, precision):
         res = pool.map_summed("objective", specs, theta, precision)
         return sum(r[0] for r in res), np.sum([r[1] for r in res], axis=0)
@@ -262,6 +264,7 @@ def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> 
 def _scoring(config: AuditConfig, records: list) -> dict:
     """The manifest's ``scoring`` section; one warning line when pruned fell back to dense."""
     from .scoring import summarize as scoring_summary
+
     summary = scoring_summary(records, config.scoring)
     if summary["method"] != config.scoring:
         log.warning("--scoring %s: scored densely instead (%s)", config.scoring, summary["reason"])
@@ -373,6 +376,7 @@ def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred:
 def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore,
                 timer: _Timer, fault, use_ray: bool = False) -> dict:
     from .representer import fidelity_from_moments, predicted_classes
+
     shard_info = {s.index: {"index": s.index, "start": s.start, "stop": s.stop, "rows": s.rows}
                   for s in specs}
     results = {s.index: store.load(f"shard-{s.index}") for s in specs}

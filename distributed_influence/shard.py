@@ -248,8 +248,7 @@ class ShardWorker:
         self._probs.clear()  # the fit's softmax blocks: the fit is over once scoring starts
         t0 = time.perf_counter()
         test_x = _fetch_parts(test_parts)
-        probs = rp.probabilities(d.logits)  # (s, classes): [1 − σ, σ] for a binary model
-        n_classes = probs.shape[1]
+        n_classes = max(2, d.logits.shape[1])  # a binary model explains classes 0 and 1
         alpha, alpha_head, class_sim = rp.alpha_pass(d.x, theta, d.targets, s.lam, s.n_train,
                                                      rp.class_sums(test_x, test_pred, n_classes))
         alpha = rp.per_class(alpha)  # a binary head's α as [−α, α]: classes 0 and 1
@@ -275,7 +274,7 @@ class ShardWorker:
                 "influence_sum": scored["influence_sum"],
                 "influence_abs_sum": scored["influence_abs_sum"],
                 "predicted_class": rp.predicted_classes(d.logits),
-                "label_probability": probs[rows, d.labels],
+                "label_probability": rp.label_probabilities(d.logits, d.labels),
             },
             "alpha_head": alpha_head,
             "scoring": scored["scoring"],

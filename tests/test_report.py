@@ -234,8 +234,9 @@ def _brute_force_supporters(out: str, suspect: int, cls: int, k: int) -> list:
 
     t = pa.concat_tables([pq.read_table(f) for f in sorted(glob.glob(os.path.join(out, "index", "shard-*.parquet")))])
     ids = t.column("train_id").to_numpy()
-    x = np.stack(t.column("features").to_numpy(zero_copy_only=False)).astype(np.float64)
-    alpha = np.stack(t.column("alpha").to_numpy(zero_copy_only=False))
+    # The index packs each row's values as little-endian bytes (README, "Explaining new test examples").
+    x = np.stack([np.frombuffer(b, "<f4") for b in t.column("features").to_pylist()]).astype(np.float64)
+    alpha = np.stack([np.frombuffer(b, "<f8") for b in t.column("alpha").to_pylist()])
     r = alpha[:, cls] * (x @ x[ids == suspect][0])
     order = sorted((v, i) for v, i in zip((-r).tolist(), ids.tolist()) if i != suspect)
     return [i for _v, i in order[:k]]
