@@ -119,13 +119,20 @@ class RowTargets:
     """
 
     def __init__(self, labels: np.ndarray, logits: np.ndarray, target: str):
-        self.labels, self.logits, self.target = labels, logits, target
+        self.labels, self.target = labels, target
         self.shape = (len(logits), np.shape(logits)[1])
+        # One-hot labels need only the number of classes: the logits are kept for "predictions".
+        self.logits = logits if target != "labels" else None
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, rows: slice) -> np.ndarray:
+        if self.logits is None:
+            labels = self.labels[rows]
+            if self.shape[1] == 1:
+                return np.asarray(labels, dtype=np.float64).reshape(-1, 1)
+            return one_hot(labels, self.shape[1])
         return fit_targets(self.labels[rows], self.logits[rows], self.target)
 
     def dense(self) -> np.ndarray:

@@ -49,12 +49,14 @@ class ShardData:
     """A shard's rows after featurization, sorted by id (so ties in top-k go to the smaller id)."""
 
     x: np.ndarray  # (s, d+1) float32 augmented features
-    logits: np.ndarray  # (s, C) float32 model logits
+    logits: Optional[np.ndarray]  # (s, C) float32 model logits; dropped once no stage needs them
     labels: np.ndarray  # (s,) int64
     ids: np.ndarray  # (s,) int64
     targets: rp.RowTargets  # t_i of the fit, (s, C) float64 by row block
     x_tf: object = None  # x as a resident tensor on a GPU worker: the fit reads it hundreds of times
     keys: Optional[np.ndarray] = None  # (s,) str: the rows' string keys, when the source has them
+    predicted: Optional[np.ndarray] = None  # (s,) int64: the model's class
+    label_probability: Optional[np.ndarray] = None  # (s,) float64: the model's probability of the label
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +181,9 @@ class ShardWorker:
             # On a GPU the fit's passes run in TensorFlow on a resident copy; on a CPU in NumPy
             # (cpu_sums: faster there) on the features themselves, with no second copy.
             x_tf = rp.tf.constant(x) if _has_gpu() else None
-            self._shards[spec.index] = ShardData(x, logits, labels, ids, targets, x_tf=x_tf, keys=keys)
+            self._shards[spec.index] = ShardData(
+                x, logits, labels, ids, targets, x_tf=x_tf, keys=keys, predicted=rp.predicted_classes(logits),
+                label_probability=rp.label_probabilities(logits, labels))
         return self._shards[spec.index]
 
     @staticmethod
@@ -223,7 +227,16 @@ class ShardWorker:
 
     def fidelity(self, spec: ShardSpec, theta: np.ndarray) -> np.ndarray:
         d = self._data(spec)
-        return rp.fidelity_moments(rp.linear_logits(d.x, theta), d.logits)
+        if d.logits is None:  # asked again after they were dropped (a re-run call): read them again
+            del self._shards[spec.index]
+            d = self._data(spec)
+        moments = rp.fidelity_moments(rp.linear_logits(d.x, theta), d.logits)
+        if self.settings.target == "labels":
+            # Nothing after the fit needs the logits (n × C: at C = 100, 0.8 × the features),
+            # unless the fit's targets are the model's own predictions. A worker that lost them
+            # (a restart) featurizes the shard again and has them back.
+            d.logits = None
+        return moments
 
     # ------------------------------------------------------------------------------ scoring
     def score(self, spec: ShardSpec, theta: np.ndarray, test_parts: list, test_pred: np.ndarray) -> dict:
@@ -248,7 +261,7 @@ class ShardWorker:
         self._probs.clear()  # the fit's softmax blocks: the fit is over once scoring starts
         t0 = time.perf_counter()
         test_x = _fetch_parts(test_parts)
-        n_classes = max(2, d.logits.shape[1])  # a binary model explains classes 0 and 1
+        n_classes = max(2, d.targets.shape[1])  # a binary model explains classes 0 and 1
         alpha, alpha_head, class_sim = rp.alpha_pass(d.x, theta, d.targets, s.lam, s.n_train,
                                                      rp.class_sums(test_x, test_pred, n_classes))
         alpha = rp.per_class(alpha)  # a binary head's α as [−α, α]: classes 0 and 1
@@ -273,8 +286,8 @@ class ShardWorker:
                 "alpha_label": alpha[rows, d.labels],
                 "influence_sum": scored["influence_sum"],
                 "influence_abs_sum": scored["influence_abs_sum"],
-                "predicted_class": rp.predicted_classes(d.logits),
-                "label_probability": rp.label_probabilities(d.logits, d.labels),
+                "predicted_class": d.predicted,
+                "label_probability": d.label_probability,
             },
             "alpha_head": alpha_head,
             "scoring": scored["scoring"],

@@ -73,3 +73,34 @@ def test_fit_worker_api_returns_only_sums(ray_local, files):
             assert moments.shape == (7,)
     finally:
         pool.shutdown()
+
+
+@pytest.mark.parametrize("target", ["labels", "predictions"])
+def test_worker_drops_the_logits_after_the_fit_only_when_nothing_needs_them(files, target):
+    """After the fidelity call a labels-fit worker frees its shards' logits; the scoring's
+    per-train columns, a repeated fidelity call and the fit's targets do not change."""
+    from distributed_influence import representer as rp
+    from distributed_influence.inputs import prepare_inputs
+    from distributed_influence.shard import ShardWorker, WorkerSettings, plan_shards
+
+    cfg = audit_config(files, "unused")
+    inputs = prepare_inputs(cfg)
+    settings = WorkerSettings(model_name="model.keras", train=cfg.train, test=cfg.test, target=target,
+                              lam=cfg.lam, k=cfg.k, n_train=60, batch_size=16, test_block=8)
+    worker = ShardWorker(inputs.model_bytes, settings)
+    spec = plan_shards(60, 2)[1]
+    theta = inputs.split.theta()
+    d = worker._data(spec)
+    logits = d.logits.copy()
+    targets = d.targets[:].copy()
+    first = worker.fidelity(spec, theta)
+    assert (worker._data(spec).logits is None) == (target == "labels")
+    np.testing.assert_array_equal(worker.fidelity(spec, theta), first)  # asked again: the same
+    d = worker._data(spec)
+    np.testing.assert_array_equal(d.targets[:], targets)
+    np.testing.assert_array_equal(d.predicted, np.argmax(logits, axis=1))
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(d.label_probability, probs[np.arange(len(probs)), d.labels], rtol=1e-6)
+    expected = rp.one_hot(d.labels, logits.shape[1]) if target == "labels" else probs
+    np.testing.assert_allclose(targets, expected, rtol=1e-6, atol=1e-12)
