@@ -65,7 +65,11 @@ def softmax_blocks(x: np.ndarray, theta: np.ndarray, precision: str = "float64")
     """softmax(XΘ) (σ for one column), kept for the Hessian products of one Newton step."""
     dtype = np.dtype(precision)
     th = np.asarray(theta, dtype)
-    return [_link(x[a:b].astype(dtype, copy=False) @ th) for a, b in _blocks(len(x))]
+    # One array, handed out as row blocks: freed at once (and returned to the system) after the fit.
+    out = np.empty((len(x), th.shape[1]), dtype)
+    for a, b in _blocks(len(x)):
+        out[a:b] = _link(x[a:b].astype(dtype, copy=False) @ th)
+    return [out[a:b] for a, b in _blocks(len(x))]
 
 
 def hvp_sums(x: np.ndarray, theta: np.ndarray, v: np.ndarray, precision: str = "float64",

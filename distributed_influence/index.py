@@ -26,7 +26,9 @@ HEAD_FILE = "head.parquet"
 def _atomic_write(table: pa.Table, path: str) -> None:
     # Uncompressed, without dictionaries: the index is float features and α, which Snappy
     # shrank by 12% at 4× the write time (1.26 s against 0.30 s for a 30,000-row shard).
-    storage.write_atomic(path, lambda fh: pq.write_table(table, fh, compression="none", use_dictionary=False))
+    # Row groups of 16,384 rows: the writer holds one group's pages at a time, not a whole shard's.
+    storage.write_atomic(path, lambda fh: pq.write_table(table, fh, compression="none", use_dictionary=False,
+                                                         row_group_size=16384))
 
 
 def _read(path: str) -> pa.Table:

@@ -382,9 +382,13 @@ class _Geometry:
         self.factor = bound_factor(dim, tf32_possible())
         self.xnorm = row_norms(x, self.factor)
         self.nonneg = bool(self.rows == 0 or np.min(x) >= 0)
-        a_abs = np.abs(self.alpha32).astype(np.float64)
-        self.maxkey = (a_abs * self.xnorm[:, None]).max(axis=0) if self.rows else np.zeros(a_abs.shape[1])
-        self.eta = (a_abs.max(axis=0, initial=0.0) * dim + 1.0) * TINY32
+        n_classes = self.alpha32.shape[1]
+        self.maxkey, a_max = np.zeros(n_classes), np.zeros(n_classes)
+        for a, b in row_blocks(self.rows, 8192):  # float64 by blocks: no (rows × C) float64 copy
+            a_abs = np.abs(self.alpha32[a:b]).astype(np.float64)
+            self.maxkey = np.maximum(self.maxkey, (a_abs * self.xnorm[a:b, None]).max(axis=0))
+            a_max = np.maximum(a_max, a_abs.max(axis=0))
+        self.eta = (a_max * dim + 1.0) * TINY32
 
     def error(self, xt: np.ndarray, pred: np.ndarray, tnorm: np.ndarray):
         """(rel, abs) per test row: every float32 product g of the row, in any summation order,

@@ -226,6 +226,7 @@ class ShardWorker:
         return tuple(total) if isinstance(total, list) else total
 
     def fidelity(self, spec: ShardSpec, theta: np.ndarray) -> np.ndarray:
+        self._probs.clear()  # the fit is over: its softmax blocks are not needed any more
         d = self._data(spec)
         if d.logits is None:  # asked again after they were dropped (a re-run call): read them again
             del self._shards[spec.index]
