@@ -125,8 +125,14 @@ def audit(work: dict, out: str, shards: int, address: str, label: str) -> dict:
                        if any("ray::" in t or "default_worker.py" in t for t in s.titles)
                        and s.pid != run.manifest.get("driver_pid")), default=0)
     m = run.manifest
+    # The issue's budget for a worker: its shards' features × 2.5 + the test features + 1 GB
+    # (shard i starts on worker i mod workers; the feature rows are d+1 float32 values).
+    row_bytes = (m["feature_dim"] + 1) * 4
+    per_worker = [sum(s["rows"] for s in m["shards"] if s["index"] % m["workers"]["count"] == w)
+                  for w in range(m["workers"]["count"])]
+    budget = 2.5 * max(per_worker) * row_bytes + m["n_test"] * row_bytes + 1e9
     res = {"label": label, "wall": run.wall, "timings": m["timings"], "head_fit": m["head_fit"],
-           "driver_rss": run.peaks["driver"], "worker_rss": worker_peak,
+           "driver_rss": run.peaks["driver"], "worker_rss": worker_peak, "worker_budget": budget,
            "decomposition": m["decomposition"], "nodes": m["workers"]["nodes"],
            "workers": m["workers"]["count"], "shards": len(m["shards"]), "reduce": m.get("reduce", {}),
            "contention": run.contention.text(), "out": out}
@@ -147,6 +153,10 @@ def show(res: dict) -> None:
     print(f"[{res['label']}] peak RSS: driver {res['driver_rss'] / GiB:.2f} GiB, largest worker "
           f"{res['worker_rss'] / GiB:.2f} GiB; decomposition max relative error "
           f"{res['decomposition']['max_relative_error']:.2e}; {res['contention']}", flush=True)
+    print(f"[{res['label']}] worker budget (its shards' features x 2.5 + test features + 1 GB): "
+          f"{res['worker_budget'] / 1e9:.3f} GB; largest worker {res['worker_rss'] / 1e9:.3f} GB: "
+          f"{'within' if res['worker_rss'] <= res['worker_budget'] else 'OVER'}; driver "
+          f"{res['driver_rss'] / 1e9:.3f} GB (target <= 1 GB)", flush=True)
 
 
 # ------------------------------------------------------------------------ fit cost, exactness
