@@ -126,3 +126,18 @@ def test_newton_judges_far_steps_in_float64_when_float32_j_cannot_resolve_them(w
     assert res.converged and res.max_abs_grad <= 1e-10
     assert "L-BFGS" not in res.method
     np.testing.assert_allclose(res.theta, oracle.newton_fit(x.astype(np.float64), t, LAM, theta0), atol=1e-7)
+
+
+def test_near_optimum_cg_tolerance_aims_at_tol_but_not_below_the_quadratic_term():
+    from distributed_influence.fit import _near_rtol
+
+    # No quadratic estimate yet: aim at tol (half of it) in one step.
+    assert _near_rtol(1e-10, 1e-6) == pytest.approx(0.5 * 1e-10 / 1e-6)
+    # The last full step showed |g_new| ≈ 150·|g|²: at |g| = 1e-5 the next gradient cannot drop
+    # below ~1.5e-8 however exact the solve, so CG stops at a residual of that order.
+    assert _near_rtol(1e-10, 1e-5, quad=150.0) == pytest.approx(0.5 * 150.0 * 1e-5)
+    # Bounded: never looser than 0.5, never tighter than 1e-6.
+    assert _near_rtol(1e-10, 1.5e-10) == 0.5 * 1e-10 / 1.5e-10
+    assert _near_rtol(1e-10, 2e-11 * 1e6) == pytest.approx(2.5e-6)
+    assert _near_rtol(1e-14, 1.0) == 1e-6
+    assert _near_rtol(1e-10, 1e-2, quad=1e6) == 0.5
