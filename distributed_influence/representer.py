@@ -103,10 +103,15 @@ def fit_targets(labels: np.ndarray, logits: np.ndarray, target: str) -> np.ndarr
     """
     n_out = np.asarray(logits).shape[1]
     if target == "labels":
-        if n_out == 1:
-            return np.asarray(labels, dtype=np.float64).reshape(-1, 1)
-        return one_hot(labels, n_out)
+        return label_targets(labels, n_out)
     return sigmoid(logits) if n_out == 1 else softmax(logits)
+
+
+def label_targets(labels: np.ndarray, n_out: int) -> np.ndarray:
+    """Targets of a fit to labels: one-hot (n, C), or the label 0/1 itself for one output."""
+    if n_out == 1:
+        return np.asarray(labels, dtype=np.float64).reshape(-1, 1)
+    return one_hot(labels, n_out)
 
 
 class RowTargets:
@@ -129,10 +134,7 @@ class RowTargets:
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         if self.logits is None:
-            labels = self.labels[rows]
-            if self.shape[1] == 1:
-                return np.asarray(labels, dtype=np.float64).reshape(-1, 1)
-            return one_hot(labels, self.shape[1])
+            return label_targets(self.labels[rows], self.shape[1])
         return fit_targets(self.labels[rows], self.logits[rows], self.target)
 
     def dense(self) -> np.ndarray:

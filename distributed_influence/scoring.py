@@ -384,7 +384,7 @@ class _Geometry:
         self.nonneg = bool(self.rows == 0 or np.min(x) >= 0)
         n_classes = self.alpha32.shape[1]
         self.maxkey, a_max = np.zeros(n_classes), np.zeros(n_classes)
-        for a, b in row_blocks(self.rows, 8192):  # float64 by blocks: no (rows × C) float64 copy
+        for a, b in row_blocks(self.rows):  # float64 by blocks: no (rows × C) float64 copy
             a_abs = np.abs(self.alpha32[a:b]).astype(np.float64)
             self.maxkey = np.maximum(self.maxkey, (a_abs * self.xnorm[a:b, None]).max(axis=0))
             a_max = np.maximum(a_max, a_abs.max(axis=0))

@@ -147,12 +147,9 @@ def _map_large_allocations() -> None:
     arrays of tens of MB (α, logits, the fit's softmax) come from the heap and stay resident
     when freed: measured, a worker of the million-row scale run peaked above its budget.
     """
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
 
 
 def _release_free_memory() -> None:
@@ -162,12 +159,20 @@ def _release_free_memory() -> None:
     lists) that the C allocator keeps for reuse; across a worker's shards that showed as resident
     memory the worker no longer used. Linux (glibc) only; elsewhere nothing is done.
     """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    """The C library when it is glibc (with mallopt and malloc_trim), else None."""
     import ctypes
 
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def progress_bar(total: Optional[int], desc: Optional[str], unit: str):
