@@ -69,8 +69,8 @@ TF32_EXTRA = 2.0 ** -9
 #: double in between, so a test row that needs many rows costs few steps.
 FIRST_BLOCK = 256
 MAX_BLOCK = 4096
-#: Test rows per step of the exact finish (bounds its (rows × 2k × (d+1)) float32 copy).
-CANON_ROWS = 128
+#: (test, train) pairs per step of the exact finish: its float32 buffer of (pairs × (d+1)).
+CANON_PAIRS = 40
 
 #: Candidates kept per kind, as a multiple of k, for the exact finish (see :func:`_finish`).
 CANDIDATES = 2
@@ -260,7 +260,35 @@ def _merge_candidates(xt, x, alpha_c, cand, pv, pr, ov, orow, k):
     return pv, pr, ov, orow
 
 
-def _pruned_class(xt_b, tnorm, rel, eabs, x_t, alpha_c, order, skey, k, k2, factor, eta):
+def _merge_numpy(xt, x, alpha_c, cand, pv, pr, ov, orow, k2):
+    """:func:`_merge_candidates` in NumPy, for CPU workers (no resident tensor to gather from).
+
+    Same float32 expression (matrix product, then the product with α). Each kind keeps the k2
+    best of the block, found by one ``argpartition``, merged with the running lists by (value,
+    row). Which of several equal values at the k2-th place are kept does not matter: the stop
+    test and :func:`_finish` use the values only.
+    """
+    r = np.matmul(xt, np.take(x, cand, axis=0).T)
+    r *= alpha_c[cand]
+    w = len(cand)
+    if w > 2 * k2:
+        part = np.argpartition(r, (k2 - 1, w - k2), axis=1)
+        low, high = part[:, :k2], part[:, w - k2:]
+    else:
+        low = high = np.broadcast_to(np.arange(w), r.shape)
+
+    def merge(values, rows, pos, largest):
+        v = np.concatenate([values, np.take_along_axis(r, pos, 1)], axis=1)
+        w_rows = np.concatenate([rows, cand[pos]], axis=1)
+        pick = _select(v, w_rows, k2, largest)
+        return np.take_along_axis(v, pick, 1), np.take_along_axis(w_rows, pick, 1)
+
+    pv, pr = merge(pv, pr, high, True)
+    ov, orow = merge(ov, orow, low, False)
+    return pv, pr, ov, orow
+
+
+def _pruned_class(xt_b, tnorm, rel, eabs, x, alpha_c, order, skey, k, k2, factor, eta):
     """Candidates of one class's test rows (a block) by the pruned scan of the shard's rows.
 
     Args:
@@ -268,8 +296,9 @@ def _pruned_class(xt_b, tnorm, rel, eabs, x_t, alpha_c, order, skey, k, k2, fact
         tnorm: (b,) float64 their norms.
         rel, eabs: (b,) float64: any float32 product g of a row is within rel·|g| + eabs of the
             exact value (see :meth:`_Geometry.error`).
-        x_t: (s, d+1) resident shard features.
-        alpha_c: (s,) float32 tensor, α of this class.
+        x: (s, d+1) shard features: a resident tensor (then the scan runs in TensorFlow, on
+            the tensor's device) or a float32 array (then in NumPy).
+        alpha_c: (s,) float32 α of this class (a tensor with a tensor ``x``).
         order: (s,) int32 shard rows by decreasing key |α|·‖x_i‖.
         skey: (s,) float64 the keys in that order.
         k: entries per kind; k2 (≥ k) candidates kept per kind for the exact finish.
@@ -280,29 +309,35 @@ def _pruned_class(xt_b, tnorm, rel, eabs, x_t, alpha_c, order, skey, k, k2, fact
         first, and the pairs scored. Every row of the exact top-k is among the scanned rows.
     """
     b, s = len(xt_b), len(order)
+    on_device = not isinstance(x, np.ndarray)
     out = [np.empty((b, k2), np.float32), np.empty((b, k2), np.int64),
            np.empty((b, k2), np.float32), np.empty((b, k2), np.int64)]
     active = np.arange(b)
-    xt = tf.constant(xt_b)
-    sentinel = tf.constant(np.broadcast_to(np.arange(s, s + k2, dtype=np.int32), (b, k2)))
-    pv = tf.fill([b, k2], float("-inf"))
-    ov = tf.fill([b, k2], float("inf"))
+    sentinel = np.broadcast_to(np.arange(s, s + k2, dtype=np.int32 if on_device else np.int64), (b, k2))
+    pv, ov = np.full((b, k2), -np.inf, np.float32), np.full((b, k2), np.inf, np.float32)
     pr, orow = sentinel, sentinel
-    kk = tf.constant(k2)
+    if on_device:
+        xt, pv, pr, ov, orow = (tf.constant(a) for a in (xt_b, pv, pr, ov, orow))
+        kk = tf.constant(k2)
+    else:
+        xt = xt_b
     # The first block holds at least k2 rows, so no sentinel survives into a finished list.
     pos, width, pairs = 0, max(FIRST_BLOCK, k2), 0
 
     def emit(which, state):
         for slot, arr in zip(out, state):
-            slot[active[which]] = np.asarray(arr)[which]
+            slot[active[which]] = arr[which]
 
     while True:
         end = min(s, pos + width)
-        cand = tf.constant(np.sort(order[pos:end]))  # ascending rows: a friendlier gather
-        pv, pr, ov, orow = _merge_candidates(xt, x_t, alpha_c, cand, pv, pr, ov, orow, kk)
+        cand = np.sort(order[pos:end])  # ascending rows: a friendlier gather
+        if on_device:
+            pv, pr, ov, orow = _merge_candidates(xt, x, alpha_c, tf.constant(cand), pv, pr, ov, orow, kk)
+            state = [pv.numpy(), pr.numpy(), ov.numpy(), orow.numpy()]
+        else:
+            pv, pr, ov, orow = state = _merge_numpy(xt, x, alpha_c, cand, pv, pr, ov, orow, k2)
         pairs += len(active) * (end - pos)
         pos, width = end, min(2 * width, MAX_BLOCK)
-        state = [pv.numpy(), pr.numpy(), ov.numpy(), orow.numpy()]
         if pos >= s:
             emit(slice(None), state)
             return out, pairs
@@ -323,8 +358,11 @@ def _pruned_class(xt_b, tnorm, rel, eabs, x_t, alpha_c, order, skey, k, k2, fact
             if not len(keep):
                 return out, pairs
             active = active[keep]
-            keep_t = tf.constant(keep)
-            xt, pv, pr, ov, orow = (tf.gather(t, keep_t) for t in (xt, pv, pr, ov, orow))
+            if on_device:
+                keep_t = tf.constant(keep)
+                xt, pv, pr, ov, orow = (tf.gather(t, keep_t) for t in (xt, pv, pr, ov, orow))
+            else:
+                xt, pv, pr, ov, orow = (a[keep] for a in (xt, pv, pr, ov, orow))
 
 
 def _take(test_x: RowParts, rows: np.ndarray) -> np.ndarray:
@@ -348,7 +386,8 @@ def _pruned(x_t, geo: "_Geometry", test_x: RowParts, test_pred, k, k2, block, fi
         key = np.abs(geo.alpha32[:, c]).astype(np.float64) * geo.xnorm
         order = np.argsort(-key, kind="stable").astype(np.int32)  # the only per-class array
         skey = key[order]
-        alpha_c = tf.constant(geo.alpha32[:, c])
+        alpha_c = np.ascontiguousarray(geo.alpha32[:, c])
+        alpha_c = alpha_c if isinstance(x_t, np.ndarray) else tf.constant(alpha_c)
         b0 = 0
         while b0 < len(rows_c):
             sel = rows_c[b0:b0 + block]
@@ -417,12 +456,18 @@ def _canonical_dots(x: np.ndarray, rows: np.ndarray, xt: np.ndarray) -> np.ndarr
     matrix product, its block, or the array's alignment: both paths (and every shard) get the
     same bits for the same pair. (A float32 matrix product does not: its summation order follows
     the shapes and the kernel's blocking.) The error obeys the same bound as any float32 dot.
+    Pairs go ~CANON_PAIRS at a time through one small buffer, which stays in the core's cache
+    (0.28 → 0.22 s for 10,000 × 10 pairs at d = 1600, against (128 × K)-pair copies).
     """
+    b, kk = rows.shape
     out = np.empty(rows.shape, np.float32)
-    for a, b in row_blocks(len(rows), CANON_ROWS):
-        g = x[rows[a:b]]  # (rows, K, d+1) float32 copy
-        np.multiply(g, xt[a:b, None, :], out=g)
-        out[a:b] = np.add.reduce(g, axis=-1)
+    step = max(1, CANON_PAIRS // max(1, kk))
+    buf = np.empty((step * kk, x.shape[1]), np.float32)
+    for a in range(0, b, step):
+        e = min(b, a + step)
+        g = np.take(x, rows[a:e].ravel(), axis=0, out=buf[:(e - a) * kk]).reshape(e - a, kk, -1)
+        np.multiply(g, xt[a:e, None, :], out=g)
+        np.add.reduce(g, axis=-1, out=out[a:e])
     return out
 
 
@@ -555,7 +600,6 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
     k = min(k, len(ids))
     test_x = test_x if isinstance(test_x, RowParts) else RowParts(test_x)
     m = len(test_x)
-    x_t = tf.convert_to_tensor(x if x_tf is None else x_tf, tf.float32)
     out = {}
     abs_closed = True
     if train_sums:
@@ -595,13 +639,17 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
             o["similarity"][rows] = dots
 
     if method == "dense":
+        x_t = tf.convert_to_tensor(x if x_tf is None else x_tf, tf.float32)
         alpha_t = tf.constant(np.ascontiguousarray(alpha.T, np.float32))  # (C, s): rows gathered per test row
         col_abs, pairs = _dense(x_t, alpha_t, test_x, test_pred, k2, block, train_sums and not abs_closed,
                                 lambda *a: finish(*a, s <= k2))
         if train_sums and not abs_closed:
             out["influence_abs_sum"] = col_abs
     else:
-        pairs = _pruned(x_t, geo, test_x, test_pred, k, k2, block, finish)
+        # A resident tensor (a GPU worker's) is scanned where it lives; else the scan runs in
+        # NumPy on the array itself, with no TensorFlow copy of the shard.
+        x_scan = np.asarray(x, np.float32) if x_tf is None else x_tf
+        pairs = _pruned(x_scan, geo, test_x, test_pred, k, k2, block, finish)
     out["topk"] = topk
     out["scoring"] = {"method": method, "pairs_scored": int(pairs + (method == "pruned") * redone[0] * s),
                       "pairs_total": int(m * s), "rows_finished_densely": int(redone[0]),

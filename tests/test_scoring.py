@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from distributed_influence import scoring
+from distributed_influence.representer import tf
 from distributed_influence.config import AuditConfig
 from distributed_influence.errors import ConfigError
 from distributed_influence.topk import merge_topk
@@ -36,9 +37,14 @@ def _problem(seed, n=60, m=14, d=3, C=3, lo=-2, hi=3, dup=0):
 
 
 def _both(x, alpha, xt, pred, ids, k, block=5, **kw):
+    """Both methods; ``pruned_device`` is the pruned scan in TensorFlow on a resident tensor (a
+    GPU worker's path; here on the CPU), ``pruned`` the NumPy scan of CPU workers."""
     kw.setdefault("train_sums", True)
-    return {method: scoring.score_shard(x, ids, alpha, xt, pred, k, block, method=method, **kw)
-            for method in ("pruned", "dense")}
+    res = {method: scoring.score_shard(x, ids, alpha, xt, pred, k, block, method=method, **kw)
+           for method in ("pruned", "dense")}
+    res["pruned_device"] = scoring.score_shard(x, ids, alpha, xt, pred, k, block, method="pruned",
+                                               x_tf=tf.constant(x), **kw)
+    return res
 
 
 def _check(x, alpha, xt, pred, ids, k, block=5, exact=True, **kw):
@@ -49,6 +55,8 @@ def _check(x, alpha, xt, pred, ids, k, block=5, exact=True, **kw):
     kw.setdefault("train_sums", False)
     res = _both(x, alpha, xt, pred, ids, k, block, **kw)
     assert res["pruned"]["scoring"]["method"] == "pruned"
+    assert res["pruned_device"]["scoring"] == {**res["pruned"]["scoring"],
+                                               "seconds": res["pruned_device"]["scoring"]["seconds"]}
     assert res["dense"]["scoring"]["pairs_scored"] == res["dense"]["scoring"]["pairs_total"]
     xt_all = np.concatenate(xt) if isinstance(xt, list) else xt
     r = oracle.representer_matrix(x.astype(np.float64), alpha, xt_all.astype(np.float64), pred)
@@ -57,6 +65,8 @@ def _check(x, alpha, xt, pred, ids, k, block=5, exact=True, **kw):
         p, d = res["pruned"]["topk"][kind], res["dense"]["topk"][kind]
         for field in ("ids", "values", "alpha", "similarity"):
             np.testing.assert_array_equal(p[field], d[field], err_msg=f"{kind} {field}")
+            np.testing.assert_array_equal(res["pruned_device"]["topk"][kind][field], d[field],
+                                          err_msg=f"device scan: {kind} {field}")
         ref_v, ref_i = oracle.sorted_topk(r, ids, kk, largest)
         if exact:
             np.testing.assert_array_equal(p["ids"], ref_i, err_msg=kind)
