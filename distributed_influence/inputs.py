@@ -1,8 +1,11 @@
-"""Opening and checking the inputs of an audit on the driver, before any worker starts.
+"""Opening and checking the inputs of an audit before any row is featurized.
 
 Everything that can be checked cheaply (the model's head, shapes, labels, ids, k) is checked
-here, so a bad input costs a user one clear line and nothing else: no worker, no output.
-Per-row checks that need the data (NaN/inf) run in the workers as they read their rows.
+first, so a bad input costs a user one clear line and nothing else: no output. In a Ray run the
+driver checks what needs no TensorFlow (paths, the output location, the sources' sizes, k) before
+Ray starts, and the first worker, which loads the model anyway, checks the model and the sources
+against it (``ShardWorker.describe``): the driver never loads TensorFlow. Per-row checks that
+need the data (NaN/inf) run in the workers as they read their rows.
 """
 
 from __future__ import annotations
@@ -36,9 +39,13 @@ class Inputs:
         return self.split.n_classes
 
 
-def check_source(src: Source, role: str, n_classes: int, input_shape, need_labels: bool) -> None:
+def _check_not_empty(src: Source, role: str) -> None:
     if src.n_rows == 0:
         raise SourceError(f"{src.name}: the {role} set is empty")
+
+
+def check_source(src: Source, role: str, n_classes: int, input_shape, need_labels: bool) -> None:
+    _check_not_empty(src, role)
     if need_labels and not src.has_labels:
         raise SourceError(f"{src.name}: the {role} set has no labels ('y' in .npz, 'label' in Parquet)")
     y = src.labels()
@@ -105,31 +112,55 @@ class Opened:
 
 def open_inputs(config: AuditConfig) -> Opened:
     """The checks and reads that need no TensorFlow: the output location, the model file's
-    bytes, and the sources opened (their sizes and layouts, which the workers need).
+    bytes, the sources opened (their sizes and layouts, which the workers need), and k.
 
     Raises:
-        InputError: the output location, the model file or a source cannot be used.
+        InputError: the output location, the model file, a source or ``--k`` cannot be used.
     """
     _check_out(config.out)
     model_bytes = read_model_bytes(config.model)
     train, test = open_sources(config.train, config.test, options_from(config))
+    _check_not_empty(train, "training")
+    _check_not_empty(test, "test")
+    if config.k > train.n_rows:
+        raise ConfigError(f"--k {config.k} exceeds the {train.n_rows} training examples")
     return Opened(model_bytes, storage.basename(config.model), train, test)
 
 
-def prepare_inputs(config: AuditConfig, opened: Optional[Opened] = None) -> Inputs:
+def check_sources(split: SplitModel, train: Source, test: Source, input_shape=None) -> tuple:
+    """Checks both sources against the model (labels within its classes, examples that fit its
+    input; see :func:`check_source`).
+
+    Args:
+        input_shape: the shape asked for (``--input-shape``), else None: the model's own.
+
+    Returns:
+        The input shape the examples are read at.
+    """
+    input_shape = tuple(input_shape) if input_shape else split.input_shape
+    check_source(train, "training", split.n_classes, input_shape, need_labels=True)
+    check_source(test, "test", split.n_classes, input_shape, need_labels=False)
+    return input_shape
+
+
+def prepare_inputs(config: AuditConfig, opened: Optional[Opened] = None,
+                   split: Optional[SplitModel] = None) -> Inputs:
     """Opens the model and sources (unless ``opened`` already holds them) and checks them
     against each other.
+
+    Args:
+        split: the model as a worker described it (its sources checked there, see
+            ``ShardWorker.describe``): then this process loads neither the model nor TensorFlow.
 
     Raises:
         InputError: any input that cannot give a correct result, with one clear message.
     """
     opened = opened or open_inputs(config)
     name, train, test = opened.model_name, opened.train, opened.test
-    model = load_model(opened.model_bytes, name)
-    split = split_model(model, config.feature_layer, config.logit_layer, name)
-    input_shape = tuple(config.input_shape) if config.input_shape else split.input_shape
-    check_source(train, "training", split.n_classes, input_shape, need_labels=True)
-    check_source(test, "test", split.n_classes, input_shape, need_labels=False)
-    if config.k > train.n_rows:
-        raise ConfigError(f"--k {config.k} exceeds the {train.n_rows} training examples")
+    if split is None:
+        model = load_model(opened.model_bytes, name)
+        split = split_model(model, config.feature_layer, config.logit_layer, name)
+        input_shape = check_sources(split, train, test, config.input_shape)
+    else:
+        input_shape = tuple(config.input_shape) if config.input_shape else split.input_shape
     return Inputs(opened.model_bytes, name, split, train, test, input_shape)

@@ -28,25 +28,24 @@ from .inputs import Inputs, open_inputs, prepare_inputs
 from .resume import WorkStore, run_key
 from .sources import options_from
 
-# The modules of the workers' math (shard, worker, scoring, representer) import TensorFlow, which
-# takes seconds; they are imported where needed, so that a Ray run overlaps that with Ray's start.
+# The modules of the workers' math (shard, scoring, representer) import TensorFlow, which takes
+# seconds of a core: a Ray run's driver never imports them (the workers describe the model), and
+# the in-process engine imports them where needed.
 
 log = logging.getLogger(__name__)
 
 
-def _versions() -> dict:
+def _versions(libraries: dict) -> dict:
+    """Versions for the manifest; ``libraries``: TensorFlow's and Keras's, as the workers (or
+    this process, in-process) loaded them."""
     import pyarrow
     import ray
     import scipy
 
-    from .tfimport import import_keras, import_tensorflow
-
-    keras, tf = import_keras(), import_tensorflow()
     return {
         "distributed_influence": __version__,
         "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
+        **libraries,
         "numpy": np.__version__,
         "scipy": scipy.__version__,
         "ray": ray.__version__,
@@ -112,49 +111,57 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
     gpus = 0.0
     if use_ray:
         opened = open_inputs(config)  # what needs no TensorFlow: a wrong path stops here, before Ray
-        validation = _validate_in_background(config, opened, timer)
     else:
         with timer.stage("validate"):
             inputs = prepare_inputs(config)
+        opened = inputs
     try:
         if use_ray:
             from .runtime import plan_workers, start_ray
 
-            try:
-                with timer.stage("ray_start"):
-                    started = start_ray(config.address)
-            finally:
-                inputs = validation.result()  # its error, if any, is the one to report
+            with timer.stage("ray_start"):
+                started = start_ray(config.address)
             n_workers, gpus, cpus = plan_workers(config.shards, config.workers, config.gpus_per_worker)
             n_shards = config.shards or n_workers
         else:
             n_workers = 1
             n_shards = config.shards or 1
-        from .shard import WorkerSettings, plan_shards
+        from .plan import WorkerSettings, plan_shards
         from .worker import InProcessPool, RayPool
 
-        specs = plan_shards(inputs.train.n_rows, n_shards)
-        key = run_key(config.digest(), inputs.model_bytes, config.train, config.test,
+        specs = plan_shards(opened.train.n_rows, n_shards)
+        key = run_key(config.digest(), opened.model_bytes, config.train, config.test,
                       [(s.start, s.stop) for s in specs])
-        store = WorkStore.open(config.out, key, config.overwrite)
         settings = WorkerSettings(
-            model_name=inputs.model_name, train=_absolute(config.train), test=_absolute(config.test),
+            model_name=opened.model_name, train=_absolute(config.train), test=_absolute(config.test),
             target=config.target,
-            lam=config.lam, k=config.k, n_train=inputs.train.n_rows, batch_size=config.batch_size,
+            lam=config.lam, k=config.k, n_train=opened.train.n_rows, batch_size=config.batch_size,
             test_block=config.test_block, scoring=config.scoring, feature_layer=config.feature_layer,
-            logit_layer=config.logit_layer, input_shape=inputs.input_shape, scale=config.scale,
-            index_dir=storage.join(store.path, index.INDEX_DIR), fault=fault,
-            source_options={k: v for k, v in options_from(config).items() if k != "scale"},
-            layouts={"train": inputs.train.layout(), "test": inputs.test.layout()},
+            logit_layer=config.logit_layer, input_shape=config.input_shape and tuple(config.input_shape),
+            scale=config.scale, index_dir=storage.join(WorkStore(config.out, key).path, index.INDEX_DIR),
+            fault=fault, source_options={k: v for k, v in options_from(config).items() if k != "scale"},
+            layouts={"train": opened.train.layout(), "test": opened.test.layout()},
         )
         if use_ray:
-            pool = RayPool(inputs.model_bytes, settings, min(n_workers, len(specs)), cpus, gpus)
+            # The workers start now and load the model; the first checks it and the sources
+            # against it, so this process never loads TensorFlow (seconds of a core that the
+            # workers, starting at the same time, would otherwise wait for).
+            pool = RayPool(opened.model_bytes, settings, min(n_workers, len(specs)), cpus, gpus)
+            with timer.stage("validate"):
+                described = pool.describe()
+                inputs = prepare_inputs(config, opened, split=described["split"])
+            libraries = described["versions"]
         else:
+            from .tfimport import versions
+
             pool = InProcessPool(inputs.model_bytes, settings)
+            libraries = versions()
+        store = WorkStore.open(config.out, key, config.overwrite)  # inputs valid: may clear old work
         log.info("%d training rows in %d shards on %d workers (%g GPU each)",
                  inputs.train.n_rows, len(specs), pool.n_workers, gpus)
         with _driver_threads(use_ray):
             manifest = _run_stages(config, inputs, pool, specs, store, timer, fault, use_ray)
+        manifest["versions"] = _versions(libraries)
     except Exception as exc:
         from .worker import unwrap_ray_error
 
@@ -175,30 +182,6 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
     return manifest
 
 
-def _validate_in_background(config: AuditConfig, opened, timer: _Timer):
-    """Loads and checks the model and sources in a thread, while the caller starts Ray.
-
-    Both take seconds (importing TensorFlow and Keras, starting Ray's processes) and neither
-    needs the other. Ray itself must start in the main thread: the processes it starts are
-    bound to the life of the thread that starts them.
-
-    Returns:
-        A future of the :class:`Inputs`; ``result()`` raises the input error, if any.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    def validate():
-        from . import shard, worker  # noqa: F401 - TensorFlow and the workers' modules, here
-
-        with timer.stage("validate"):
-            return prepare_inputs(config, opened)
-
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate")
-    future = executor.submit(validate)
-    executor.shutdown(wait=False)  # the thread ends when the validation does
-    return future
-
-
 def _absolute(spec: str) -> str:
     """Local paths as absolute paths: workers may not share the driver's working directory."""
     return spec if storage.is_uri(spec) or spec.startswith("digits") else os.path.abspath(spec)
@@ -214,7 +197,7 @@ def _publish_index(store: WorkStore, out: str) -> None:
 def _featurize_test(pool, inputs: Inputs) -> dict:
     """Test features, computed by the workers in parallel and left where they are (in Ray's
     object store): the driver keeps only references, logits, ids and labels."""
-    from .shard import plan_shards
+    from .plan import plan_shards
 
     parts = plan_shards(inputs.test.n_rows, pool.n_workers)
     x_parts, metas = pool.call_split("featurize_test", [(p.start, p.stop) for p in parts])
@@ -263,7 +246,7 @@ def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> 
 
 def _scoring(config: AuditConfig, records: list) -> dict:
     """The manifest's ``scoring`` section; one warning line when pruned fell back to dense."""
-    from .scoring import summarize as scoring_summary
+    from .reduce import summarize_scoring as scoring_summary
 
     summary = scoring_summary(records, config.scoring)
     if summary["method"] != config.scoring:
@@ -375,7 +358,7 @@ def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred:
 
 def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore,
                 timer: _Timer, fault, use_ray: bool = False) -> dict:
-    from .representer import fidelity_from_moments, predicted_classes
+    from .logits import fidelity_from_moments, predicted_classes
 
     shard_info = {s.index: {"index": s.index, "start": s.start, "stop": s.stop, "rows": s.rows}
                   for s in specs}
@@ -435,7 +418,6 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         "config_digest": config.digest(),
         "model_sha256": hashlib.sha256(inputs.model_bytes).hexdigest(),
         "index": {"dir": index.INDEX_DIR, "shards": len(specs)},
-        "versions": _versions(),
         "n_train": int(inputs.train.n_rows),
         "n_test": int(inputs.test.n_rows),
         "n_classes": int(inputs.n_classes),

@@ -145,6 +145,11 @@ class SplitModel:
         """The trained head with the bias folded in as the last row: (d+1, C) float64."""
         return np.vstack([self.kernel, self.bias[None, :]]).astype(np.float64)
 
+    def info(self) -> "SplitModel":
+        """The same without the featurizer: plain arrays that a worker sends to a driver which
+        never loads TensorFlow (what the driver needs: the head, the input shape, the classes)."""
+        return dataclasses.replace(self, featurizer=None)
+
 
 def _producer(tensor):
     hist = tensor._keras_history

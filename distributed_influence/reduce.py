@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from . import storage, tables
 from .columns import fixed_list, matrix
 from .faults import maybe_kill_worker
+from .logits import fidelity_moments, per_class  # NumPy only: reduce tasks do not load TensorFlow
 from .topk import merge_topk
 
 KINDS = ("proponent", "opponent")
@@ -32,21 +33,6 @@ PARTIAL_GROUP = 4096
 REDUCE_ROWS = 4 * PARTIAL_GROUP
 #: Subdirectory of the run's work area for the shards' partials.
 PARTIAL_DIR = "partials"
-
-
-# Reduce tasks run in fresh Ray worker processes: they import NumPy and pyarrow only, not
-# TensorFlow (seconds per process), so these two small helpers are spelled out here.
-def per_class(a: np.ndarray) -> np.ndarray:
-    """As ``representer.per_class``: a binary model's one logit column z as [−z, z]."""
-    a = np.asarray(a)
-    return np.concatenate([-a, a], axis=-1) if a.shape[-1] == 1 else a
-
-
-def fidelity_moments(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """As ``representer.fidelity_moments``: [count, Σa, Σb, Σa², Σb², Σab, Σ|a−b|]."""
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    return np.array([a.size, a.sum(), b.sum(), a @ a, b @ b, a @ b, np.abs(a - b).sum()])
 
 
 # ---------------------------------------------------------------------------- shard partials
@@ -313,4 +299,41 @@ def test_table(test_ids: np.ndarray, test_labels: Optional[np.ndarray], test_pre
         "table": table,
         "max_error": float(err.max()) if len(err) else 0.0,
         "max_relative_error": float(rel.max()) if len(rel) else 0.0,
+    }
+
+
+def summarize_scoring(records: list, requested: str) -> dict:
+    """The manifest's ``scoring`` section from the shards' ``scoring`` records (in shard order).
+
+    ``method`` is ``pruned`` only when every shard was pruned; a shard scored densely because
+    of negative features makes it ``dense``, with the reason.
+    """
+    # Records of resumed shards come back from the work area as NumPy scalars: made plain here.
+    # None: a shard resumed from a run that did not record it.
+    records = [{"method": str(r["method"]), "pairs_scored": int(r["pairs_scored"]),
+                "pairs_total": int(r["pairs_total"]), "reason": str(r.get("reason", "")),
+                "rows_finished_densely": int(r.get("rows_finished_densely", 0)),
+                "rows_rescored": int(r.get("rows_rescored", 0)),
+                "seconds": float(r.get("seconds", 0.0))} if r else
+               {"method": "unknown", "pairs_scored": 0, "pairs_total": 0, "reason": "",
+                "rows_finished_densely": 0, "rows_rescored": 0, "seconds": 0.0} for r in records]
+    scored = sum(r["pairs_scored"] for r in records)
+    total = sum(r["pairs_total"] for r in records)
+    methods = {r["method"] for r in records}
+    reasons = sorted({r["reason"] for r in records if r.get("reason")})
+    return {
+        "requested": requested,
+        "method": "dense" if "dense" in methods else "pruned",
+        "reason": reasons[0] if reasons else None,
+        "pairs_scored": int(scored),
+        "pairs_total": int(total),
+        "pairs_scored_fraction": scored / total if total else 0.0,
+        "rows_finished_densely": sum(r["rows_finished_densely"] for r in records),
+        "rows_rescored": sum(r["rows_rescored"] for r in records),
+        "shards": [{"method": r["method"], "pairs_scored": r["pairs_scored"],
+                    "rows_finished_densely": r["rows_finished_densely"],
+                    "rows_rescored": r["rows_rescored"],
+                    "seconds": round(r["seconds"], 4),
+                    "pairs_scored_fraction": r["pairs_scored"] / r["pairs_total"] if r["pairs_total"] else 0.0}
+                   for r in records],
     }

@@ -23,6 +23,7 @@ from typing import Tuple
 
 import numpy as np
 
+from .logits import fidelity_from_moments, fidelity_moments, per_class, predicted_classes  # noqa: F401
 from .tfimport import import_tensorflow
 
 tf = import_tensorflow()
@@ -58,17 +59,6 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # = 1/(1+e^−z), without overflow warnings
 
 
-def per_class(a: np.ndarray) -> np.ndarray:
-    """Per-class columns of logits, α or a head: one column (a binary classifier's z) becomes
-    [−a, a], the values explaining class 0 and class 1; C ≥ 2 columns are returned unchanged.
-
-    The binary surrogate has one logit z; class 1 is explained by z and class 0 by −z, and
-    since r_i(t) is linear in α, the representer values of class 0 are those of −α.
-    """
-    a = np.asarray(a)
-    return np.concatenate([-a, a], axis=-1) if a.shape[-1] == 1 else a
-
-
 def probabilities(logits: np.ndarray) -> np.ndarray:
     """Class probabilities (n, C) of model logits: softmax, or [1 − σ(z), σ(z)] for one column."""
     logits = np.asarray(logits, dtype=np.float64)
@@ -85,14 +75,6 @@ def label_probabilities(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     for a, b in row_blocks(len(labels), ROW_BLOCK):
         out[a:b] = probabilities(logits[a:b])[np.arange(b - a), labels[a:b]]
     return out
-
-
-def predicted_classes(logits: np.ndarray) -> np.ndarray:
-    """The model's class per row: argmax, or z > 0 (σ(z) > 0.5) for one column; int64."""
-    logits = np.asarray(logits)
-    if logits.shape[1] == 1:
-        return (logits[:, 0] > 0).astype(np.int64)
-    return np.argmax(logits, axis=1).astype(np.int64)
 
 
 def fit_targets(labels: np.ndarray, logits: np.ndarray, target: str) -> np.ndarray:
@@ -358,29 +340,6 @@ def linear_logits(x: np.ndarray, theta: np.ndarray) -> np.ndarray:
     for s, e in row_blocks(len(x)):
         out[s:e] = np.asarray(x[s:e], dtype=np.float64) @ theta
     return out
-
-
-def fidelity_moments(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Sums from which Pearson r and mean |a−b| of two logit arrays follow, added across shards.
-
-    Returns:
-        float64 [count, Σa, Σb, Σa², Σb², Σab, Σ|a−b|].
-    """
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    return np.array([a.size, a.sum(), b.sum(), a @ a, b @ b, a @ b, np.abs(a - b).sum()])
-
-
-def fidelity_from_moments(m: np.ndarray) -> dict:
-    """Pearson correlation and mean absolute difference from summed :func:`fidelity_moments`."""
-    n, sa, sb, saa, sbb, sab, sad = (float(v) for v in m)
-    if n == 0:
-        return {"pearson": float("nan"), "mean_abs_diff": float("nan")}
-    cov = sab - sa * sb / n
-    va = saa - sa * sa / n
-    vb = sbb - sb * sb / n
-    pearson = cov / np.sqrt(va * vb) if va > 0 and vb > 0 else float("nan")
-    return {"pearson": float(pearson), "mean_abs_diff": sad / n}
 
 
 class RowParts:

@@ -50,6 +50,10 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
         join_cluster(address)
     else:
         use_loopback()
+        # Token authentication, as Ray's default for a new local instance, but asked for by name:
+        # Ray then starts it without a warning on stderr, which would break the "one line per
+        # bad input" contract of the command line. A user's own RAY_AUTH_MODE is respected.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         # address="local": always a new instance, never a cluster some earlier `ray start`
         # left running on this machine (whose token and resources are not ours).
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,

@@ -49,6 +49,7 @@ import time
 
 import numpy as np
 
+from .reduce import summarize_scoring as summarize  # noqa: F401 (the manifest's section)
 from .representer import RowParts, class_sums, linear_logits, row_blocks, tf
 
 log = logging.getLogger(__name__)
@@ -656,40 +657,3 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
                       "rows_rescored": int(redone[1]), "reason": reason or "",
                       "seconds": time.perf_counter() - t0}
     return out
-
-
-def summarize(records: list, requested: str) -> dict:
-    """The manifest's ``scoring`` section from the shards' ``scoring`` records (in shard order).
-
-    ``method`` is ``pruned`` only when every shard was pruned; a shard scored densely because
-    of negative features makes it ``dense``, with the reason.
-    """
-    # Records of resumed shards come back from the work area as NumPy scalars: made plain here.
-    # None: a shard resumed from a run that did not record it.
-    records = [{"method": str(r["method"]), "pairs_scored": int(r["pairs_scored"]),
-                "pairs_total": int(r["pairs_total"]), "reason": str(r.get("reason", "")),
-                "rows_finished_densely": int(r.get("rows_finished_densely", 0)),
-                "rows_rescored": int(r.get("rows_rescored", 0)),
-                "seconds": float(r.get("seconds", 0.0))} if r else
-               {"method": "unknown", "pairs_scored": 0, "pairs_total": 0, "reason": "",
-                "rows_finished_densely": 0, "rows_rescored": 0, "seconds": 0.0} for r in records]
-    scored = sum(r["pairs_scored"] for r in records)
-    total = sum(r["pairs_total"] for r in records)
-    methods = {r["method"] for r in records}
-    reasons = sorted({r["reason"] for r in records if r.get("reason")})
-    return {
-        "requested": requested,
-        "method": "dense" if "dense" in methods else "pruned",
-        "reason": reasons[0] if reasons else None,
-        "pairs_scored": int(scored),
-        "pairs_total": int(total),
-        "pairs_scored_fraction": scored / total if total else 0.0,
-        "rows_finished_densely": sum(r["rows_finished_densely"] for r in records),
-        "rows_rescored": sum(r["rows_rescored"] for r in records),
-        "shards": [{"method": r["method"], "pairs_scored": r["pairs_scored"],
-                    "rows_finished_densely": r["rows_finished_densely"],
-                    "rows_rescored": r["rows_rescored"],
-                    "seconds": round(r["seconds"], 4),
-                    "pairs_scored_fraction": r["pairs_scored"] / r["pairs_total"] if r["pairs_total"] else 0.0}
-                   for r in records],
-    }

@@ -19,29 +19,10 @@ from . import cpu_sums, index
 from . import representer as rp
 from . import scoring
 from .errors import InputError, SourceError
-from .faults import Fault, maybe_kill_worker
+from .faults import maybe_kill_worker
 from .model import Featurizer, load_model, split_model
+from .plan import ShardSpec, WorkerSettings, plan_shards  # noqa: F401 (plan_shards: used by callers)
 from .sources import open_source
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardSpec:
-    """Rows [start, stop) of the training source."""
-
-    index: int
-    start: int
-    stop: int
-
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
-
-
-def plan_shards(n_rows: int, n_shards: int) -> list:
-    """Splits n_rows into at most n_shards contiguous, near-equal row ranges (none empty)."""
-    n_shards = max(1, min(int(n_shards), int(n_rows)))
-    bounds = np.linspace(0, n_rows, n_shards + 1).round().astype(int)
-    return [ShardSpec(i, int(a), int(b)) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
 
 
 @dataclasses.dataclass
@@ -57,30 +38,6 @@ class ShardData:
     keys: Optional[np.ndarray] = None  # (s,) str: the rows' string keys, when the source has them
     predicted: Optional[np.ndarray] = None  # (s,) int64: the model's class
     label_probability: Optional[np.ndarray] = None  # (s,) float64: the model's probability of the label
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerSettings:
-    """What a worker needs to know of the job (picklable, small)."""
-
-    model_name: str
-    train: str
-    test: str
-    target: str
-    lam: float
-    k: int
-    n_train: int
-    batch_size: Optional[int]  # None: by input size
-    test_block: int
-    scoring: str = "pruned"  # pruned | dense (same tables; see scoring.py)
-    feature_layer: Optional[str] = None
-    logit_layer: Optional[str] = None
-    input_shape: Optional[tuple] = None
-    scale: Optional[float] = None
-    index_dir: Optional[str] = None  # where score() writes the shard's train index
-    source_options: Optional[dict] = None  # open_source options besides scale (resize, features)
-    layouts: Optional[dict] = None  # {"train"|"test": Source.layout()} found once by the driver
-    fault: Optional[Fault] = None  # test hook, see faults.py
 
 
 def featurize(src, featurizer: Featurizer, input_shape, start: int, stop: int):
@@ -145,6 +102,25 @@ class ShardWorker:
     def _input_shape(self):
         return self.settings.input_shape or self.featurizer().split.input_shape
 
+    def describe(self, check: bool) -> dict:
+        """The model as the driver needs it, so that the driver never loads TensorFlow.
+
+        Args:
+            check: also check both sources against the model (one worker does, for the job):
+                a bad input stops the job here, with the same one-line error as on a driver.
+
+        Returns:
+            {"split": the split model without its featurizer (``SplitModel.info``), "versions":
+            TensorFlow's and Keras's}.
+        """
+        from .inputs import check_sources
+        from .tfimport import versions
+
+        split = self.featurizer().split
+        if check:
+            check_sources(split, self._source("train"), self._source("test"), self.settings.input_shape)
+        return {"split": split.info(), "versions": versions()}
+
     def featurize_rows(self, which: str, start: int, stop: int):
         """Reads rows [start, stop) of a source: (augmented features, logits, ids, labels, keys)."""
         return featurize(self._source(which), self.featurizer(), self._input_shape(), start, stop)
@@ -208,14 +184,17 @@ class ShardWorker:
             self._probs[spec.index] = cached
         return math.hvp_sums(x, theta, v, precision, probs=cached[1])
 
-    def summed(self, method: str, specs: list, *args):
+    def summed(self, method: str, specs: list, *args, before=None):
         """``method`` on each of this worker's shards, the results added up here.
 
         For the fit's sums ((d+1)×C each, or (d+1)×C×l for the sketch): when several shards
         share a worker, one sum per worker crosses the network instead of one per shard.
+        ``before(method, spec)`` runs before each (the actor's test hook).
         """
         total = None
         for spec in specs:
+            if before is not None:
+                before(method, spec)
             r = getattr(self, method)(spec, *args)
             if total is None:
                 total = list(r) if isinstance(r, tuple) else r

@@ -75,3 +75,9 @@ def import_keras():
     import keras
 
     return keras
+
+
+def versions() -> dict:
+    """TensorFlow's and Keras's versions (for the manifest), loading them if needed."""
+    keras = import_keras()
+    return {"tensorflow": sys.modules["tensorflow"].__version__, "keras": keras.__version__}

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import faults
 from .errors import ClusterError, InfluenceError
-from .shard import ShardSpec, ShardWorker, WorkerSettings
+from .plan import ShardSpec, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,28 @@ def configure_devices(num_gpus: float, num_cpus: float) -> dict:
     }
 
 
-class WorkerActor(ShardWorker):
-    """The Ray actor: a :class:`ShardWorker` with its devices set up first."""
+class WorkerActor:
+    """The Ray actor: a :class:`~distributed_influence.shard.ShardWorker` with its devices set
+    up first.
 
-    def __init__(self, model_bytes: bytes, settings: WorkerSettings, num_gpus: float, num_cpus: float):
+    It holds the worker rather than subclassing it, so that the driver, which must have this
+    class to create actors, never imports the workers' math (and TensorFlow with it).
+    """
+
+    def __init__(self, model: list, settings: WorkerSettings, num_gpus: float, num_cpus: float):
+        """``model``: [the model file's bytes, or their object reference]. Ray passes a reference
+        inside a list as it is (the actor fetches it), where a bare one would be an argument
+        kept in the object store for restarts, which Ray warns about on stderr at every start."""
         self.devices = configure_devices(num_gpus, num_cpus)
-        super().__init__(model_bytes, settings)
+        from .shard import ShardWorker
+
+        model_bytes = model[0]
+        if not isinstance(model_bytes, bytes):
+            import ray
+
+            model_bytes = ray.get(model_bytes)
+        self.settings = settings
+        self.worker = ShardWorker(model_bytes, settings)
 
     def device_info(self) -> dict:
         from .shard import _node_id
@@ -108,26 +124,39 @@ class WorkerActor(ShardWorker):
 
         return _node_id() or ""
 
+    def describe(self, check: bool) -> dict:
+        return self.worker.describe(check)
+
+    def featurize_test(self, start: int, stop: int):
+        return self.worker.featurize_test(start, stop)
+
     # The shard methods, behind the test hook that holds a call while a test removes its node.
     def prepare(self, spec: ShardSpec) -> dict:
         self._hold("prepare", spec)
-        return super().prepare(spec)
+        return self.worker.prepare(spec)
 
     def objective(self, spec: ShardSpec, *args):
         self._hold("objective", spec)
-        return super().objective(spec, *args)
+        return self.worker.objective(spec, *args)
 
     def hvp(self, spec: ShardSpec, *args):
         self._hold("hvp", spec)
-        return super().hvp(spec, *args)
+        return self.worker.hvp(spec, *args)
+
+    def summed(self, method: str, specs: list, *args):
+        return self.worker.summed(method, specs, *args, before=self._hold)
+
+    def fidelity(self, spec: ShardSpec, *args):
+        return self.worker.fidelity(spec, *args)
 
     def score(self, spec: ShardSpec, *args) -> dict:
         self._hold("score", spec)
-        return super().score(spec, *args)
+        return self.worker.score(spec, *args)
 
     def score_partial(self, spec: ShardSpec, *args) -> dict:
+        self._hold("score", spec)
         try:
-            return super().score_partial(spec, *args)
+            return self.worker.score_partial(spec, *args)
         finally:
             _release_free_memory()
 
@@ -192,6 +221,8 @@ class InProcessPool:
     backend = "in-process"
 
     def __init__(self, model_bytes: bytes, settings: WorkerSettings):
+        from .shard import ShardWorker
+
         self.worker = ShardWorker(model_bytes, settings)
         self.n_workers = 1
 
@@ -306,7 +337,7 @@ class RayPool:
         # would otherwise queue them for an actor that no node has room for, without end.
         self.actors = [
             actor.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=MAX_RESTARTS,
-                          max_task_retries=0).remote(self._model_ref, settings, num_gpus, num_cpus)
+                          max_task_retries=0).remote([self._model_ref], settings, num_gpus, num_cpus)
             for _ in range(n_workers)
         ]
         self.n_workers = n_workers
@@ -351,6 +382,11 @@ class RayPool:
         calls = [_Call(method, tuple(args), ("call", p), p, what=f"{method} {p}")
                  for p, args in enumerate(args_per_worker)]
         return self._run(calls)
+
+    def describe(self) -> dict:
+        """The model as worker 0 describes it, the sources checked against it there (see
+        ``ShardWorker.describe``); the other workers load the model meanwhile."""
+        return self.call_all("describe", [(p == 0,) for p in range(self.n_workers)])[0]
 
     def map_summed(self, method: str, specs: Sequence[ShardSpec], *shared) -> list:
         """One call per worker, for all its shards: their results summed on the worker
