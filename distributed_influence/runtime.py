@@ -12,6 +12,8 @@ log = logging.getLogger(__name__)
 # is imported, and by get_node_ip_address at call time) makes a local node advertise and bind
 # 127.0.0.1 instead of the machine's network address.
 _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+#: The logger of Ray's notice "Token authentication is enabled for this Ray cluster".
+_TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 #: Bound on finding out that a cluster address does not answer (TCP, then one GCS request).
 PROBE_SECONDS = 15.0
 
@@ -50,10 +52,10 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
         join_cluster(address)
     else:
         use_loopback()
-        # Token authentication, as Ray's default for a new local instance, but asked for by name:
-        # Ray then starts it without a warning on stderr, which would break the "one line per
-        # bad input" contract of the command line. A user's own RAY_AUTH_MODE is respected.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Ray's default for a new local instance is token authentication, kept as it is; only its
+        # notice that it did so is not shown (a warning line on stderr would break the "one line
+        # per bad input" contract of the command line).
+        logging.getLogger(_TOKEN_NOTICE_LOGGER).setLevel(logging.ERROR)
         # address="local": always a new instance, never a cluster some earlier `ray start`
         # left running on this machine (whose token and resources are not ours).
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,

@@ -20,6 +20,8 @@ import contextlib
 import os
 import sys
 
+from .quiet import native_stderr_off
+
 #: Libraries Keras imports only for integrations (``try: import ... except ImportError``).
 OPTIONAL = ("sklearn", "matplotlib", "pandas")
 
@@ -46,18 +48,8 @@ def import_tensorflow():
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
         return _import()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no real stderr (embedded interpreters): import as is
+    with native_stderr_off():
         return _import()
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        return _import()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def _import():

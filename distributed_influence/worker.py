@@ -21,6 +21,7 @@ import numpy as np
 from . import faults
 from .errors import ClusterError, InfluenceError
 from .plan import ShardSpec, WorkerSettings
+from .quiet import native_stderr_off
 
 log = logging.getLogger(__name__)
 
@@ -98,18 +99,10 @@ class WorkerActor:
     class to create actors, never imports the workers' math (and TensorFlow with it).
     """
 
-    def __init__(self, model: list, settings: WorkerSettings, num_gpus: float, num_cpus: float):
-        """``model``: [the model file's bytes, or their object reference]. Ray passes a reference
-        inside a list as it is (the actor fetches it), where a bare one would be an argument
-        kept in the object store for restarts, which Ray warns about on stderr at every start."""
+    def __init__(self, model_bytes: bytes, settings: WorkerSettings, num_gpus: float, num_cpus: float):
         self.devices = configure_devices(num_gpus, num_cpus)
         from .shard import ShardWorker
 
-        model_bytes = model[0]
-        if not isinstance(model_bytes, bytes):
-            import ray
-
-            model_bytes = ray.get(model_bytes)
         self.settings = settings
         self.worker = ShardWorker(model_bytes, settings)
 
@@ -335,11 +328,15 @@ class RayPool:
         actor = ray.remote(WorkerActor)
         # Ray restarts a dead actor, but its calls are re-run here (max_task_retries=0): Ray
         # would otherwise queue them for an actor that no node has room for, without end.
-        self.actors = [
-            actor.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=MAX_RESTARTS,
-                          max_task_retries=0).remote([self._model_ref], settings, num_gpus, num_cpus)
-            for _ in range(n_workers)
-        ]
+        # Ray's core worker writes a warning line to stderr for an actor with restarts and a
+        # constructor argument in the object store (the argument could be gone by a restart;
+        # this pool holds the reference as long as the actors live), kept off the command line.
+        with native_stderr_off():
+            self.actors = [
+                actor.options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=MAX_RESTARTS,
+                              max_task_retries=0).remote(self._model_ref, settings, num_gpus, num_cpus)
+                for _ in range(n_workers)
+            ]
         self.n_workers = n_workers
         self._demand = (float(num_cpus), float(num_gpus))  # what a restarted worker needs
         self.dead: set = set()

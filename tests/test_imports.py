@@ -47,3 +47,53 @@ def test_no_import_cycles_and_cli_on_top():
     for mod in sorted(graph):
         if mod not in state:
             visit(mod, [mod])
+
+
+def _run(code: str, *args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_a_ray_run_never_loads_tensorflow_in_the_driver(files, tmp_path):
+    """The workers describe the model; the driver's process never imports TensorFlow or Keras
+    (seconds of a core at start-up), and the manifest still names their versions."""
+    code = (
+        "import json, sys\n"
+        "from distributed_influence.config import AuditConfig\n"
+        "from distributed_influence.job import run_audit\n"
+        "m = run_audit(AuditConfig(model=sys.argv[1], train=sys.argv[2], test=sys.argv[3], out=sys.argv[4], k=3))\n"
+        "print(json.dumps({'loaded': sorted(n for n in ('tensorflow', 'keras') if n in sys.modules),\n"
+        "                  'versions': m['versions'], 'n_classes': m['n_classes']}))\n"
+    )
+    proc = _run(code, files["model"], files["train"], files["test"], str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    import keras
+
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["loaded"] == []
+    assert res["versions"]["keras"] == keras.__version__ and res["versions"]["tensorflow"]
+    assert res["n_classes"] == 3
+
+
+def test_a_bad_model_found_by_a_worker_is_one_line_and_no_output(tmp_path):
+    """In a Ray run the model is checked by the first worker: the user still gets one line on
+    stderr (no notice of Ray's) and exit code 2, and nothing is written."""
+    import keras
+    import numpy as np
+
+    x = np.random.default_rng(0).normal(size=(30, 6)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(30) % 3)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Lambda(lambda t: t + 1), keras.layers.Dense(3)])
+    model.save(tmp_path / "lambda.keras")
+    out = tmp_path / "out"
+    proc = _run("import sys\nfrom distributed_influence.cli import main\nsys.exit(main(sys.argv[1:]))",
+                "audit", "--model", str(tmp_path / "lambda.keras"), "--train", str(tmp_path / "d.npz"),
+                "--test", str(tmp_path / "d.npz"), "--out", str(out), "--k", "3")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "safe mode" in lines[0], proc.stderr
+    assert not out.exists()
