@@ -73,9 +73,15 @@ def softmax_blocks(x: np.ndarray, theta: np.ndarray, precision: str = "float64")
 
 
 def hvp_sums(x: np.ndarray, theta: np.ndarray, v: np.ndarray, precision: str = "float64",
-             probs=None) -> np.ndarray:
+             probs=None, stride: int = 1) -> np.ndarray:
     """Σ_i of the cross-entropy Hessian at Θ applied to V, as :func:`representer.hvp_sums`:
-    Xᵀ(P∘U − P∘rowsum(P∘U)) with U = XV, for V of shape (d+1, C) or (d+1, C, l)."""
+    Xᵀ(P∘U − P∘rowsum(P∘U)) with U = XV, for V of shape (d+1, C) or (d+1, C, l).
+
+    ``stride`` > 1: the sum over every stride-th row only (a view, no copy), scaled to all rows
+    (the fit's sketch of the Hessian, see ``fit.sketch_stride``); ``probs`` is then ignored."""
+    if stride > 1:
+        sample = x[::stride]
+        return hvp_sums(sample, theta, v, precision) * (len(x) / max(1, len(sample)))
     if probs is None:
         probs = softmax_blocks(x, theta, precision)
     dtype = np.dtype(precision)

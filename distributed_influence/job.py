@@ -222,13 +222,17 @@ def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> 
     def hvp(theta, v, precision):
         return np.sum(pool.map_summed("hvp", specs, theta, v, precision), axis=0)
 
+    def sketch(theta, v, stride):  # every shard samples its own rows
+        return np.sum(pool.map_summed("hvp", specs, theta, v, "float32", stride), axis=0)
+
     with progress_bar(None, "fit head", "it") as bar:
         def on_iteration(it, g):
             bar.update(1)
             bar.set_postfix_str(f"max|grad J|={g:.2e}", refresh=False)
 
         fit = fit_head(sums, hvp, inputs.train.n_rows, config.lam, inputs.split.theta(),
-                       tol=config.grad_tol, max_iter=config.max_iter, on_iteration=on_iteration)
+                       tol=config.grad_tol, max_iter=config.max_iter, on_iteration=on_iteration,
+                       sketch_sums=sketch)
     if not fit.converged:
         log.warning("head fit stopped at max|grad J| = %.3g > %.3g after %d iterations",
                     fit.max_abs_grad, config.grad_tol, fit.iterations)

@@ -213,7 +213,8 @@ def softmax_blocks(x, theta: np.ndarray, precision: str = "float64") -> list:
     return [_probs_block(xb, theta, binary) for xb, _ in _row_blocks(x, None, precision)]
 
 
-def hvp_sums(x, theta: np.ndarray, v: np.ndarray, precision: str = "float64", probs=None) -> np.ndarray:
+def hvp_sums(x, theta: np.ndarray, v: np.ndarray, precision: str = "float64", probs=None,
+             stride: int = 1) -> np.ndarray:
     """Σ_i of the cross-entropy Hessian at Θ applied to V: Xᵀ(P∘U − P∘rowsum(P∘U)), U = XV.
 
     The same formula is the logistic Hessian Xᵀ(p(1−p)∘U) for one column, where P = σ(XΘ).
@@ -228,10 +229,15 @@ def hvp_sums(x, theta: np.ndarray, v: np.ndarray, precision: str = "float64", pr
             reading the features from memory), which is what makes the fit's sketch of the
             Hessian cheap.
         probs: :func:`softmax_blocks` at this Θ and precision, if already at hand.
+        stride: > 1: the sum over every stride-th row only, scaled to all rows (the fit's
+            sketch of the Hessian, see ``fit.sketch_stride``); ``probs`` is then ignored.
 
     Returns:
         float64 array shaped like ``v``.
     """
+    if stride > 1:
+        sample = x[::stride]
+        return hvp_sums(sample, theta, v, precision) * (int(x.shape[0]) / max(1, int(sample.shape[0])))
     if probs is None:
         probs = softmax_blocks(x, theta, precision)
     dtype = PRECISIONS[precision]

@@ -173,12 +173,16 @@ class ShardWorker:
         math, x = self._fit_math(d)
         return math.objective_sums(x, d.targets if math is cpu_sums else d.targets.dense(), theta, precision)
 
-    def hvp(self, spec: ShardSpec, theta: np.ndarray, v: np.ndarray, precision: str = "float64") -> np.ndarray:
-        """Hessian-vector product sums; softmax(XΘ) is kept while Θ stays (one Newton step)."""
+    def hvp(self, spec: ShardSpec, theta: np.ndarray, v: np.ndarray, precision: str = "float64",
+            stride: int = 1) -> np.ndarray:
+        """Hessian-vector product sums; softmax(XΘ) is kept while Θ stays (one Newton step).
+        ``stride`` > 1: over every stride-th row, scaled to all (the fit's sketch)."""
         d = self._data(spec)
+        math, x = self._fit_math(d)
+        if stride > 1:
+            return math.hvp_sums(x, theta, v, precision, stride=stride)
         key = (hashlib.sha1(np.ascontiguousarray(theta).tobytes()).hexdigest(), precision)
         cached = self._probs.get(spec.index)
-        math, x = self._fit_math(d)
         if cached is None or cached[0] != key:
             cached = (key, math.softmax_blocks(x, theta, precision))
             self._probs[spec.index] = cached

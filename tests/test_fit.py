@@ -141,3 +141,39 @@ def test_near_optimum_cg_tolerance_aims_at_tol_but_not_below_the_quadratic_term(
     assert _near_rtol(1e-10, 2e-11 * 1e6) == pytest.approx(2.5e-6)
     assert _near_rtol(1e-14, 1.0) == 1e-6
     assert _near_rtol(1e-10, 1e-2, quad=1e6) == 0.5
+
+
+@pytest.mark.parametrize("sums", SUMS)
+def test_sketch_row_sample_scaled_to_all_rows_is_exact_on_repeated_rows(wide, sums):
+    """With every row repeated ``stride`` times in a row, every stride-th row holds each row
+    once: the sampled sum, scaled to all rows, must equal the explicit Hessian of all rows."""
+    x, _labels, theta = wide
+    stride = 4
+    xr = np.repeat(x, stride, axis=0)
+    v = np.random.default_rng(5).normal(size=theta.shape + (3,))
+    got = sums.hvp_sums(xr, theta, v, "float64", stride=stride) / len(xr)
+    h = oracle.data_hessian(x.astype(np.float64), theta)  # the mean over rows: the same for xr
+    want = np.stack([(h @ v[:, :, j].ravel()).reshape(theta.shape) for j in range(v.shape[2])], axis=2)
+    assert np.abs(got - want).max() <= 1e-11 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("sums", SUMS)
+def test_fit_with_a_sampled_sketch_reaches_the_explicit_newton_optimum(wide, sums, monkeypatch):
+    """The sketch may read a sample of the rows (a preconditioner needs the Hessian only
+    roughly): the fit must still end at the exact optimum, and the sample must be used."""
+    x, labels, theta0 = wide
+    monkeypatch.setattr(fitmod, "SKETCH_MIN_ROWS", 50)  # 300 rows: a stride of 6
+    assert fitmod.sketch_stride(len(x)) == 6
+    t = rp.one_hot(labels, theta0.shape[1])
+    strides = []
+
+    def sketch(th, v, stride):
+        strides.append(stride)
+        return sums.hvp_sums(x, th, v, "float32", stride=stride)
+
+    res = fit_head(lambda th, prec: sums.objective_sums(x, t, th, prec),
+                   lambda th, v, prec: sums.hvp_sums(x, th, v, prec), len(x), LAM, theta0, tol=1e-10,
+                   sketch_sums=sketch)
+    assert res.converged and res.max_abs_grad <= 1e-10 and "L-BFGS" not in res.method
+    assert strides and set(strides) == {6} and res.passes["sketches"] == len(strides)
+    np.testing.assert_allclose(res.theta, oracle.newton_fit(x.astype(np.float64), t, LAM, theta0), atol=1e-7)
