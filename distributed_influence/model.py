@@ -307,8 +307,12 @@ class Featurizer:
 
         self.forward = forward
 
-    def __call__(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    def __call__(self, x: np.ndarray, augment: bool = False) -> Tuple[np.ndarray, np.ndarray]:
         """Returns float32 features (n, d) and model logits (n, C) of the rows of ``x``.
+
+        ``augment``: features (n, d+1) with the constant 1 that folds the head's bias in, written
+        in place batch by batch (a separate concatenation copied a shard's features once more:
+        0.4 s per 30,000 rows of d = 1600).
 
         A batch that runs out of device memory (TensorFlow's ResourceExhaustedError) is retried
         at half the size, down to :data:`MIN_BATCH`; the smaller size is kept for later calls.
@@ -316,8 +320,10 @@ class Featurizer:
         from .tfimport import import_tensorflow
 
         oom = import_tensorflow().errors.ResourceExhaustedError
-        n = len(x)
-        feats = np.empty((n, self.split.feature_dim), dtype=np.float32)
+        n, d = len(x), self.split.feature_dim
+        feats = np.empty((n, d + 1 if augment else d), dtype=np.float32)
+        if augment:
+            feats[:, d] = 1.0
         logits = np.empty((n, self.split.n_outputs), dtype=np.float32)
         start = 0
         while start < n:
@@ -330,7 +336,7 @@ class Featurizer:
                 self.batch_size = max(MIN_BATCH, self.batch_size // 2)
                 log.warning("out of memory in the forward pass: batch size now %d", self.batch_size)
                 continue
-            feats[start:stop] = f.numpy()
-            logits[start:stop] = z.numpy()
+            feats[start:stop, :d] = np.asarray(f)
+            logits[start:stop] = np.asarray(z)
             start = stop
         return feats, logits

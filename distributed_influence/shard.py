@@ -48,10 +48,10 @@ def featurize(src, featurizer: Featurizer, input_shape, start: int, stop: int):
     check_finite(rows.x, src.name, start)
     if rows.y is not None and not src.labels_checked:
         check_label_range(src, rows.y, featurizer.split.n_classes, start)
-    feats, logits = featurizer(rows.x)
-    check_finite(feats, f"{src.name}: the model's features", start)
+    feats, logits = featurizer(rows.x, augment=True)
+    check_finite(feats, f"{src.name}: the model's features", start)  # the 1s of the bias are finite
     keys = None if rows.keys is None else np.asarray(rows.keys, dtype=str)
-    return rp.augment(feats), logits, rows.ids, rows.y, keys
+    return feats, logits, rows.ids, rows.y, keys
 
 
 def check_label_range(src, y: np.ndarray, n_classes: int, first_row: int) -> None:
@@ -65,10 +65,15 @@ def check_label_range(src, y: np.ndarray, n_classes: int, first_row: int) -> Non
 
 
 def check_finite(arr: np.ndarray, what: str, first_row: int) -> None:
-    """Refuses NaN/inf early: one bad row would silently poison the head fit and every α."""
+    """Refuses NaN/inf early: one bad row would silently poison the head fit and every α.
+
+    The minimum and maximum are finite exactly when every value is (both propagate NaN): two
+    reductions without a mask of the array's size; the first bad row is looked for only then.
+    """
+    if not len(arr) or (np.isfinite(np.min(arr)) and np.isfinite(np.max(arr))):
+        return
     bad = ~np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
-    if bad.any():
-        raise SourceError(f"{what}: NaN or inf values (first in row {first_row + int(np.argmax(bad))})")
+    raise SourceError(f"{what}: NaN or inf values (first in row {first_row + int(np.argmax(bad))})")
 
 
 class ShardWorker:
@@ -150,9 +155,10 @@ class ShardWorker:
             x, logits, ids, labels, keys = self.featurize_rows("train", spec.start, spec.stop)
             if labels is None:
                 raise InputError(f"{self.settings.train}: the training source has no labels")
-            order = np.argsort(ids, kind="stable")
-            x, logits, ids, labels = x[order], logits[order], ids[order], labels[order]
-            keys = None if keys is None else keys[order]
+            if len(ids) > 1 and not np.all(ids[1:] > ids[:-1]):  # else already in order: no copy
+                order = np.argsort(ids, kind="stable")
+                x, logits, ids, labels = x[order], logits[order], ids[order], labels[order]
+                keys = None if keys is None else keys[order]
             targets = rp.RowTargets(labels, logits, self.settings.target)
             # On a GPU the fit's passes run in TensorFlow on a resident copy; on a CPU in NumPy
             # (cpu_sums: faster there) on the features themselves, with no second copy.
