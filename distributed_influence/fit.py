@@ -167,14 +167,19 @@ def fit_head(
             return sketch_sums(flat.reshape(shape), d, stride).reshape(directions.shape) / n
         return hvp_sums(flat.reshape(shape), d, "float32").reshape(directions.shape) / n
 
-    fun64 = objective("float64")
+    fun64, fun32 = objective("float64"), objective("float32")
     x = np.asarray(theta0, dtype=np.float64).ravel()
-    j, g = fun64(x)
+    # The start is judged in float32 (a pass at a third of the cost) unless it is near the
+    # optimum already, where only float64 tells.
+    j, g = fun32(x)
+    exact = np.max(np.abs(g)) <= max(tol, FLOAT32_NEWTON_GTOL)
+    if exact:
+        j, g = fun64(x)
     phases = []
     if np.max(np.abs(g)) > tol:
-        x, j, g = _newton_pcg(objective("float32"), fun64, hessian_product("float32"), sketch_pass,
+        x, j, g = _newton_pcg(fun32, fun64, hessian_product("float32"), sketch_pass,
                               2.0 * lam, x, j, g, tol, max_iter, callback, always_sketch=sketch == "always",
-                              n_classes=shape[1])
+                              n_classes=shape[1], exact=exact)
         phases.append("Newton-CG (float32 Hessian products; Nyström-preconditioned "
                       + ("from the first step)" if sketch == "always" else "when CG needs it)"))
         log.info("Newton-CG: max|grad J| = %.3g", np.max(np.abs(g)))
@@ -271,7 +276,7 @@ def sketch_rank(size: int, n_classes: int = 1) -> int:
 
 
 def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callback, max_steps: int = 50,
-                always_sketch: bool = False, n_classes: int = 1):
+                always_sketch: bool = False, n_classes: int = 1, exact: bool = True):
     """Newton steps whose directions come from preconditioned CG; the main phase of the fit.
 
     Far from the optimum (max |∇J| above FLOAT32_NEWTON_GTOL, or above ``tol`` if that is
@@ -282,7 +287,7 @@ def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callb
     (Eisenstat–Walker forcing far away; aimed at tol near the end).
 
     Args:
-        j64, g: the float64 J and ∇J at the starting point x.
+        j64, g: J and ∇J at the starting point x: float64, or float32 when ``exact`` is False.
 
     Returns:
         (x, J(x), ∇J(x)) in float64 at the last accepted point.
@@ -299,8 +304,9 @@ def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callb
     precond, resketches, rank = identity, 0, None
     if always_sketch and sketch_rank(size, n_classes):
         precond, rank = None, sketch_rank(size, n_classes)
-    far_fun, far_j = fun32, None  # J for the Armijo test, and its value at x once needed
-    exact = True  # is g the float64 gradient at x (else the float32 one)?
+    far_fun = fun32  # J for the Armijo test, and its value at x once needed:
+    far_j = None if exact else j64  # a float32 start gives it already
+    # ``exact``: is g the float64 gradient at x (else the float32 one)?
     quad = None  # max|∇J| after / max|∇J|² before the last full step: Newton's quadratic constant
     for _ in range(max_steps):
         gmax = float(np.max(np.abs(g)))
