@@ -279,8 +279,11 @@ def bare_newton_fit(X32: np.ndarray, y: np.ndarray, theta0: np.ndarray, lam: flo
             cache["key"], cache["probs"] = key, rp.softmax_blocks(x, theta, precision)
         return rp.hvp_sums(x, theta, v, precision, probs=cache["probs"])
 
+    def sketch(theta, v, stride):  # the job's sketch: a sample of the rows
+        return rp.hvp_sums(x, theta, v, "float32", stride=stride)
+
     t0 = time.perf_counter()
-    res = fit_head(sums, hvp, len(X32), lam, theta0, tol=tol)
+    res = fit_head(sums, hvp, len(X32), lam, theta0, tol=tol, sketch_sums=sketch)
     return {"seconds": time.perf_counter() - t0, "max_grad": res.max_abs_grad, "method": res.method}
 
 

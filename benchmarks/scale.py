@@ -237,10 +237,15 @@ def fit_comparison(work: dict, rows: int, classes: int, lam: float = 0.003) -> d
             cache[key] = cpu_sums.softmax_blocks(x, theta, precision)
         return cpu_sums.hvp_sums(x, theta, v, precision, probs=cache[key])
 
+    def sketch(theta, v, stride):  # the job's sketch: a sample of the rows
+        return cpu_sums.hvp_sums(x, theta, v, "float32", stride=stride)
+
     unit = _pass_seconds(x, t64, theta0)
     out = {"rows": rows, "objective_pass_seconds": unit}
-    fits = [("this version (sketch always, the default)", lambda: fit_head(sums, hvp, rows, lam, theta0)),
-            ("this version (sketch adaptive)", lambda: fit_head(sums, hvp, rows, lam, theta0, sketch="adaptive"))]
+    fits = [("this version (sketch always, the default)",
+             lambda: fit_head(sums, hvp, rows, lam, theta0, sketch_sums=sketch)),
+            ("this version (sketch adaptive)",
+             lambda: fit_head(sums, hvp, rows, lam, theta0, sketch="adaptive", sketch_sums=sketch))]
     baseline = _baseline_fit_module()
     if baseline is None:
         print("[fit] no git checkout here: the baseline fit is not run", flush=True)

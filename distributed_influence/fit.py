@@ -18,6 +18,7 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 from scipy import optimize
+from scipy.linalg import solve_triangular
 from scipy.sparse.linalg import LinearOperator, cg
 
 log = logging.getLogger(__name__)
@@ -235,10 +236,16 @@ def nystrom_preconditioner(sketch: Callable[[np.ndarray], np.ndarray], size: int
     Returns:
         r ↦ P⁻¹r.
     """
+    # The driver's linear algebra runs while the workers wait, so it is kept to products with
+    # the (size × l) matrices and factorisations of (l × l) ones: Ω orthonormalised in float32
+    # (it only has to be a well-conditioned basis), ‖Y‖₂ and the SVD of B from l × l Gram
+    # matrices, a triangular solve. At the Fashion-MNIST head's size (16,010 × 200, one core)
+    # that took 0.65 s against 1.14 s for float64 QR, SVD-based norm, general solve and SVD.
     rank = max(1, min(rank, size))
-    omega = np.linalg.qr(np.random.default_rng(seed).standard_normal((size, rank)))[0]
+    gauss = np.random.default_rng(seed).standard_normal((size, rank)).astype(np.float32)
+    omega = np.linalg.qr(gauss)[0].astype(np.float64)
     y = sketch(omega)
-    nu = np.sqrt(size) * np.finfo(np.float32).eps * np.linalg.norm(y, 2)
+    nu = np.sqrt(size) * np.finfo(np.float32).eps * np.sqrt(max(np.linalg.eigvalsh(y.T @ y)[-1], 0.0))
     for _ in range(6):
         y_nu = y + nu * omega
         core = omega.T @ y_nu
@@ -250,10 +257,16 @@ def nystrom_preconditioner(sketch: Callable[[np.ndarray], np.ndarray], size: int
     else:
         log.info("Nyström sketch not positive definite; CG runs without preconditioner")
         return lambda r: r
-    b = np.linalg.solve(chol, y_nu.T).T  # Â = B Bᵀ
-    u, sv, _ = np.linalg.svd(b, full_matrices=False)
-    lam_hat = np.maximum(sv * sv - nu, 0.0)
-    floor = lam_hat[-1] + mu
+    b = solve_triangular(chol, y_nu.T, lower=True).T  # Â = B Bᵀ
+    # B = U S Vᵀ from BᵀB = V S² Vᵀ: U = B V S⁻¹, kept where λ̂ = s² − ν > 0 (the columns
+    # dropped have λ̂ = 0, and then floor = μ: their terms in P⁻¹ vanish).
+    s2, v = np.linalg.eigh(b.T @ b)
+    s2, v = s2[::-1], v[:, ::-1]
+    lam_all = np.maximum(s2 - nu, 0.0)
+    floor = lam_all[-1] + mu
+    keep = lam_all > 0
+    lam_hat = lam_all[keep]
+    u = b @ (v[:, keep] / np.sqrt(s2[keep]))
 
     def apply(r: np.ndarray) -> np.ndarray:
         ur = u.T @ r
