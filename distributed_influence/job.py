@@ -260,45 +260,9 @@ def _scoring(config: AuditConfig, records: list) -> dict:
     return summary
 
 
-def _run_tasks(calls: list, use_ray: bool, on_result) -> list:
-    """Runs ``fn(*args)`` for every (fn, args) of ``calls``: all at once as Ray tasks (one CPU
-    each, re-run if their worker process or node is lost), or one after the other in this
-    process. ``on_result(i, result)`` runs as each finishes; results come back in call order."""
-    if not use_ray:
-        out = []
-        for i, (fn, args) in enumerate(calls):
-            out.append(fn(*args))
-            on_result(i, out[-1])
-        return out
-    import ray
-
-    from .worker import MAX_RESTARTS
-
-    tasks = {}
-    refs = []
-    for fn, args in calls:
-        if fn not in tasks:
-            tasks[fn] = ray.remote(num_cpus=1, max_retries=MAX_RESTARTS)(fn)
-        refs.append(tasks[fn].remote(*args))
-    index = {ref: i for i, ref in enumerate(refs)}
-    out = [None] * len(refs)
-    pending = list(refs)
-    try:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            i = index[done[0]]
-            out[i] = ray.get(done[0])
-            on_result(i, out[i])
-    except BaseException:
-        for ref in pending:
-            ray.cancel(ref)
-        raise
-    return out
-
-
 def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred: np.ndarray,
-            results: list, use_ray: bool, fault) -> dict:
-    """The reduce stage: tasks merge the shards' partials by range and write the part files.
+            results: list, pool, fault) -> dict:
+    """The reduce stage: the workers merge the shards' partials by range and write the part files.
 
     Parts are written to ``_work/<key>/tables/`` and their summaries persisted, so a resumed run
     redoes only the ranges that had not finished. The driver passes each task its slice of the
@@ -317,10 +281,7 @@ def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred:
     if tables.TRAIN_KEY in results[0]:
         train_keys = (np.concatenate([r["train_id"] for r in results]),
                       np.concatenate([r[tables.TRAIN_KEY] for r in results]))
-        if use_ray:
-            import ray
-
-            train_keys = ray.put(train_keys)
+        train_keys = pool.put(train_keys)
     calls = {"test": [], "train": []}
     for part, (a, b) in enumerate(tables.split_rows(len(test["ids"]), rd.REDUCE_ROWS)):
         done = store.load(f"reduce-test-{part}")
@@ -354,7 +315,7 @@ def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred:
         summaries[kind][summary["part"]] = summary
         faults.maybe_stop_driver_in_reduce(fault, sum(len(v) for v in summaries.values()) - len(reused))
 
-    _run_tasks([(fn, args) for (_, fn), args in zip(kinds, calls["test"] + calls["train"])], use_ray, keep)
+    pool.run_functions([(fn, args) for (_, fn), args in zip(kinds, calls["test"] + calls["train"])], keep)
     return {"test": [summaries["test"][p] for p in sorted(summaries["test"])],
             "train": [summaries["train"][p] for p in sorted(summaries["train"])],
             "reused": reused, "staged": staged}
@@ -408,11 +369,13 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         alpha_head = np.sum([r["alpha_head"] for r in ordered], axis=0)
         residual = float(np.max(np.abs(theta - alpha_head)) / np.max(np.abs(theta)))
         index.write_head(storage.join(store.path, index.INDEX_DIR), theta, alpha_head)
-        # The actors' work is done: their CPUs go to the reduce tasks.
         devices = pool.devices()
+        # The workers drop their shards and run the reduce themselves: they have its libraries
+        # loaded, where fresh task processes took ~1 s to start on the benchmark machine.
+        pool.release()
+        reduced = _reduce(config, specs, store, test, test_pred, ordered, pool, fault)
         recovery = pool.recovery()
         pool.shutdown()
-        reduced = _reduce(config, specs, store, test, test_pred, ordered, use_ray, fault)
         del ordered
 
     nodes = sorted({i["node"] for i in shard_info.values() if i.get("node")})

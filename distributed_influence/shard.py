@@ -107,6 +107,12 @@ class ShardWorker:
     def _input_shape(self):
         return self.settings.input_shape or self.featurizer().split.input_shape
 
+    def release(self) -> None:
+        """Drops every shard (features, logits, the fit's state): the reduce needs none of it,
+        and a worker asked for a shard again featurizes it again."""
+        self._shards.clear()
+        self._probs.clear()
+
     def describe(self, check: bool) -> dict:
         """The model as the driver needs it, so that the driver never loads TensorFlow.
 

@@ -153,6 +153,17 @@ class WorkerActor:
         finally:
             _release_free_memory()
 
+    def release(self) -> None:
+        self.worker.release()
+        _release_free_memory()
+
+    def reduce(self, fn: Callable, *args):
+        """A function of the reduce stage (``reduce.reduce_test_range``/``reduce_train_range``)."""
+        try:
+            return fn(*args)
+        finally:
+            _release_free_memory()
+
     def _hold(self, method: str, spec: ShardSpec) -> None:
         if self.settings.fault is not None:
             faults.maybe_hold(self.settings.fault, method, spec.index, self.ping())
@@ -248,6 +259,19 @@ class InProcessPool:
         """Like :meth:`call_all` for methods returning (big, small): two lists."""
         out = self.call_all(method, args_per_worker)
         return [o[0] for o in out], [o[1] for o in out]
+
+    def release(self) -> None:
+        self.worker.release()
+
+    def run_functions(self, calls: List[tuple], on_result: Optional[Callable] = None) -> list:
+        """``fn(*args)`` for every (fn, args), one after the other; ``on_result(i, result)`` as
+        each finishes."""
+        out = []
+        for i, (fn, args) in enumerate(calls):
+            out.append(fn(*args))
+            if on_result is not None:
+                on_result(i, out[-1])
+        return out
 
     def devices(self) -> list:
         return []
@@ -429,6 +453,24 @@ class RayPool:
         calls = [_Call("device_info", (), ("worker", w), i, movable=False, worker=w)
                  for i, w in enumerate(w for w in range(self.n_workers) if w not in self.dead)]
         return [d for d in self._run(calls) if d is not None]
+
+    def release(self) -> None:
+        """Every surviving worker drops its shards (their features and the fit's state)."""
+        calls = [_Call("release", (), ("worker", w), i, movable=False, worker=w)
+                 for i, w in enumerate(w for w in range(self.n_workers) if w not in self.dead)]
+        self._run(calls)
+
+    def run_functions(self, calls: List[tuple], on_result: Optional[Callable] = None) -> list:
+        """``fn(*args)`` for every (fn, args) of ``calls`` (module-level functions: the reduce's),
+        spread over the workers; a call whose worker is lost is re-run like any other (see the
+        class). ``on_result(i, result)`` runs as each finishes; results in call order.
+
+        The workers are one per CPU slot (or GPU): the reduce runs as wide as they are.
+        """
+        jobs = [_Call("reduce", (fn, *args), ("call", i), i, what=f"{fn.__name__} {i}")
+                for i, (fn, args) in enumerate(calls)]
+        report = None if on_result is None else (lambda c, value: on_result(c.pos, value))
+        return self._run(jobs, None, report)
 
     def recovery(self) -> dict:
         """What was lost and redone so far (the manifest's ``recovery`` section)."""
