@@ -3,10 +3,11 @@
 Partials live in the run's work area, one pair of Parquet files per shard written by the
 worker that scored it: its top-k candidates for every test row (row groups of
 ``PARTIAL_GROUP`` test rows, so a reader takes any range of test rows without the rest) and
-its per-train rows. Reduce tasks, one per range of test rows (and one per range of training
-rows), read only their range from every shard, merge it exactly and write one part file of
-each table. The functions here are pure (files in, files out, small summaries back): Ray runs
-them as tasks, the single-process engine calls them directly.
+its per-train rows. Reduce calls (here "tasks"), one per range of test rows (and one per range
+of training rows), read only their range from every shard, merge it exactly and write one part
+file of each table. The functions here are pure (files in, files out, small summaries back): a
+Ray run calls them on its workers once they have dropped their shards (``RayPool.run_functions``:
+re-run elsewhere if a worker is lost), the single-process engine calls them directly.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 from . import storage, tables
 from .columns import fixed_list, matrix
 from .faults import maybe_kill_worker
-from .logits import fidelity_moments, per_class  # NumPy only: reduce tasks do not load TensorFlow
+from .logits import fidelity_moments, per_class  # NumPy only, like everything the reduce needs
 from .topk import merge_topk
 
 KINDS = ("proponent", "opponent")
