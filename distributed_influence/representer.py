@@ -275,9 +275,9 @@ def _hvp_multi_block(x, p, v):
 def alpha_by_tape(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: float, n_total: int) -> np.ndarray:
     """α_i = −1/(2λn) · ∂L(z_i, t_i)/∂z_i for a batch, by one GradientTape.
 
-    The logits are computed inside the tape and the *whole* logits tensor is watched; the
-    gradient of the summed per-example loss w.r.t. it is (n, C), and classes are sliced only
-    afterwards. Taking the gradient w.r.t. ``logits[:, j]`` instead returns None, because that
+    The *whole* logits tensor is watched by the tape (computed before it, or in
+    :func:`alpha_pass` by NumPy, the same float64 values); the gradient of the summed
+    per-example loss w.r.t. it is (n, C), and classes are sliced only afterwards. Taking the gradient w.r.t. ``logits[:, j]`` instead returns None, because that
     slice is created after the loss and is not on the path to it (the bug this project exists
     to get right).
 

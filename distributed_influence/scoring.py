@@ -462,6 +462,8 @@ def _canonical_dots(x: np.ndarray, rows: np.ndarray, xt: np.ndarray) -> np.ndarr
     """
     b, kk = rows.shape
     out = np.empty(rows.shape, np.float32)
+    if not b or not kk:
+        return out
     step = max(1, CANON_PAIRS // max(1, kk))
     buf = np.empty((step * kk, x.shape[1]), np.float32)
     for a in range(0, b, step):

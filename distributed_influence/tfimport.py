@@ -8,10 +8,12 @@ driver, those lines drown the message that matters. Set ``TF_CPP_MIN_LOG_LEVEL=0
 
 Keras also imports, when they are installed, the libraries of integrations this project never
 uses (scikit-learn for its estimator wrappers, matplotlib for its image gallery, pandas for
-DataFrame inputs to ``fit``); each import is guarded by ``except ImportError`` in Keras. They are
-kept out of Keras's import (see :data:`OPTIONAL`), which costs every process that loads a model
-(the driver and each worker) about 1.3 s less of a core: 4.6 s → 3.4 s for TensorFlow and Keras
-together on the 2-core benchmark machine. They stay importable afterwards.
+DataFrame inputs to ``fit``); each import is guarded by ``except ImportError`` in Keras. In the
+job's Ray workers, processes that only run the job's math, they are kept out of Keras's import
+(``lean=True``, see :data:`OPTIONAL`): 4.6 s → 3.4 s of a core for TensorFlow and Keras together
+on the 2-core benchmark machine. The libraries stay importable afterwards, but that process's
+Keras keeps those integrations off (its scikit-learn wrappers refuse to run), so other processes
+(a user's notebook, the in-process engine) import Keras as it is.
 """
 
 from __future__ import annotations
@@ -41,20 +43,24 @@ def _without_optional():
                 del sys.modules[name]
 
 
-def import_tensorflow():
-    """Imports TensorFlow once, with file descriptor 2 pointed at /dev/null meanwhile."""
+def import_tensorflow(lean: bool = False):
+    """Imports TensorFlow once, with file descriptor 2 pointed at /dev/null meanwhile.
+
+    Args:
+        lean: keep Keras's optional integrations out of its import (for the job's workers).
+    """
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
-        return _import()
+        return _import(lean)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with native_stderr_off():
-        return _import()
+        return _import(lean)
 
 
-def _import():
+def _import(lean: bool):
     # TensorFlow's own import loads Keras (for tf.keras), so both are imported here.
-    with _without_optional():
+    with _without_optional() if lean else contextlib.nullcontext():
         import tensorflow
         import keras  # noqa: F401
 

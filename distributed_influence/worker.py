@@ -56,7 +56,7 @@ def configure_devices(num_gpus: float, num_cpus: float) -> dict:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from .tfimport import import_tensorflow
 
-    tf = import_tensorflow()
+    tf = import_tensorflow(lean=True)  # a process of the job's own: no Keras integrations needed
 
     gpus = tf.config.list_physical_devices("GPU")
     threads = max(1, int(num_cpus))
