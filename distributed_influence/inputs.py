@@ -4,7 +4,7 @@ Everything that can be checked cheaply (the model's head, shapes, labels, ids, k
 first, so a bad input costs a user one clear line and nothing else: no output. In a Ray run the
 driver checks what needs no TensorFlow (paths, the output location, the sources' sizes, k) before
 Ray starts, and the first worker, which loads the model anyway, checks the model and the sources
-against it (``ShardWorker.describe``): the driver never loads TensorFlow. Per-row checks that
+against it (``ShardWorker.describe``): the driver does not load the model. Per-row checks that
 need the data (NaN/inf) run in the workers as they read their rows.
 """
 
