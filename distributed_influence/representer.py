@@ -19,7 +19,7 @@ sees in the decomposition (DESIGN.md §1.1), and float32 sums stall far above 1e
 from __future__ import annotations
 
 import logging
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -351,10 +351,12 @@ def row_blocks(n: int, size: int = ROW_BLOCK):
     return [(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def float64_blocks(x: np.ndarray, size: int = CAST_BLOCK):
-    """(start, stop, rows [start, stop) of x in float64) for all rows, cast into one reused
-    buffer: workers map every allocation above a few MB afresh (``worker.MMAP_THRESHOLD``), so
-    a new float64 block per step would cost fresh zeroed pages each time."""
+def float64_blocks(x: np.ndarray, size: Optional[int] = None):
+    """(start, stop, rows [start, stop) of x in float64) for all rows, ``size`` (default
+    CAST_BLOCK) at a time, cast into one reused buffer: workers map every allocation above a few
+    MB afresh (``worker.MMAP_THRESHOLD``), so a new float64 block per step would cost fresh
+    zeroed pages each time."""
+    size = size or CAST_BLOCK
     buf = np.empty((min(size, len(x)), x.shape[1]))
     for a, b in row_blocks(len(x), size):
         np.copyto(buf[:b - a], x[a:b])

@@ -447,18 +447,20 @@ class RayPool:
         smalls = self._run(calls)
         return [c.refs[0] for c in calls], smalls
 
+    def _on_each_worker(self, method: str) -> list:
+        """``method()`` once on every surviving worker (only that worker can answer)."""
+        calls = [_Call(method, (), ("worker", w), i, movable=False, worker=w)
+                 for i, w in enumerate(w for w in range(self.n_workers) if w not in self.dead)]
+        return self._run(calls)
+
     def devices(self) -> list:
         """What each surviving worker was given: Ray GPU ids, CUDA_VISIBLE_DEVICES, TensorFlow
         GPUs, node."""
-        calls = [_Call("device_info", (), ("worker", w), i, movable=False, worker=w)
-                 for i, w in enumerate(w for w in range(self.n_workers) if w not in self.dead)]
-        return [d for d in self._run(calls) if d is not None]
+        return [d for d in self._on_each_worker("device_info") if d is not None]
 
     def release(self) -> None:
         """Every surviving worker drops its shards (their features and the fit's state)."""
-        calls = [_Call("release", (), ("worker", w), i, movable=False, worker=w)
-                 for i, w in enumerate(w for w in range(self.n_workers) if w not in self.dead)]
-        self._run(calls)
+        self._on_each_worker("release")
 
     def run_functions(self, calls: List[tuple], on_result: Optional[Callable] = None) -> list:
         """``fn(*args)`` for every (fn, args) of ``calls`` (module-level functions: the reduce's),
