@@ -38,7 +38,7 @@ def head(tmp_path_factory):
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     env.pop("RAY_ADDRESS", None)
-    gcs, dash, agent = _free_port(), _free_port(), _free_port()
+    gcs, dash = _free_port(), _free_port()
     # A short private temp dir (Unix socket paths are limited to ~107 bytes) that names every
     # process of this head, so the teardown stops this head only, not other Ray instances.
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")
@@ -47,12 +47,15 @@ def head(tmp_path_factory):
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
          # The job agent's HTTP port defaults to 52365: a second Ray instance on the machine
          # (another test run, a user's own head) would hold it and no job could be submitted.
-         f"--dashboard-agent-listen-port={agent}",
+         # Port 0 lets the agent bind a free port itself: a port picked here and released
+         # could be taken by another process (Ray's own services included) before the agent
+         # binds it, and an agent whose HTTP server fails never registers for jobs.
+         "--dashboard-agent-listen-port=0",
          "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
         env=env, check=True, capture_output=True, timeout=180,
     )
     try:
-        yield {"env": env, "url": f"http://127.0.0.1:{dash}", "gcs": gcs}
+        yield {"env": env, "url": f"http://127.0.0.1:{dash}", "gcs": gcs, "temp_dir": temp_dir}
     finally:
         _stop_head(temp_dir, gcs)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -73,6 +76,16 @@ def _stop_head(temp_dir: str, gcs_port: int) -> None:
     _, alive = psutil.wait_procs(mine, timeout=20)
     for proc in alive:
         proc.kill()
+
+
+def _agent_log(head, lines: int = 30) -> str:
+    """The end of the head's job-agent log: why a submission found no agent, if it did not."""
+    path = os.path.join(head["temp_dir"], "session_latest", "logs", "dashboard_agent.log")
+    try:
+        with open(path, errors="replace") as fh:
+            return "\n--- dashboard_agent.log ---\n" + "".join(fh.readlines()[-lines:])
+    except OSError as e:
+        return f"\n--- no dashboard_agent.log: {e} ---"
 
 
 def _submit(cmd, env, wait: float = 120.0):
@@ -102,7 +115,7 @@ def test_job_submitted_to_a_ray_head_succeeds(head, files, reference, tmp_path):
            "--test", files["test"], "--out", out, "--k", "4", "--shards", "3"]
     proc = _submit(cmd, head["env"])
     logs = proc.stdout + proc.stderr
-    assert proc.returncode == 0, logs[-3000:]
+    assert proc.returncode == 0, logs[-3000:] + _agent_log(head)
     assert "succeeded" in logs.lower(), logs[-3000:]
     assert "stage score: done" in logs  # the per-stage log lines a cluster user sees
     with open(os.path.join(out, "manifest.json")) as fh:
