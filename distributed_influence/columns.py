@@ -17,7 +17,15 @@ import pyarrow as pa
 def fixed_list(arr: np.ndarray, dtype=None) -> pa.Array:
     """(n, w) → a fixed-size list column of n rows of w values."""
     arr = np.ascontiguousarray(arr, dtype=dtype)
-    return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), arr.shape[1])
+    if arr.dtype.kind in "iuf":
+        # Numbers from their buffer (native byte order): ``pa.array`` of a NumPy array first
+        # imports pandas, 0.2 s or more on the driver between the fit and scoring, for a head
+        # of a few kB.
+        arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
+        values = pa.Array.from_buffers(pa.from_numpy_dtype(arr.dtype), arr.size, [None, pa.py_buffer(arr)])
+    else:
+        values = pa.array(arr.reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(values, arr.shape[1])
 
 
 def packed(arr: np.ndarray, dtype) -> pa.Array:

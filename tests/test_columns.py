@@ -41,3 +41,19 @@ def test_index_shard_written_by_an_earlier_version_with_list_columns_still_reads
         np.testing.assert_array_equal(shard["x"], x)
         np.testing.assert_array_equal(shard["alpha"], alpha)
         np.testing.assert_array_equal(shard["ids"], ids)
+
+
+@pytest.mark.parametrize("arr", [
+    np.arange(12.0).reshape(3, 4),
+    np.arange(12, dtype=">i4").reshape(3, 4),  # big-endian input
+    np.arange(12, dtype=np.int64).reshape(3, 4)[:, ::2],  # not contiguous
+    np.array([[True, False], [False, False]]),
+    np.zeros((0, 5), np.float32),
+], ids=["float64", "big-endian", "strided", "bool", "empty"])
+def test_fixed_list_equals_pyarrows_own_conversion(arr):
+    """``fixed_list`` builds number columns from the buffer (not ``pa.array``): the same column.
+    (``pa.array`` itself refuses byte-swapped input: it is given the values in native order.)"""
+    native = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+    expected = pa.FixedSizeListArray.from_arrays(pa.array(native.reshape(-1)), arr.shape[1])
+    got = fixed_list(arr)
+    assert got.type.value_type == expected.type.value_type and got.to_pylist() == expected.to_pylist()
