@@ -13,7 +13,7 @@ one column); the tests check both against finite differences and an explicit Hes
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -24,9 +24,34 @@ ROWS = 512
 BLOCK_ELEMENTS = 1 << 20
 
 
-def _blocks(n: int, rows: int = ROWS):
+def _blocks(n: int):
+    rows = ROWS  # read at call time, so that tests can split a few rows into several blocks
     for a in range(0, n, rows):
         yield a, min(n, a + rows)
+
+
+def _cast_blocks(x: np.ndarray, dtype: np.dtype):
+    """(start, stop, X_b in dtype) by row blocks: views when x has the dtype already, else
+    copies into one reused buffer (a fresh float64 block per step is fresh pages each time in a
+    worker, which maps every allocation of a few MB)."""
+    if x.dtype == dtype:
+        for a, b in _blocks(len(x)):
+            yield a, b, x[a:b]
+        return
+    buf = np.empty((min(ROWS, len(x)), x.shape[1]), dtype)
+    for a, b in _blocks(len(x)):
+        np.copyto(buf[:b - a], x[a:b])
+        yield a, b, buf[:b - a]
+
+
+def rows_times(xb: np.ndarray, th: np.ndarray, th_t: Optional[np.ndarray] = None) -> np.ndarray:
+    """X_b Θ (th_t: Θᵀ, C-contiguous, if at hand). In float64 with several columns OpenBLAS computes it
+    faster as (Θᵀ X_bᵀ)ᵀ: measured on 512 × 1601 blocks, one core, for 30,000 rows, 48 against
+    61 ms at 10 columns, 197 against 229 at 100; in float32, or for one or two columns, the
+    direct product is as fast or faster."""
+    if xb.dtype == np.float64 and th.shape[1] >= 8:
+        return ((np.ascontiguousarray(th.T) if th_t is None else th_t) @ xb.T).T
+    return xb @ th
 
 
 def _link(z: np.ndarray) -> np.ndarray:
@@ -49,15 +74,34 @@ def _loss_sum(z: np.ndarray, t: np.ndarray) -> float:
 def objective_sums(x: np.ndarray, targets: np.ndarray, theta: np.ndarray,
                    precision: str = "float64") -> Tuple[float, np.ndarray]:
     """Σ_i CE(x_i Θ, t_i) and Σ_i x_iᵀ(p_i − t_i), as :func:`representer.objective_sums`."""
+    return _objective(x, targets, theta, precision, None)
+
+
+def objective_sums_and_probs(x: np.ndarray, targets: np.ndarray, theta: np.ndarray,
+                             precision: str = "float64") -> Tuple[float, np.ndarray, List[np.ndarray]]:
+    """:func:`objective_sums` and, from the same products, what :func:`softmax_blocks` gives
+    at Θ (bit for bit): the fit's Hessian products at an accepted point then need no pass of
+    their own to get it."""
+    out = np.empty((len(x), np.shape(theta)[1]), np.dtype(precision))
+    loss, grad = _objective(x, targets, theta, precision, out)
+    return loss, grad, [out[a:b] for a, b in _blocks(len(x))]
+
+
+def _objective(x, targets, theta, precision: str, probs_out: Optional[np.ndarray]):
     dtype = np.dtype(precision)
     th = np.asarray(theta, dtype)
+    th_t = np.ascontiguousarray(th.T)
     loss, grad = 0.0, np.zeros(th.shape, np.float64)
-    for a, b in _blocks(len(x)):
-        xb = x[a:b].astype(dtype, copy=False)
+    for a, b, xb in _cast_blocks(x, dtype):
         tb = np.asarray(targets[a:b], dtype)
-        z = xb @ th
+        z = rows_times(xb, th, th_t)
         loss += _loss_sum(z, tb)
-        grad += xb.T @ (_link(z) - tb)
+        p = _link(z)
+        if probs_out is not None:
+            probs_out[a:b] = p
+        # (Rᵀ X_b)ᵀ rather than X_bᵀ R: the same sums; in float64 41 against 94 ms per 30,000
+        # rows of 1601 at 10 columns (one core), in float32 no slower.
+        grad += ((p - tb).T @ xb).T
     return loss, grad
 
 
@@ -65,10 +109,11 @@ def softmax_blocks(x: np.ndarray, theta: np.ndarray, precision: str = "float64")
     """softmax(XΘ) (σ for one column), kept for the Hessian products of one Newton step."""
     dtype = np.dtype(precision)
     th = np.asarray(theta, dtype)
+    th_t = np.ascontiguousarray(th.T)
     # One array, handed out as row blocks: freed at once (and returned to the system) after the fit.
     out = np.empty((len(x), th.shape[1]), dtype)
-    for a, b in _blocks(len(x)):
-        out[a:b] = _link(x[a:b].astype(dtype, copy=False) @ th)
+    for a, b, xb in _cast_blocks(x, dtype):
+        out[a:b] = _link(rows_times(xb, th, th_t))
     return [out[a:b] for a, b in _blocks(len(x))]
 
 
@@ -94,8 +139,7 @@ def hvp_sums(x: np.ndarray, theta: np.ndarray, v: np.ndarray, precision: str = "
     for c0 in range(0, width, step):
         vc = np.ascontiguousarray(vv[:, :, c0:c0 + step]).reshape(d1, -1)
         acc = out[:, :, c0:c0 + step]
-        for (a, b), p in zip(_blocks(len(x)), probs):
-            xb = x[a:b].astype(dtype, copy=False)
+        for (a, b, xb), p in zip(_cast_blocks(x, dtype), probs):
             pu = p[:, :, None] * (xb @ vc).reshape(b - a, n_classes, -1)
             w = pu - p[:, :, None] * pu.sum(axis=1, keepdims=True)
             # (Wᵀ X_b)ᵀ rather than X_bᵀ W: the same sums, ~20% faster in OpenBLAS for few columns.

@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .cpu_sums import rows_times
 from .logits import fidelity_from_moments, fidelity_moments, per_class, predicted_classes  # noqa: F401
 from .tfimport import import_tensorflow
 
@@ -336,8 +337,9 @@ def alpha_pass(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: float
     sims = np.empty((len(x), class_sums.shape[0]))
     head = np.zeros(theta.shape)
     both = np.hstack([np.asarray(theta, np.float64), np.asarray(class_sums, np.float64).T])
+    both_t = np.ascontiguousarray(both.T)
     for a, b, x64 in float64_blocks(x):
-        z = x64 @ both
+        z = rows_times(x64, both, both_t)
         block = _alpha_of_logits(z[:, :n_out], targets[a:b], lam, n_total).numpy()
         alpha[a:b] = block
         head += (block.T @ x64).T
@@ -365,9 +367,11 @@ def float64_blocks(x: np.ndarray, size: Optional[int] = None):
 
 def linear_logits(x: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """x_i Θ for every row in float64 (n, C), e.g. the surrogate's logits."""
+    theta = np.asarray(theta, np.float64)
+    theta_t = np.ascontiguousarray(theta.T)
     out = np.empty((len(x), theta.shape[1]))
     for a, b, x64 in float64_blocks(x):
-        out[a:b] = x64 @ theta
+        out[a:b] = rows_times(x64, theta, theta_t)
     return out
 
 

@@ -183,6 +183,13 @@ class ShardWorker:
     def objective(self, spec: ShardSpec, theta: np.ndarray, precision: str = "float64") -> Tuple[float, np.ndarray]:
         d = self._data(spec)
         math, x = self._fit_math(d)
+        if math is cpu_sums and precision == "float32":
+            # Newton's next Hessian products are at this Θ if the fit accepts it: keep softmax(XΘ)
+            # (in place of the last one, which is dropped first: one such array at a time).
+            self._probs.pop(spec.index, None)
+            loss, grad, probs = cpu_sums.objective_sums_and_probs(x, d.targets, theta, precision)
+            self._probs[spec.index] = (_probs_key(theta, precision), probs)
+            return loss, grad
         return math.objective_sums(x, d.targets if math is cpu_sums else d.targets.dense(), theta, precision)
 
     def hvp(self, spec: ShardSpec, theta: np.ndarray, v: np.ndarray, precision: str = "float64",
@@ -193,7 +200,7 @@ class ShardWorker:
         math, x = self._fit_math(d)
         if stride > 1:
             return math.hvp_sums(x, theta, v, precision, stride=stride)
-        key = (hashlib.sha1(np.ascontiguousarray(theta).tobytes()).hexdigest(), precision)
+        key = _probs_key(theta, precision)
         cached = self._probs.get(spec.index)
         if cached is None or cached[0] != key:
             cached = (key, math.softmax_blocks(x, theta, precision))
@@ -345,6 +352,13 @@ def score_rows_against_index(files: list, query_x: np.ndarray, query_class: np.n
         values.append(scored["topk"]["proponent"]["values"])
         ids.append(scored["topk"]["proponent"]["ids"])
     return merge_topk(values, ids, min(k, sum(v.shape[1] for v in values)), largest=True)
+
+
+def _probs_key(theta: np.ndarray, precision: str) -> tuple:
+    """What softmax(XΘ) kept for the fit's Hessian products was computed for: Θ as sent, bit for
+    bit (the fit sends float32 calls' Θ in float32, so an evaluation and the products at the same
+    point agree), and the precision."""
+    return hashlib.sha1(np.ascontiguousarray(theta).tobytes()).hexdigest(), precision
 
 
 def _fetch_parts(parts: list) -> list:

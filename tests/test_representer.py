@@ -75,6 +75,47 @@ def test_objective_sums_match_finite_differences(problem, sums, precision):
     np.testing.assert_allclose(grad / len(x), num, atol=atol)
 
 
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_numpy_sums_with_many_classes_and_blocks_match_the_oracle(monkeypatch, precision):
+    """≥ 8 classes take the transposed float64 product, and 30-row blocks the reused cast buffer
+    (with a ragged last block): loss and gradient still equal the explicit formula."""
+    monkeypatch.setattr(cpu_sums, "ROWS", 30)
+    rng = np.random.default_rng(11)
+    x = rp.augment(rng.normal(size=(95, 6)).astype(np.float32))
+    t = rp.one_hot(rng.integers(0, 12, size=95), 12)
+    theta = rng.normal(scale=0.4, size=(7, 12))
+    j_ref, g_ref = oracle.objective(x.astype(np.float64), t, theta, 0.0)
+    loss, grad = cpu_sums.objective_sums(x, t, theta, precision)
+    rel = 1e-12 if precision == "float64" else 1e-5
+    assert loss == pytest.approx(j_ref * len(x), rel=rel)
+    np.testing.assert_allclose(grad, g_ref * len(x), rtol=rel, atol=rel)
+    probs = np.concatenate(cpu_sums.softmax_blocks(x, theta, precision))
+    z = x.astype(np.float64) @ theta
+    expected = np.exp(z - z.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(probs, expected / expected.sum(axis=1, keepdims=True), rtol=rel, atol=rel)
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("classes", [1, 3, 12])
+def test_objective_with_probs_is_the_two_separate_calls_bit_for_bit(monkeypatch, precision, classes):
+    """The fit keeps an evaluation's softmax(XΘ) for the Hessian products at that Θ: it must be
+    exactly what those products would have computed, and the sums exactly the plain ones."""
+    monkeypatch.setattr(cpu_sums, "ROWS", 30)
+    rng = np.random.default_rng(5)
+    x = rp.augment(rng.normal(size=(95, 6)).astype(np.float32))
+    labels = rng.integers(0, max(2, classes), size=95)
+    t = labels[:, None].astype(np.float64) if classes == 1 else rp.one_hot(labels, classes)
+    theta = rng.normal(scale=0.4, size=(7, classes))
+    loss, grad, probs = cpu_sums.objective_sums_and_probs(x, t, theta, precision)
+    loss_ref, grad_ref = cpu_sums.objective_sums(x, t, theta, precision)
+    assert loss == loss_ref
+    np.testing.assert_array_equal(grad, grad_ref)
+    ref = cpu_sums.softmax_blocks(x, theta, precision)
+    assert [len(p) for p in probs] == [len(p) for p in ref] == [30, 30, 30, 5]
+    for p, r in zip(probs, ref):
+        np.testing.assert_array_equal(p, r)
+
+
 @pytest.mark.parametrize("sums", SUMS)
 def test_hvp_matches_gradient_differences(problem, sums):
     x, labels, theta = problem
