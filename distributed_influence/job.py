@@ -23,7 +23,6 @@ from . import reduce as rd
 from . import storage
 from . import tables
 from .config import AuditConfig
-from .fit import fit_head
 from .inputs import Inputs, open_inputs, prepare_inputs
 from .resume import WorkStore, run_key
 from .sources import options_from
@@ -119,6 +118,9 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
         if use_ray:
             from .runtime import plan_workers, start_ray
 
+            # The fit's module (SciPy: ~0.4 s of imports) loads while Ray starts, which leaves a
+            # core idle most of the time: it is needed only once the workers have featurized.
+            _import_meanwhile("distributed_influence.fit")
             with timer.stage("ray_start"):
                 started = start_ray(config.address)
             n_workers, gpus, cpus = plan_workers(config.shards, config.workers, config.gpus_per_worker)
@@ -182,6 +184,21 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
     return manifest
 
 
+def _import_meanwhile(module: str) -> None:
+    """Imports ``module`` in a background thread. Should that fail, the error comes again, and is
+    reported, where the module is imported for use."""
+    import importlib
+    import threading
+
+    def load():
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - raised again by the import where it is used
+            pass
+
+    threading.Thread(target=load, name=f"import {module}", daemon=True).start()
+
+
 def _absolute(spec: str) -> str:
     """Local paths as absolute paths: workers may not share the driver's working directory."""
     return spec if storage.is_uri(spec) or spec.startswith("digits") else os.path.abspath(spec)
@@ -213,6 +230,7 @@ def _featurize_test(pool, inputs: Inputs) -> dict:
 
 def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> dict:
     """The head fit on the shards' sums, and the fidelity of the surrogate; persisted."""
+    from .fit import fit_head
     from .worker import progress_bar
 
     def sums(theta, precision):
