@@ -276,9 +276,11 @@ def nystrom_preconditioner(sketch: Callable[[np.ndarray], np.ndarray], size: int
     lam_hat = lam_all[keep]
     u = b @ (v[:, keep] / np.sqrt(s2[keep]))
 
+    scale = floor / (lam_hat + mu) - 1.0
+
     def apply(r: np.ndarray) -> np.ndarray:
-        ur = u.T @ r
-        return floor * (u @ (ur / (lam_hat + mu))) + (r - u @ ur)
+        # floor·U(Λ̂+μ)⁻¹Uᵀr + (r − UUᵀr), with two passes over U instead of three.
+        return r + u @ (scale * (u.T @ r))
 
     return apply
 
