@@ -135,7 +135,11 @@ def assert_same_tables(ref, out: str) -> None:
             if col == "decomposition_error":  # rounding residue: tiny in both, not equal
                 assert np.all(x <= 1e-5) and np.all(y <= 1e-5), name
             elif x.dtype.kind == "f":
-                np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-9 * max(np.nanmax(np.abs(x)), 1e-30),
+                # Both fits stop at max|∇J| ≤ 1e-10, but along different float summation orders
+                # (a lost worker's shards are summed by the survivors): their heads differ by up
+                # to ~tol/λ ≈ 3e-8 per entry, which the decomposition columns carry (seen: 3e-8
+                # on a representer_sum of -0.0078, the column's largest value being 11).
+                np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-7 * max(np.nanmax(np.abs(x)), 1e-30),
                                            err_msg=f"{name}.{col}")
             else:
                 np.testing.assert_array_equal(y, x, err_msg=f"{name}.{col}")
