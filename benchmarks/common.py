@@ -359,6 +359,9 @@ def run_job(model: str, train: str, test: str, out: str, log_path: str, extra: T
     # A fresh output directory: the job resumes from results it finds there, which would
     # make the timings meaningless.
     shutil.rmtree(out, ignore_errors=True)
+    # The previous run's outputs (~400 MB for the full audit) are still being written back to
+    # disk for up to 30 s after it ends; that kernel work would land in this run's time.
+    os.sync()
     exe = os.path.join(os.path.dirname(sys.executable), "distributed-influence")
     cmd = [exe, "-v", "audit", "--model", model, "--train", train, "--test", test,
            "--out", out, "--k", str(K), *extra]
