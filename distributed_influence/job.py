@@ -275,7 +275,7 @@ def _sent(a: np.ndarray, precision: str) -> np.ndarray:
     which Ray sends an argument inside the call (``max_direct_call_object_size``, 100 kB by
     default); each larger one goes through the object store.
     Measured with two actors on this project's 2-core machine: a round trip with two such
-    arguments took 15 ms, with them in float32 (64 kB) 7 ms; the fit makes ~58 of them.
+    arguments took 15 ms, with them in float32 (64 kB) 7 ms; a fit makes ~50 of them.
     """
     return np.asarray(a, np.float32) if precision == "float32" else a
 
