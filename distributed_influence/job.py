@@ -107,6 +107,7 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
     fault = faults.from_env()
     started = False
     pool = None
+    importing = None  # the background import of the fit's module, in a Ray run
     gpus = 0.0
     if use_ray:
         opened = open_inputs(config)  # what needs no TensorFlow: a wrong path stops here, before Ray
@@ -120,7 +121,7 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
 
             # The fit's module (SciPy: ~0.4 s of imports) loads while Ray starts, which leaves a
             # core idle most of the time: it is needed only once the workers have featurized.
-            _import_meanwhile("distributed_influence.fit")
+            importing = _import_meanwhile("distributed_influence.fit")
             with timer.stage("ray_start"):
                 started = start_ray(config.address)
             n_workers, gpus, cpus = plan_workers(config.shards, config.workers, config.gpus_per_worker)
@@ -161,6 +162,8 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
         store = WorkStore.open(config.out, key, config.overwrite)  # inputs valid: may clear old work
         log.info("%d training rows in %d shards on %d workers (%g GPU each)",
                  inputs.train.n_rows, len(specs), pool.n_workers, gpus)
+        if importing is not None:
+            importing.join()  # SciPy brings its own BLAS: loaded before the thread limit below
         with _driver_threads(use_ray):
             manifest = _run_stages(config, inputs, pool, specs, store, timer, fault, use_ray)
         manifest["versions"] = _versions(libraries)
@@ -184,9 +187,9 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
     return manifest
 
 
-def _import_meanwhile(module: str) -> None:
-    """Imports ``module`` in a background thread. Should that fail, the error comes again, and is
-    reported, where the module is imported for use."""
+def _import_meanwhile(module: str):
+    """Imports ``module`` in a background thread, which it returns. Should that fail, the error
+    comes again, and is reported, where the module is imported for use."""
     import importlib
     import threading
 
@@ -196,7 +199,9 @@ def _import_meanwhile(module: str) -> None:
         except Exception:  # noqa: BLE001 - raised again by the import where it is used
             pass
 
-    threading.Thread(target=load, name=f"import {module}", daemon=True).start()
+    thread = threading.Thread(target=load, name=f"import {module}", daemon=True)
+    thread.start()
+    return thread
 
 
 def _absolute(spec: str) -> str:

@@ -194,7 +194,8 @@ class ShardWorker:
 
     def hvp(self, spec: ShardSpec, theta: np.ndarray, v: np.ndarray, precision: str = "float64",
             stride: int = 1) -> np.ndarray:
-        """Hessian-vector product sums; softmax(XΘ) is kept while Θ stays (one Newton step).
+        """Hessian-vector product sums; softmax(XΘ) is kept while Θ stays (one Newton step), and
+        comes from a float32 :meth:`objective` at the same Θ when there was one (CPU workers).
         ``stride`` > 1: over every stride-th row, scaled to all (the fit's sketch)."""
         d = self._data(spec)
         math, x = self._fit_math(d)

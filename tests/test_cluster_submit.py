@@ -118,7 +118,7 @@ def test_job_submitted_to_a_ray_head_succeeds(head, files, reference, tmp_path):
     proc = _submit(cmd, head["env"])
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-3000:] + _agent_log(head)
-    assert "succeeded" in logs.lower(), logs[-3000:]
+    assert "succeeded" in logs.lower(), logs[-3000:] + _agent_log(head)
     assert "stage score: done" in logs  # the per-stage log lines a cluster user sees
     with open(os.path.join(out, "manifest.json")) as fh:
         manifest = json.load(fh)

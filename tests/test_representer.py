@@ -182,3 +182,32 @@ def test_alpha_pass_gives_alpha_head_and_class_similarities_in_float64(problem, 
     np.testing.assert_allclose(alpha, expected, rtol=1e-9, atol=1e-15)
     np.testing.assert_allclose(head, x64.T @ expected, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(sims, x64 @ sums.T, rtol=1e-12, atol=1e-12)
+
+
+def test_a_float32_evaluation_serves_the_next_hessian_products_of_its_shard(monkeypatch):
+    """The worker keeps an accepted point's softmax(XΘ) from its float32 evaluation: the Hessian
+    products there compute none of their own, and give what they would have given without it."""
+    from distributed_influence.plan import ShardSpec
+    from distributed_influence.shard import ShardData, ShardWorker
+
+    rng = np.random.default_rng(2)
+    x = rp.augment(rng.normal(size=(70, 5)).astype(np.float32))
+    labels = rng.integers(0, 3, size=70)
+    logits = rng.normal(size=(70, 3)).astype(np.float32)
+    worker = ShardWorker(b"", None)  # objective and hvp read only the shard's data
+    worker._shards[0] = ShardData(x, logits, labels, np.arange(70), rp.RowTargets(labels, logits, "labels"))
+    spec = ShardSpec(0, 0, 70)
+    theta = rng.normal(scale=0.3, size=(6, 3)).astype(np.float32)
+    v = rng.normal(size=(6, 3)).astype(np.float32)
+    expected = cpu_sums.hvp_sums(x, theta, v, "float32")  # computes its own softmax
+    calls = []
+    real = cpu_sums.softmax_blocks
+    monkeypatch.setattr(cpu_sums, "softmax_blocks", lambda *a: calls.append(1) or real(*a))
+    worker.objective(spec, theta, "float32")
+    np.testing.assert_array_equal(worker.hvp(spec, theta, v, "float32"), expected)
+    assert calls == []  # served by the evaluation
+    worker.hvp(spec, theta + np.float32(0.01), v, "float32")  # another point: computed there
+    assert calls == [1]
+    worker.objective(spec, theta, "float64")  # a float64 evaluation keeps nothing for float32
+    worker.hvp(spec, theta, v, "float32")
+    assert calls == [1, 1]
