@@ -2,11 +2,11 @@
 
 The fit's sums, with the same functions and signatures as the TensorFlow ones in
 :mod:`distributed_influence.representer` (which GPU workers use, on a resident tensor), plus
-:func:`objective_sums_and_probs`, which only CPU workers use. On a CPU they are faster and lighter, because
-they work in row blocks small enough to stay in cache, with NumPy's BLAS. Measured on one core,
-30,000 × 1601 Fashion-MNIST features, 10 classes: a float64 evaluation 0.20 s against 0.34 s,
-a float32 Hessian-vector product 0.075 s against 0.099 s; and the worker needs no second,
-TensorFlow, copy of its features (a shard's size in memory).
+:func:`objective_sums_and_probs`, which only CPU workers use. On a CPU they are faster and
+lighter, because they work in row blocks small enough to stay in cache, with NumPy's BLAS.
+Measured on one core, 30,000 × 1601 Fashion-MNIST features, 10 classes: a float64 evaluation
+0.20 s against 0.34 s, a float32 Hessian-vector product 0.075 s against 0.099 s; and the worker
+needs no second, TensorFlow, copy of its features (a shard's size in memory).
 
 The formulas are the representer module's (softmax cross-entropy, or sigmoid cross-entropy for
 one column); the tests check both against finite differences and an explicit Hessian.
@@ -46,8 +46,8 @@ def _cast_blocks(x: np.ndarray, dtype: np.dtype):
 
 
 def rows_times(xb: np.ndarray, th: np.ndarray, th_t: Optional[np.ndarray] = None) -> np.ndarray:
-    """X_b Θ (th_t: Θᵀ, C-contiguous, if at hand). In float64 with several columns OpenBLAS computes it
-    faster as (Θᵀ X_bᵀ)ᵀ: measured on 512 × 1601 blocks, one core, for 30,000 rows, 48 against
+    """X_b Θ (th_t: Θᵀ, C-contiguous, if at hand). In float64 with several columns OpenBLAS
+    computes it faster as (Θᵀ X_bᵀ)ᵀ: measured on 512 × 1601 blocks, one core, for 30,000 rows, 48 against
     61 ms at 10 columns, 62 against 71 at 20, 197 against 229 at 100; in float32, or for one or
     two columns, the direct product was as fast or faster (3 to 7 columns were not measured:
     they take the direct product)."""

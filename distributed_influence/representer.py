@@ -278,9 +278,9 @@ def alpha_by_tape(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: fl
 
     The *whole* logits tensor is watched by the tape (computed before it, or in
     :func:`alpha_pass` by NumPy, the same float64 values); the gradient of the summed
-    per-example loss w.r.t. it is (n, C), and classes are sliced only afterwards. Taking the gradient w.r.t. ``logits[:, j]`` instead returns None, because that
-    slice is created after the loss and is not on the path to it (the bug this project exists
-    to get right).
+    per-example loss w.r.t. it is (n, C), and classes are sliced only afterwards. Taking the
+    gradient w.r.t. ``logits[:, j]`` instead returns None, because that slice is created after
+    the loss and is not on the path to it (the bug this project exists to get right).
 
     Args:
         x: (n, d+1) float32 augmented features of the batch.
