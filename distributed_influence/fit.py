@@ -245,13 +245,14 @@ def nystrom_preconditioner(sketch: Callable[[np.ndarray], np.ndarray], size: int
         r ↦ P⁻¹r.
     """
     # The driver's linear algebra runs while the workers wait, so it is kept to products with
-    # the (size × l) matrices and factorisations of (l × l) ones: Ω orthonormalised in float32
-    # (it only has to be a well-conditioned basis), ‖Y‖₂ and the SVD of B from l × l Gram
-    # matrices, a triangular solve. At the Fashion-MNIST head's size (16,010 × 200, one core)
-    # that took 0.65 s against 1.14 s for float64 QR, SVD-based norm, general solve and SVD.
+    # the (size × l) matrices and factorisations of (l × l) ones: Ω orthonormalised by Cholesky
+    # QR (G L⁻ᵀ with GᵀG = LLᵀ: exact for a Gaussian G, whose condition number is near 1, and
+    # Â depends only on the span of Ω), ‖Y‖₂ and the SVD of B from l × l Gram matrices, a
+    # triangular solve. At the Fashion-MNIST head's size (16,010 × 200, one core), Ω took
+    # 0.17 s against 0.49 s by Householder QR in float32, and the rest 0.27 s.
     rank = max(1, min(rank, size))
-    gauss = np.random.default_rng(seed).standard_normal((size, rank)).astype(np.float32)
-    omega = np.linalg.qr(gauss)[0].astype(np.float64)
+    gauss = np.random.default_rng(seed).standard_normal((size, rank))
+    omega = solve_triangular(np.linalg.cholesky(gauss.T @ gauss), gauss.T, lower=True).T
     y = sketch(omega)
     nu = np.sqrt(size) * np.finfo(np.float32).eps * np.sqrt(max(np.linalg.eigvalsh(y.T @ y)[-1], 0.0))
     for _ in range(6):

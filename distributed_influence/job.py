@@ -175,9 +175,9 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
         if pool is not None:
             pool.shutdown()
         if started:
-            import ray
+            from .runtime import stop_ray
 
-            ray.shutdown()
+            stop_ray()
     manifest["run_key"] = key
     manifest["workers"]["gpus_per_worker"] = gpus
     manifest["timings"]["total"] = round(time.perf_counter() - t_start, 4)
@@ -216,13 +216,18 @@ def _publish_index(store: WorkStore, out: str) -> None:
     storage.move_tree(storage.join(store.path, index.INDEX_DIR), final)
 
 
-def _featurize_test(pool, inputs: Inputs) -> dict:
-    """Test features, computed by the workers in parallel and left where they are (in Ray's
-    object store): the driver keeps only references, logits, ids and labels."""
+def _featurize(pool, inputs: Inputs, specs) -> tuple:
+    """The training shards ``specs`` featurized and kept by their workers, and the test features,
+    computed by the workers in parallel and left where they are (in Ray's object store): the
+    driver keeps only references, logits, ids and labels.
+
+    Returns:
+        (``prepare``'s results, the test set as :func:`_run_stages` uses it).
+    """
     from .plan import plan_shards
 
     parts = plan_shards(inputs.test.n_rows, pool.n_workers)
-    x_parts, metas = pool.call_split("featurize_test", [(p.start, p.stop) for p in parts])
+    prepared, x_parts, metas = pool.featurize(specs, [(p.start, p.stop) for p in parts], desc="featurize")
     test = {"x_parts": x_parts,
             "logits": np.concatenate([m["logits"] for m in metas]),
             "ids": np.concatenate([m["ids"] for m in metas])}
@@ -230,7 +235,7 @@ def _featurize_test(pool, inputs: Inputs) -> dict:
         test["labels"] = np.concatenate([m["labels"] for m in metas])
     if "keys" in metas[0]:
         test["keys"] = np.concatenate([m["keys"] for m in metas])
-    return test
+    return prepared, test
 
 
 def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> dict:
@@ -373,9 +378,9 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
 
     with timer.stage("featurize"):
         # The fit needs every shard; afterwards only the shards still to be scored.
-        for p in pool.map("prepare", specs if fit is None else todo, desc="featurize train"):
+        prepared, test = _featurize(pool, inputs, specs if fit is None else todo)
+        for p in prepared:
             shard_info[p["shard"]].update(node=p["node"] or None, featurize_seconds=round(p["seconds"], 4))
-        test = _featurize_test(pool, inputs)
         test_pred = predicted_classes(test["logits"])
 
     with timer.stage("fit"):

@@ -64,6 +64,30 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
     return True
 
 
+def stop_ray() -> None:
+    """Shuts Ray down after :func:`start_ray` started or joined it.
+
+    A local instance's autoscaler monitor is stopped first, and at once. Ray stops it after the
+    GCS, and its SIGTERM handler then keeps trying to report to the gone GCS until Ray kills it
+    after a one-second grace: 1.0 s of a 1.1 s shutdown on the project's 2-core benchmark
+    machine, at the end of every local run. A local instance has nothing to scale, so nothing
+    is lost. Ray has no public switch for this; should its internals differ, the shutdown is
+    Ray's own. A joined cluster is only disconnected from: its processes are not this one's.
+    """
+    import ray
+
+    try:
+        import ray._private.ray_constants as rc
+        import ray._private.worker as ray_worker
+
+        node = ray_worker._global_node
+        if node is not None and node.head and rc.PROCESS_TYPE_MONITOR in node.all_processes:
+            node.kill_monitor(check_alive=False)
+    except Exception as exc:  # noqa: BLE001 - an optimisation only: Ray's shutdown follows
+        log.debug("could not stop Ray's autoscaler monitor first: %s", exc)
+    ray.shutdown()
+
+
 def _host_port(address: str) -> Optional[Tuple[str, int]]:
     """(host, port) of a ``host:port`` address; None for ``auto``, ``ray://...`` and the like."""
     if "://" in address or address in ("auto", "local"):

@@ -255,10 +255,12 @@ class InProcessPool:
         """The per-worker sums of ``method`` over the shards (see ``ShardWorker.summed``)."""
         return [self.worker.summed(method, list(specs), *shared)]
 
-    def call_split(self, method: str, args_per_worker: List[tuple]):
-        """Like :meth:`call_all` for methods returning (big, small): two lists."""
-        out = self.call_all(method, args_per_worker)
-        return [o[0] for o in out], [o[1] for o in out]
+    def featurize(self, specs: Sequence[ShardSpec], test_ranges: List[tuple], desc: Optional[str] = None):
+        """``prepare`` of every shard, then ``featurize_test`` of every test range (see
+        :meth:`RayPool.featurize`)."""
+        prepared = self.map("prepare", specs, desc=desc)
+        out = [self.worker.featurize_test(a, b) for a, b in test_ranges]
+        return prepared, [o[0] for o in out], [o[1] for o in out]
 
     def release(self) -> None:
         self.worker.release()
@@ -435,17 +437,28 @@ class RayPool:
         self._recovery["redone_calls"].setdefault(method, []).extend(s.index for s in lost)
         return summed + self.map(method, lost, *shared)
 
-    def call_split(self, method: str, args_per_worker: List[tuple]):
-        """Calls a method returning (big, small) on every worker: the big values stay in the
-        object store (references are returned), only the small ones are fetched.
+    def featurize(self, specs: Sequence[ShardSpec], test_ranges: List[tuple], desc: Optional[str] = None):
+        """``prepare`` of every shard and ``featurize_test`` of every test range, as one run.
 
-        The big values are test-feature parts: should their node be lost later, a call that
-        cannot read one has it recomputed by a surviving worker (see :meth:`_on_lost_object`).
+        Range ``p`` goes to worker ``p`` (while it lives). A worker goes on to its test range as
+        soon as its own shards are done, rather than every worker waiting for the slowest shard
+        first: on the 2-core benchmark two equal shards took 3.4 and 4.1 s.
+
+        The test features stay in the object store (references are returned), only the small
+        values are fetched. Should their node be lost later, a call that cannot read one has it
+        recomputed by a surviving worker (see :meth:`_on_lost_object`).
+
+        Returns:
+            (``prepare``'s results in shard order, the test features' references, the small
+            values of ``featurize_test``), ranges in the order given.
         """
-        calls = [_Call(method, tuple(args), ("part", p), p, num_returns=2,
-                       what=f"{method}({', '.join(map(str, args))})") for p, args in enumerate(args_per_worker)]
-        smalls = self._run(calls)
-        return [c.refs[0] for c in calls], smalls
+        calls = [_Call("prepare", (s,), ("shard", s.index), i, rows=s.rows,
+                       what=f"shard {s.index} (training rows {s.start}-{s.stop})") for i, s in enumerate(specs)]
+        self._shard_keys.update(c.key for c in calls)
+        parts = [_Call("featurize_test", (a, b), ("part", p), len(calls) + p, rows=b - a, num_returns=2,
+                       what=f"featurize_test({a}, {b})") for p, (a, b) in enumerate(test_ranges)]
+        out = self._run(calls + parts, desc)
+        return out[:len(calls)], [c.refs[0] for c in parts], out[len(calls):]
 
     def _on_each_worker(self, method: str) -> list:
         """``method()`` once on every surviving worker (only that worker can answer)."""

@@ -10,9 +10,22 @@ from distributed_influence.cli import main
 
 
 def test_demo_finds_flipped_labels(tmp_path, capsys):
+    import psutil  # in the test extra (Ray depends on it too)
+    import ray
+
+    assert not ray.is_initialized()  # the demo starts, and must stop, a Ray instance of its own
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     out = str(tmp_path / "demo")
     assert main(["demo", "--out", out, "--n-train", "600", "--epochs", "25"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # Ray is stopped with its autoscaler monitor killed first (runtime.stop_ray): every process
+    # of the instance must be gone, and nothing about the monitor said on stderr.
+    assert not ray.is_initialized()
+    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert not alive, [p.cmdline()[:3] for p in alive]
+    assert "autoscaler" not in captured.err.lower(), captured.err[-2000:]
     for name in ("influence_topk", "train_scores", "test_scores"):
         assert os.path.isfile(os.path.join(out, name, "part-00000.parquet")), name
     assert os.path.isfile(os.path.join(out, "manifest.json"))
