@@ -17,7 +17,6 @@ import logging
 from typing import Callable, Optional, Tuple
 
 import numpy as np
-from scipy import optimize
 from scipy.linalg import solve_triangular
 from scipy.sparse.linalg import LinearOperator, cg
 
@@ -197,6 +196,10 @@ def fit_head(
     for precision, lbfgs_tol in plan:
         if np.max(np.abs(g)) <= tol:
             break
+        # Imported here, rarely: SciPy's optimize takes ~0.3 s of a core to import, in the
+        # driver of every run, while Ray starts (see job._import_meanwhile).
+        from scipy import optimize
+
         res = optimize.minimize(
             objective(precision), x, jac=True, method="L-BFGS-B", callback=callback,
             options={"maxiter": max_iter, "maxcor": 30, "ftol": 0.0, "gtol": max(tol, lbfgs_tol), "maxls": 50},
