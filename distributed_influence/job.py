@@ -119,8 +119,9 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
         if use_ray:
             from .runtime import plan_workers, start_ray
 
-            # The fit's module (SciPy: ~0.4 s of imports) loads while Ray starts, which leaves a
-            # core idle most of the time: it is needed only once the workers have featurized.
+            # The fit's module (SciPy's linear algebra: ~0.4 s of a core) loads while Ray starts.
+            # Measured on the 2-core benchmark machine, that is about even with importing it in
+            # line: Ray's start waits on its new processes, which keep the cores busy too.
             importing = _import_meanwhile("distributed_influence.fit")
             with timer.stage("ray_start"):
                 started = start_ray(config.address)
