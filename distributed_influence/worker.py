@@ -655,6 +655,10 @@ class RayPool:
             s = self._suspects[c.worker] = _Suspect(now, now + RESTART_WAIT, exc, _public(c)[0], [], now)
             log.info("worker %d: %s during %s; waiting up to %g s for Ray to bring it back",
                      c.worker, type(exc).__name__, c.method, RESTART_WAIT)
+        elif c.seq < min(p.seq for p in s.parked):
+            # The calls queued behind the one it was on fail with it, in any order: the worker
+            # was lost during the first of them (an actor runs its calls in submission order).
+            s.method = _public(c)[0]
         s.parked.append(c)
 
     def _on_lost_object(self, c: _Call, lost: str, exc: BaseException, pending: dict) -> None:
