@@ -321,10 +321,19 @@ class _Suspect:
     since: float
     deadline: float
     error: BaseException
-    method: str
     parked: list
     next_ping: float
     ping: object = None
+
+    @property
+    def running(self) -> "_Call":
+        """The call the worker was on: an actor runs its calls in the order they were sent, and
+        those queued behind it fail with it, in any order."""
+        return min(self.parked, key=lambda call: call.seq)
+
+    @property
+    def method(self) -> str:
+        return _public(self.running)[0]
 
 
 class RayPool:
@@ -393,12 +402,18 @@ class RayPool:
         # Big shared arguments go to the object store once; small ones (Θ, a precision name)
         # travel inline with each call, which is cheaper than a put per fit evaluation.
         shared_refs = tuple(ray.put(a) if getattr(a, "nbytes", 0) > INLINE_BYTES else a for a in shared)
-        calls = [_Call(method, (s, *shared_refs), ("shard", s.index), i, rows=s.rows,
+        calls = self._shard_calls(method, specs, shared_refs)
+        report = None if on_result is None else (lambda c, value: on_result(specs[c.pos], value))
+        return self._run(calls, desc, report)
+
+    def _shard_calls(self, method: str, specs: Sequence[ShardSpec], shared: tuple) -> List["_Call"]:
+        """``method(spec, *shared)`` for each shard, at positions 0.., its key known to the pool
+        (a lost worker's shards move)."""
+        calls = [_Call(method, (s, *shared), ("shard", s.index), i, rows=s.rows,
                        what=f"shard {s.index} (training rows {s.start}-{s.stop})")
                  for i, s in enumerate(specs)]
         self._shard_keys.update(c.key for c in calls)
-        report = None if on_result is None else (lambda c, value: on_result(specs[c.pos], value))
-        return self._run(calls, desc, report)
+        return calls
 
     def call_all(self, method: str, args_per_worker: List[tuple]) -> list:
         """``method(*args)`` once for each entry, entry ``p`` on worker ``p`` while it lives."""
@@ -452,9 +467,7 @@ class RayPool:
             (``prepare``'s results in shard order, the test features' references, the small
             values of ``featurize_test``), ranges in the order given.
         """
-        calls = [_Call("prepare", (s,), ("shard", s.index), i, rows=s.rows,
-                       what=f"shard {s.index} (training rows {s.start}-{s.stop})") for i, s in enumerate(specs)]
-        self._shard_keys.update(c.key for c in calls)
+        calls = self._shard_calls("prepare", specs, ())
         parts = [_Call("featurize_test", (a, b), ("part", p), len(calls) + p, rows=b - a, num_returns=2,
                        what=f"featurize_test({a}, {b})") for p, (a, b) in enumerate(test_ranges)]
         out = self._run(calls + parts, desc)
@@ -652,13 +665,9 @@ class RayPool:
         s = self._suspects.get(c.worker)
         if s is None:
             now = time.perf_counter()
-            s = self._suspects[c.worker] = _Suspect(now, now + RESTART_WAIT, exc, _public(c)[0], [], now)
+            s = self._suspects[c.worker] = _Suspect(now, now + RESTART_WAIT, exc, [], now)
             log.info("worker %d: %s during %s; waiting up to %g s for Ray to bring it back",
                      c.worker, type(exc).__name__, c.method, RESTART_WAIT)
-        elif c.seq < min(p.seq for p in s.parked):
-            # The calls queued behind the one it was on fail with it, in any order: the worker
-            # was lost during the first of them (an actor runs its calls in submission order).
-            s.method = _public(c)[0]
         s.parked.append(c)
 
     def _on_lost_object(self, c: _Call, lost: str, exc: BaseException, pending: dict) -> None:
@@ -731,13 +740,12 @@ class RayPool:
     def _blame(self, s: _Suspect, node_gone: bool) -> None:
         """Counts a worker's death against the call it was running, unless its node was lost.
 
-        An actor runs its calls in the order they were sent, so of the calls that failed with
-        it, the earliest sent was running. A unit of work that took its worker down
-        :data:`MAX_SHARD_LOSSES` times (on whichever workers) stops the job.
+        The call it was running is :attr:`_Suspect.running`. A unit of work that took its worker
+        down :data:`MAX_SHARD_LOSSES` times (on whichever workers) stops the job.
         """
         if node_gone or not s.parked:
             return
-        c = min(s.parked, key=lambda call: call.seq)
+        c = s.running
         c.losses += 1
         if c.losses >= MAX_SHARD_LOSSES:
             raise ClusterError(
