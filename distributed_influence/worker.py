@@ -54,9 +54,10 @@ def configure_devices(num_gpus: float, num_cpus: float) -> dict:
     """
     if not num_gpus:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from .tfimport import import_tensorflow
+    from .tfimport import import_tensorflow, pyarrow_without_pandas
 
     tf = import_tensorflow(lean=True)  # a process of the job's own: no Keras integrations needed
+    pyarrow_without_pandas()  # nor pandas, for pyarrow's conversions
 
     gpus = tf.config.list_physical_devices("GPU")
     threads = max(1, int(num_cpus))

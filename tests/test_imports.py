@@ -97,3 +97,49 @@ def test_a_bad_model_found_by_a_worker_is_one_line_and_no_output(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "safe mode" in lines[0], proc.stderr
     assert not out.exists()
+
+
+def test_a_worker_process_converts_and_writes_parquet_without_importing_pandas(tmp_path):
+    """pyarrow imports pandas at its first conversion (a third of a second of a core); a
+    worker, set up as the job sets up its workers, writes and reads Parquet without it, and an
+    explicit ``to_pandas`` still works there."""
+    code = (
+        "import json, sys\n"
+        "import numpy as np\n"
+        "from distributed_influence.worker import configure_devices\n"
+        "configure_devices(0, 1)\n"
+        "import pyarrow as pa, pyarrow.parquet as pq\n"
+        "t = pa.table({'i': pa.array(np.arange(4), pa.int64()), 's': pa.array(['a', 'b', 'c', None])})\n"
+        "pq.write_table(t, sys.argv[1])\n"
+        "back = pq.read_table(sys.argv[1])\n"
+        "res = {'equal': back.equals(t), 'pandas_after_parquet': 'pandas' in sys.modules}\n"
+        "try:\n"
+        "    import importlib.util\n"
+        "    has = importlib.util.find_spec('pandas') is not None\n"
+        "except ImportError:\n"
+        "    has = False\n"
+        "if has:\n"
+        "    res['to_pandas_rows'] = len(back.to_pandas())\n"
+        "print(json.dumps(res))\n"
+    )
+    proc = _run(code, str(tmp_path / "t.parquet"))
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["equal"] and not res["pandas_after_parquet"], res
+    assert res.get("to_pandas_rows", 4) == 4
+
+
+def test_without_the_worker_set_up_pyarrow_imports_pandas_at_its_first_conversion():
+    """The premise of the test above, so that it cannot pass for a pyarrow that no longer
+    imports pandas by itself (then the set-up is moot, and this test says so)."""
+    import importlib.util
+
+    if importlib.util.find_spec("pandas") is None:
+        import pytest
+
+        pytest.skip("pandas is not installed")
+    proc = _run("import sys, numpy as np, pyarrow as pa\npa.array(np.arange(3))\nprint('pandas' in sys.modules)")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "True"
