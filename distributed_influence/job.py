@@ -283,8 +283,9 @@ def _sent(a: np.ndarray, precision: str) -> np.ndarray:
     their arguments to it first, so a float32 call is sent float32, bit for bit the same work.
 
     Why: a float64 head of the Fashion-MNIST CNN (1601 × 10) is 128 kB, above the size up to
-    which Ray sends an argument inside the call (``max_direct_call_object_size``, 100 kB by
-    default); each larger one goes through the object store.
+    which Ray sends an argument inside the call on a cluster (``max_direct_call_object_size``,
+    100 kB by default; a local instance raises it, see ``runtime.INLINE_BYTES``); each larger
+    one goes through the object store.
     Measured with two actors on this project's 2-core machine: a round trip with two such
     arguments took 15 ms, with them in float32 (64 kB) 7 ms; a fit makes ~50 of them.
     """
