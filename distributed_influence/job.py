@@ -119,12 +119,13 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
         if use_ray:
             from .runtime import plan_workers, start_ray
 
-            # The fit's module (SciPy's linear algebra: ~0.4 s of a core) loads while Ray starts.
-            # Measured on the 2-core benchmark machine, that is about even with importing it in
-            # line: Ray's start waits on its new processes, which keep the cores busy too.
-            importing = _import_meanwhile("distributed_influence.fit")
+            # The fit's module (SciPy's linear algebra: ~0.4 s of a core) loads while this process
+            # only waits for Ray's new processes. Started with the stage instead, it slowed
+            # `import ray` and Ray's own start-up imports, which it shares the GIL with: in one
+            # profile on the 2-core benchmark machine `import ray` took 1.08 s against 0.47 s alone.
+            importing = _Import("distributed_influence.fit")
             with timer.stage("ray_start"):
-                started = start_ray(config.address)
+                started = start_ray(config.address, while_waiting=importing.start)
             n_workers, gpus, cpus = plan_workers(config.shards, config.workers, config.gpus_per_worker)
             n_shards = config.shards or n_workers
         else:
@@ -188,21 +189,31 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
     return manifest
 
 
-def _import_meanwhile(module: str):
-    """Imports ``module`` in a background thread, which it returns. Should that fail, the error
-    comes again, and is reported, where the module is imported for use."""
-    import importlib
-    import threading
+class _Import:
+    """Imports a module in a background thread from :meth:`start` on. Should that fail, the
+    error comes again, and is reported, where the module is imported for use."""
 
-    def load():
+    def __init__(self, module: str):
+        import threading
+
+        self.module = module
+        self.thread = threading.Thread(target=self._load, name=f"import {module}", daemon=True)
+
+    def _load(self):
+        import importlib
+
         try:
-            importlib.import_module(module)
+            importlib.import_module(self.module)
         except Exception:  # noqa: BLE001 - raised again by the import where it is used
             pass
 
-    thread = threading.Thread(target=load, name=f"import {module}", daemon=True)
-    thread.start()
-    return thread
+    def start(self) -> None:
+        if not self.thread.is_alive() and self.thread.ident is None:
+            self.thread.start()
+
+    def join(self) -> None:
+        self.start()
+        self.thread.join()
 
 
 def _absolute(spec: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -38,25 +38,35 @@ def use_loopback() -> None:
 
 
 def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
-              num_gpus: Optional[int] = None) -> bool:
+              num_gpus: Optional[int] = None, while_waiting: Optional[Callable[[], None]] = None) -> bool:
     """Joins the cluster at ``address`` (or ``RAY_ADDRESS``), else starts Ray in-process.
 
     A local instance is bound to loopback with no dashboard; Ray's token authentication stays
     as Ray configures it (on by default). If Ray is already initialised in this process (a test
     session, a notebook) that instance is used as it is.
 
+    Args:
+        while_waiting: called once (it should return at once, e.g. start a thread) when this
+            process has nothing to do but wait: for a local instance, once Ray's processes are
+            launched and only their start-up is awaited (~2 s on the 2-core benchmark machine);
+            else before joining. Work started there does not hold up the Python work of Ray's
+            start (its imports, launching the processes), which shares this process's GIL.
+
     Returns:
         True when this call started or joined Ray (and the caller should shut it down).
     """
     import ray
 
+    waiting = _once(while_waiting)
     if ray.is_initialized():
+        waiting()
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         from .storage import redact
 
         log.info("joining the Ray cluster at %s", redact(address))
+        waiting()
         join_cluster(address)
     else:
         use_loopback()
@@ -66,16 +76,28 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
         logging.getLogger(_TOKEN_NOTICE_LOGGER).setLevel(logging.ERROR)
         # address="local": always a new instance, never a cluster some earlier `ray start`
         # left running on this machine (whose token and resources are not ours).
-        with _quick_local_start():
+        with _quick_local_start(waiting):
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                      log_to_driver=True, configure_logging=False,
                      _system_config={"max_direct_call_object_size": INLINE_BYTES})
         log.info("started a local Ray instance on 127.0.0.1")
+    waiting()  # if Ray's internals did not call it
     return True
 
 
+def _once(fn: Optional[Callable[[], None]]) -> Callable[[], None]:
+    called = []
+
+    def call():
+        if fn is not None and not called:
+            called.append(True)
+            fn()
+
+    return call
+
+
 @contextlib.contextmanager
-def _quick_local_start():
+def _quick_local_start(while_waiting: Callable[[], None] = lambda: None):
     """Skips two waits of Ray's start of a local instance that a local run has no use for.
 
     Measured on the project's 2-core benchmark machine (``ray.init`` alone, alternating runs):
@@ -87,6 +109,8 @@ def _quick_local_start():
       does not touch.
     - Ray then waits for the new raylet to register by asking the GCS once a second: 0.4–1.0 s
       after it had registered. Asked every 20 ms, the wait ends when the registration does.
+
+    ``while_waiting`` is called when that wait begins.
 
     Ray has no public switch for either; should its internals differ, the start is Ray's own.
     """
@@ -106,6 +130,7 @@ def _quick_local_start():
         return None
 
     def registered_node(gcs_address, node_id):
+        while_waiting()
         _await_registration(gcs_address, node_id)
         return get_node(gcs_address, node_id)
 

@@ -143,3 +143,38 @@ def test_without_the_worker_set_up_pyarrow_imports_pandas_at_its_first_conversio
     proc = _run("import sys, numpy as np, pyarrow as pa\npa.array(np.arange(3))\nprint('pandas' in sys.modules)")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "True"
+
+
+def test_a_local_ray_start_calls_back_once_while_waiting_and_sends_large_results_inline():
+    """``start_ray(while_waiting=...)`` calls back once, while Ray's start is still under way
+    (the driver is not connected yet); the instance has no API server (none was asked for) and
+    sends call results up to ``INLINE_BYTES`` inside the call. Given an instance that is
+    already up, it calls back at once."""
+    code = (
+        "import json, ray\n"
+        "from distributed_influence.runtime import INLINE_BYTES, start_ray, stop_ray\n"
+        "calls = []\n"
+        "started = start_ray(num_cpus=1, while_waiting=lambda: calls.append(ray.is_initialized()))\n"
+        "node = ray._private.worker._global_node\n"
+        "again = []\n"
+        "restarted = start_ray(while_waiting=lambda: again.append(1))\n"
+        "from ray._private import ray_constants as rc\n"
+        "inline = ray._private.state.state.get_system_config().get('max_direct_call_object_size')\n"
+        "print(json.dumps({'started': started, 'calls': calls, 'again': again, 'restarted': restarted,\n"
+        "                  'api_server': rc.PROCESS_TYPE_DASHBOARD in node.all_processes,\n"
+        "                  'inline': inline, 'wanted': INLINE_BYTES}))\n"
+        "stop_ray()\n"
+    )
+    proc = _run(code)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["started"] and len(res["calls"]) == 1, res
+    assert not res["restarted"] and res["again"] == [1], res
+    import ray._private.services as services
+    from ray._private.node import Node
+
+    if hasattr(services, "get_node") and hasattr(Node, "start_api_server"):  # the internals it uses
+        assert res["calls"] == [False] and not res["api_server"], res
+    assert res["inline"] == res["wanted"], res
