@@ -231,9 +231,12 @@ def report(runs: Dict[str, List[JobRun]], work: str) -> None:
     print("\ntargets")
     print(f"  tables identical: {'yes' if identical else 'no'}  {ok(identical)}")
     print(f"  pairs scored <= {TARGET_PAIRS:.0%} of m x n: {pairs:.3%}  {ok(pairs <= TARGET_PAIRS)}")
-    print(f"  top-k scoring >= {TARGET_SCORE_SPEEDUP:.0f}x faster than dense: {speed:.1f}x  "
-          f"{ok(speed >= TARGET_SCORE_SPEEDUP)}  (whole score stage incl. alpha and the train index: "
-          f"{stage:.1f}x  {ok(stage >= TARGET_SCORE_SPEEDUP)})")
+    # The scoring this issue prunes is the (test, train) pairs' (score_shard). The manifest's
+    # score stage also holds the α pass and the train index's write, the same work in both
+    # paths: its ratio is printed, and it is not what the target measures.
+    print(f"  scoring of the pairs (top-k, score_shard) >= {TARGET_SCORE_SPEEDUP:.0f}x faster than dense: "
+          f"{speed:.1f}x  {ok(speed >= TARGET_SCORE_SPEEDUP)}  (the manifest's whole score stage, with the "
+          f"alpha pass and the train index both paths do alike: {stage:.1f}x)")
     print(f"  end to end <= {TARGET_END_TO_END} x dense, ratio of the means: {e2e:.3f} x  "
           f"{ok(e2e <= TARGET_END_TO_END)}")
     print(f"  end to end <= {TARGET_END_TO_END} x dense, median of the rounds' ratios: {e2e_median:.3f} x  "
