@@ -285,7 +285,10 @@ class Featurizer:
     """Batched forward pass: input rows to (features, model logits), one trace for all batches.
 
     The ``tf.function`` has a batch axis of ``None`` in its signature, so the ragged last
-    batch runs the same graph as the others instead of tracing a new one.
+    batch runs the same graph as the others instead of tracing a new one. Like every
+    ``tf.function`` of the project it is traced without AutoGraph (nothing in them branches on
+    a tensor): AutoGraph writes the code it generates to the temporary directory and removes it
+    at the process's exit, which a Ray worker, stopped by Ray, never reaches.
     """
 
     def __init__(self, split: SplitModel, batch_size: Optional[int]):
@@ -300,7 +303,7 @@ class Featurizer:
         fe = split.featurizer
         spec = tf.TensorSpec((None,) + tuple(split.input_shape), tf.float32)
 
-        @tf.function(input_signature=[spec])
+        @tf.function(input_signature=[spec], autograph=False)
         def forward(x):
             f = tf.cast(fe(x, training=False), tf.float32)
             return f, tf.matmul(f, kernel) + bias

@@ -155,7 +155,7 @@ def _link(z, binary: bool):
     return tf.sigmoid(z) if binary else tf.nn.softmax(z)
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _objective_block(x, t, theta, binary):
     # ``binary`` is a Python bool: part of the trace's signature, so each link traces once.
     xc = tf.cast(x, theta.dtype)
@@ -195,12 +195,12 @@ def objective_sums(x, targets, theta: np.ndarray, precision: str = "float64") ->
     return loss, grad
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _probs_block(x, theta, binary):
     return _link(tf.matmul(tf.cast(x, theta.dtype), theta), binary)
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _hvp_block(x, p, v):
     xc = tf.cast(x, v.dtype)
     pu = p * tf.matmul(xc, v)
@@ -262,7 +262,7 @@ def hvp_sums(x, theta: np.ndarray, v: np.ndarray, precision: str = "float64", pr
     return out
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _hvp_multi_block(x, p, v):
     d1, n_classes, width = tf.shape(v)[0], tf.shape(v)[1], tf.shape(v)[2]
     xc = tf.cast(x, v.dtype)

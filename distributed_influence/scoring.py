@@ -130,7 +130,7 @@ def _top_k(r, k, chunk: int, pad: bool, largest: bool):
     return (top.values if largest else -top.values), top.indices
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _score_block(xt, x, alpha_t, pred, k, with_abs, chunk, pad):
     # r[t, i] = α_{i, j_t} (x_i · x_t): one large matrix product, then an elementwise scale by
     # rows of αᵀ (C, s), gathered already in (test, train) order.
@@ -234,7 +234,7 @@ def tf32_possible() -> bool:
     return bool(tf.config.list_logical_devices("GPU")) and tf.config.experimental.tensor_float_32_execution_enabled()
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _merge_candidates(xt, x, alpha_c, cand, pv, pr, ov, orow, k):
     """Scores a block of gathered candidate rows and merges it into the running top-k lists.
 

@@ -155,7 +155,7 @@ def _decode_block(blobs: Sequence[bytes]) -> Optional[np.ndarray]:
         def one(b):
             return tf.io.decode_image(b, channels=0, dtype=tf.uint8, expand_animations=False)
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
         def decode_all(data):
             return tf.map_fn(one, data, fn_output_signature=tf.TensorSpec([None, None, None], tf.uint8),
                              parallel_iterations=4)

@@ -266,7 +266,7 @@ class TFRecordSource(Source):
             if self.id_feature is not None:
                 spec[self.id_feature] = tf.io.FixedLenFeature([], tf.string)
 
-            @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+            @tf.function(input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
             def parse(serialized):
                 return tf.io.parse_example(serialized, spec)
 
