@@ -60,7 +60,7 @@ def _run(code: str, *args: str, env: dict = None):
 def test_a_ray_run_never_loads_tensorflow_in_the_driver(files, tmp_path):
     """The workers describe the model; the driver's process never imports TensorFlow or Keras
     (seconds of a core at start-up), and the manifest still names their versions. And the run
-    leaves nothing in the temporary directory: TensorFlow's AutoGraph writes the code it
+    leaves no AutoGraph file in the temporary directory: TensorFlow's AutoGraph writes the code it
     generates for a ``tf.function`` there and removes it at the process's exit, which a Ray
     worker, stopped by Ray, never reaches (two files per audit, before the project's functions
     were traced without AutoGraph)."""
