@@ -18,7 +18,8 @@ d = 1600, k = 10), through the real CLI:
    workers (the ``score_shard`` calls, without α and the train index), the pairs scored and the
    end-to-end wall time, their ratios, and where the remaining seconds go; the end-to-end
    ratio both as the ratio of the means and as the median of the rounds' ratios (each round
-   runs both methods back to back; one run slowed by other work moves the mean, not the median);
+   runs both methods back to back; with three rounds or more, one run slowed by other work
+   moves the mean, not the median);
 4. compares the three tables exactly: ids, kinds, ranks and every integer column equal, float
    columns bit for bit (the largest difference is printed if they are not).
 
@@ -223,9 +224,9 @@ def report(runs: Dict[str, List[JobRun]], work: str) -> None:
     speed = d["top-k scoring (workers)"] / p["top-k scoring (workers)"]
     stage = d["stage score"] / p["stage score"]
     e2e = p["end to end (wall)"] / d["end to end (wall)"]
-    # Each round runs both methods back to back: the round's ratio compares runs minutes apart,
-    # and the median of those ratios is not moved by one run that the machine slowed down
-    # (other processes' CPU time is printed for every run above).
+    # Each round runs both methods back to back: the round's ratio compares runs minutes apart.
+    # With three rounds or more, one run that the machine slowed down moves the mean, not the
+    # median of those ratios (other processes' CPU time is printed for every run above).
     per_round = [a.wall / b.wall for a, b in zip(runs["pruned"], runs["dense"])]
     e2e_median = float(np.median(per_round))
     print("\ntargets")

@@ -292,7 +292,8 @@ def nystrom_preconditioner(sketch: Callable[[np.ndarray], np.ndarray], size: int
 
 
 def _lower_inverse(lower: np.ndarray) -> np.ndarray:
-    """L⁻¹ of a lower triangular l × l matrix."""
+    """L⁻¹ of a lower triangular l × l matrix, for products with (size × l) matrices: faster
+    than triangular solves against them (see :func:`nystrom_preconditioner`)."""
     return solve_triangular(lower, np.eye(len(lower)), lower=True)
 
 

@@ -208,10 +208,11 @@ class _Import:
             pass
 
     def start(self) -> None:
-        if not self.thread.is_alive() and self.thread.ident is None:
+        if self.thread.ident is None:  # not started yet
             self.thread.start()
 
     def join(self) -> None:
+        """Waits for the import; starts it first if nothing did (Ray's start did not call back)."""
         self.start()
         self.thread.join()
 
@@ -295,8 +296,8 @@ def _sent(a: np.ndarray, precision: str) -> np.ndarray:
 
     Why: a float64 head of the Fashion-MNIST CNN (1601 × 10) is 128 kB, above the size up to
     which Ray sends an argument inside the call on a cluster (``max_direct_call_object_size``,
-    100 kB by default; a local instance raises it, see ``runtime.INLINE_BYTES``); each larger
-    one goes through the object store.
+    100 kB by default; a local instance raises it, see ``runtime.DIRECT_CALL_BYTES``); each
+    larger one goes through the object store.
     Measured with two actors on this project's 2-core machine: a round trip with two such
     arguments took 15 ms, with them in float32 (64 kB) 7 ms; a fit makes ~50 of them.
     """

@@ -16,12 +16,13 @@ _LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 #: The logger of Ray's notice "Token authentication is enabled for this Ray cluster".
 _TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 #: Largest call argument or result a local instance sends inside the call rather than through
-#: its object store (Ray's ``max_direct_call_object_size``, 100 kB by default). The head fit's
+#: its object store (Ray's ``max_direct_call_object_size``, 100 kB by default; set through
+#: ``ray.init``'s ``_system_config``, which Ray documents as experimental). The head fit's
 #: sums come back as (d+1) × C float64, 128 kB for the Fashion-MNIST CNN's head, ~50 times per
 #: fit: measured with two actors on the 2-core benchmark machine, a round trip returning 128 kB
 #: took 5.9–7.8 ms through the object store and 2.9–4.5 ms inside the call. A cluster keeps the
 #: setting its head was started with.
-INLINE_BYTES = 256 * 1024
+DIRECT_CALL_BYTES = 256 * 1024
 #: Bound on finding out that a cluster address does not answer (TCP, then one GCS request).
 PROBE_SECONDS = 15.0
 
@@ -46,11 +47,16 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
     session, a notebook) that instance is used as it is.
 
     Args:
+        address: a cluster to join (``host:port``, ``ray://...``, ``auto``); None: ``RAY_ADDRESS``,
+            else a new local instance.
+        num_cpus, num_gpus: a new local instance's resources (Ray's defaults if None).
         while_waiting: called once (it should return at once, e.g. start a thread) when this
-            process has nothing to do but wait: for a local instance, once Ray's processes are
-            launched and only their start-up is awaited (~2 s on the 2-core benchmark machine);
-            else before joining. Work started there does not hold up the Python work of Ray's
-            start (its imports, launching the processes), which shares this process's GIL.
+            process has nothing to do but wait: for a new local instance, once Ray's processes
+            are launched and only their start-up is awaited (~2 s on the 2-core benchmark
+            machine), so that work started there does not hold up the Python work of Ray's
+            start (its imports, launching the processes), which shares this process's GIL;
+            before joining a cluster, or at once when Ray is up already. Should it raise, the
+            error is logged and Ray's start goes on.
 
     Returns:
         True when this call started or joined Ray (and the caller should shut it down).
@@ -79,19 +85,24 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
         with _quick_local_start(waiting):
             ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                      log_to_driver=True, configure_logging=False,
-                     _system_config={"max_direct_call_object_size": INLINE_BYTES})
+                     _system_config={"max_direct_call_object_size": DIRECT_CALL_BYTES})
         log.info("started a local Ray instance on 127.0.0.1")
     waiting()  # if Ray's internals did not call it
     return True
 
 
 def _once(fn: Optional[Callable[[], None]]) -> Callable[[], None]:
+    """``fn`` to be called at most once, from whichever point of Ray's start comes first; its
+    errors are logged, not raised: it runs inside Ray's start, which must not stop half-way."""
     called = []
 
     def call():
         if fn is not None and not called:
             called.append(True)
-            fn()
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - see above
+                log.warning("while starting Ray: %s", exc)
 
     return call
 
@@ -120,6 +131,8 @@ def _quick_local_start(while_waiting: Callable[[], None] = lambda: None):
 
         start_api_server, get_node = Node.start_api_server, services.get_node
     except (ImportError, AttributeError):
+        start_api_server = None
+    if start_api_server is None:  # (outside the except: Ray's own errors chain to nothing here)
         yield
         return
 
@@ -129,10 +142,12 @@ def _quick_local_start(while_waiting: Callable[[], None] = lambda: None):
         log.debug("Ray's API server not started: no dashboard was asked for")
         return None
 
-    def registered_node(gcs_address, node_id):
-        while_waiting()
-        _await_registration(gcs_address, node_id)
-        return get_node(gcs_address, node_id)
+    def registered_node(*args, **kwargs):
+        # Ray calls get_node(gcs_address, node_id); any other call is passed on as it is.
+        if len(args) == 2 and not kwargs:
+            while_waiting()
+            _await_registration(*args)
+        return get_node(*args, **kwargs)
 
     Node.start_api_server, services.get_node = no_api_server, registered_node
     try:
@@ -141,10 +156,11 @@ def _quick_local_start(while_waiting: Callable[[], None] = lambda: None):
         Node.start_api_server, services.get_node = start_api_server, get_node
 
 
-def _await_registration(gcs_address: str, node_id: str, timeout: float = 30.0,
+def _await_registration(gcs_address: str, node_id: str, timeout: float = 10.0,
                         every: float = 0.02) -> None:
     """Returns once the GCS at ``gcs_address`` lists node ``node_id`` (hex) alive, or after
-    ``timeout`` seconds, or at the first error: Ray's own wait comes next in every case."""
+    ``timeout`` seconds, or at the first error: Ray's own wait (its own 30 s) comes next in
+    every case, so a raylet that never registers is reported at most ``timeout`` later."""
     import time
 
     try:
@@ -154,6 +170,7 @@ def _await_registration(gcs_address: str, node_id: str, timeout: float = 30.0,
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             infos = client.get_all_node_info(timeout=every * 50)
+            # state 0: ALIVE in Ray's GcsNodeInfo.GcsNodeState.
             if any(getattr(k, "hex", lambda: k)() == node_id and v.state == 0 for k, v in infos.items()):
                 return
             time.sleep(every)

@@ -92,8 +92,10 @@ def pyarrow_without_pandas() -> None:
     Asked for explicitly (``Table.to_pandas``, ``from_pandas``), pyarrow imports pandas then, as
     it would have. (A ``None`` entry in ``sys.modules`` does not do here what it does for Keras:
     pyarrow's compiled import takes the ``None`` for the module; an import hook is refused as an
-    import should be.) For the job's own processes only, like ``lean``: a process that has
-    imported pandas already is left as it is.
+    import should be.) The answer holds for the process's life: should pandas be imported
+    later, pyarrow still takes a pandas object handed to ``pa.array`` for a plain sequence.
+    So for the job's own processes only, like ``lean``, whose data are NumPy arrays and lists;
+    a process that has imported pandas already is left as it is.
     """
     if "pandas" in sys.modules:
         return

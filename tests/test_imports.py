@@ -154,14 +154,14 @@ def test_without_the_worker_set_up_pyarrow_imports_pandas_at_its_first_conversio
     assert proc.stdout.strip() == "True"
 
 
-def test_a_local_ray_start_calls_back_once_while_waiting_and_sends_large_results_inline():
+def test_a_local_ray_start_calls_back_once_while_waiting_and_is_set_to_send_large_results_inline():
     """``start_ray(while_waiting=...)`` calls back once, while Ray's start is still under way
     (the driver is not connected yet); the instance has no API server (none was asked for) and
-    sends call results up to ``INLINE_BYTES`` inside the call. Given an instance that is
-    already up, it calls back at once."""
+    is configured to send call results up to ``DIRECT_CALL_BYTES`` inside the call. Given an
+    instance that is already up, it calls back at once."""
     code = (
         "import json, ray\n"
-        "from distributed_influence.runtime import INLINE_BYTES, start_ray, stop_ray\n"
+        "from distributed_influence.runtime import DIRECT_CALL_BYTES, start_ray, stop_ray\n"
         "calls = []\n"
         "started = start_ray(num_cpus=1, while_waiting=lambda: calls.append(ray.is_initialized()))\n"
         "node = ray._private.worker._global_node\n"
@@ -171,10 +171,10 @@ def test_a_local_ray_start_calls_back_once_while_waiting_and_sends_large_results
         "inline = ray._private.state.state.get_system_config().get('max_direct_call_object_size')\n"
         "print(json.dumps({'started': started, 'calls': calls, 'again': again, 'restarted': restarted,\n"
         "                  'api_server': rc.PROCESS_TYPE_DASHBOARD in node.all_processes,\n"
-        "                  'inline': inline, 'wanted': INLINE_BYTES}))\n"
+        "                  'inline': inline, 'wanted': DIRECT_CALL_BYTES}))\n"
         "stop_ray()\n"
     )
-    proc = _run(code)
+    proc = _run(code, env={"RAY_ADDRESS": ""})  # a new local instance, whatever the environment says
     assert proc.returncode == 0, proc.stderr
     import json
 
