@@ -23,6 +23,8 @@ _TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 #: took 5.9–7.8 ms through the object store and 2.9–4.5 ms inside the call. A cluster keeps the
 #: setting its head was started with.
 DIRECT_CALL_BYTES = 256 * 1024
+#: A live node's state in the GCS's node table (Ray's GcsNodeInfo.GcsNodeState.ALIVE).
+_ALIVE = 0
 #: Bound on finding out that a cluster address does not answer (TCP, then one GCS request).
 PROBE_SECONDS = 15.0
 
@@ -170,8 +172,7 @@ def _await_registration(gcs_address: str, node_id: str, timeout: float = 10.0,
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             infos = client.get_all_node_info(timeout=every * 50)
-            # state 0: ALIVE in Ray's GcsNodeInfo.GcsNodeState.
-            if any(getattr(k, "hex", lambda: k)() == node_id and v.state == 0 for k, v in infos.items()):
+            if any(getattr(k, "hex", lambda: k)() == node_id and v.state == _ALIVE for k, v in infos.items()):
                 return
             time.sleep(every)
     except Exception as exc:  # noqa: BLE001 - an optimisation only
@@ -253,7 +254,7 @@ def probe_cluster(host: str, port: int, timeout: float = PROBE_SECONDS) -> list:
             from ray._raylet import GcsClient
 
             infos = GcsClient(address=f"{host}:{port}").get_all_node_info(timeout=timeout / 2)
-            found["nodes"] = [i.node_manager_address for i in infos.values() if i.state == 0]
+            found["nodes"] = [i.node_manager_address for i in infos.values() if i.state == _ALIVE]
         except Exception as exc:  # noqa: BLE001 - reported below as one line
             found["error"] = exc
 
