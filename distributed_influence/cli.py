@@ -13,6 +13,7 @@ import sys
 from typing import List, Optional
 
 from .errors import ClusterError, InputError
+from .heap import freeze, own_process
 from .summary import summary_lines
 
 
@@ -140,5 +141,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
 
+def run(argv: Optional[List[str]] = None) -> int:
+    """The command's entry point: :func:`main` in a process of its own, which it ends.
+
+    The process is the job's own, so the objects of its start are frozen (see heap). What is
+    left when the command is done lives until the process exits, where the interpreter would walk
+    it all once more for reference cycles: 0.27–0.42 s after a run that used Ray, on the 2-core
+    benchmark machine. Frozen first, it is left to the exit.
+    """
+    own_process()
+    code = main(argv)
+    freeze()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -23,6 +23,7 @@ from . import reduce as rd
 from . import storage
 from . import tables
 from .config import AuditConfig
+from .heap import long_lived
 from .inputs import Inputs, open_inputs, prepare_inputs
 from .resume import WorkStore, run_key
 from .sources import options_from
@@ -109,13 +110,18 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
     pool = None
     importing = None  # the background import of the fit's module, in a Ray run
     gpus = 0.0
-    if use_ray:
-        opened = open_inputs(config)  # what needs no TensorFlow: a wrong path stops here, before Ray
-    else:
-        with timer.stage("validate"):
-            inputs = prepare_inputs(config)
-        opened = inputs
+    # Ray's start and the imports up to the first stage make most of this process's objects, for
+    # its whole life: in the command's process they are made with the cyclic collector paused,
+    # then frozen (see heap).
+    starting = contextlib.ExitStack()
     try:
+        starting.enter_context(long_lived())
+        if use_ray:
+            opened = open_inputs(config)  # what needs no TensorFlow: a wrong path stops here, before Ray
+        else:
+            with timer.stage("validate"):
+                inputs = prepare_inputs(config)
+            opened = inputs
         if use_ray:
             from .runtime import plan_workers, start_ray
 
@@ -166,6 +172,7 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
                  inputs.train.n_rows, len(specs), pool.n_workers, gpus)
         if importing is not None:
             importing.join()  # SciPy brings its own BLAS: loaded before the thread limit below
+        starting.close()
         with _driver_threads(use_ray):
             manifest = _run_stages(config, inputs, pool, specs, store, timer, fault, use_ray)
         manifest["versions"] = _versions(libraries)
@@ -174,6 +181,7 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
 
         raise unwrap_ray_error(exc) from None
     finally:
+        starting.close()
         if pool is not None:
             pool.shutdown()
         if started:

@@ -101,11 +101,17 @@ class WorkerActor:
     """
 
     def __init__(self, model_bytes: bytes, settings: WorkerSettings, num_gpus: float, num_cpus: float):
-        self.devices = configure_devices(num_gpus, num_cpus)
-        from .shard import ShardWorker
+        from .heap import long_lived, own_process
 
-        self.settings = settings
-        self.worker = ShardWorker(model_bytes, settings)
+        # TensorFlow's and Keras's objects last as long as the worker: made with the cyclic
+        # collector paused, then kept out of every later collection (see heap).
+        own_process()
+        with long_lived():
+            self.devices = configure_devices(num_gpus, num_cpus)
+            from .shard import ShardWorker
+
+            self.settings = settings
+            self.worker = ShardWorker(model_bytes, settings)
 
     def device_info(self) -> dict:
         from .shard import _node_id

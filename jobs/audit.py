@@ -13,7 +13,7 @@ import sys
 # With `--working-dir .` the project is uploaded but not installed: make the package importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from distributed_influence.cli import main  # noqa: E402
+from distributed_influence.cli import run  # noqa: E402
 
 
 def parse_args(argv):
@@ -22,4 +22,4 @@ def parse_args(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_args(sys.argv[1:])))
+    sys.exit(run(parse_args(sys.argv[1:])))
