@@ -154,24 +154,25 @@ def test_without_the_worker_set_up_pyarrow_imports_pandas_at_its_first_conversio
     assert proc.stdout.strip() == "True"
 
 
-def test_a_local_ray_start_calls_back_once_while_waiting_and_is_set_to_send_large_results_inline():
+def test_a_local_ray_start_calls_back_once_while_waiting_and_runs_with_the_local_settings():
     """``start_ray(while_waiting=...)`` calls back once, while Ray's start is still under way
     (the driver is not connected yet); the instance has no API server (none was asked for) and
-    is configured to send call results up to ``DIRECT_CALL_BYTES`` inside the call. Given an
-    instance that is already up, it calls back at once."""
+    runs with ``LOCAL_SYSTEM_CONFIG``: call results up to ``DIRECT_CALL_BYTES`` inside the call,
+    no task events, no metrics. Given an instance that is already up, it calls back at once."""
     code = (
         "import json, ray\n"
-        "from distributed_influence.runtime import DIRECT_CALL_BYTES, start_ray, stop_ray\n"
+        "from distributed_influence.runtime import LOCAL_SYSTEM_CONFIG, start_ray, stop_ray\n"
         "calls = []\n"
         "started = start_ray(num_cpus=1, while_waiting=lambda: calls.append(ray.is_initialized()))\n"
         "node = ray._private.worker._global_node\n"
         "again = []\n"
         "restarted = start_ray(while_waiting=lambda: again.append(1))\n"
         "from ray._private import ray_constants as rc\n"
-        "inline = ray._private.state.state.get_system_config().get('max_direct_call_object_size')\n"
+        "config = ray._private.state.state.get_system_config()\n"
         "print(json.dumps({'started': started, 'calls': calls, 'again': again, 'restarted': restarted,\n"
         "                  'api_server': rc.PROCESS_TYPE_DASHBOARD in node.all_processes,\n"
-        "                  'inline': inline, 'wanted': DIRECT_CALL_BYTES}))\n"
+        "                  'config': {k: config.get(k) for k in LOCAL_SYSTEM_CONFIG},\n"
+        "                  'wanted': LOCAL_SYSTEM_CONFIG}))\n"
         "stop_ray()\n"
     )
     proc = _run(code, env={"RAY_ADDRESS": ""})  # a new local instance, whatever the environment says
@@ -186,7 +187,7 @@ def test_a_local_ray_start_calls_back_once_while_waiting_and_is_set_to_send_larg
 
     if hasattr(services, "get_node") and hasattr(Node, "start_api_server"):  # the internals it uses
         assert res["calls"] == [False] and not res["api_server"], res
-    assert res["inline"] == res["wanted"], res
+    assert res["config"] == res["wanted"] and res["wanted"]["task_events_report_interval_ms"] == 0, res
 
 
 
