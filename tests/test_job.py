@@ -109,3 +109,33 @@ def test_worker_drops_the_logits_after_the_alpha_pass_only_when_nothing_needs_th
     np.testing.assert_allclose(d.label_probability, probs[np.arange(len(probs)), d.labels], rtol=1e-6)
     expected = rp.one_hot(d.labels, logits.shape[1]) if target == "labels" else probs
     np.testing.assert_allclose(targets, expected, rtol=1e-6, atol=1e-12)
+
+
+def test_a_shard_writes_its_train_index_as_scored_and_a_failed_write_fails_the_call(files, tmp_path):
+    """The shard's train index holds its rows, features and α as scored; a write that fails is
+    the call's error."""
+    from distributed_influence import index
+    from distributed_influence.inputs import prepare_inputs
+    from distributed_influence.shard import ShardWorker, WorkerSettings, plan_shards
+
+    cfg = audit_config(files, "unused")
+    inputs = prepare_inputs(cfg)
+    spec = plan_shards(60, 2)[0]
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the index folder should be")
+    for index_dir, fails in ((str(tmp_path / "index"), False), (str(blocker / "index"), True)):
+        settings = WorkerSettings(model_name="model.keras", train=cfg.train, test=cfg.test, target="labels",
+                                  lam=cfg.lam, k=cfg.k, n_train=60, batch_size=16, test_block=8,
+                                  index_dir=index_dir)
+        worker = ShardWorker(inputs.model_bytes, settings)
+        test_x = worker._data(spec).x[:5].copy()
+        if fails:
+            with pytest.raises(OSError):
+                worker.score(spec, inputs.split.theta(), [test_x], np.zeros(5, np.int64))
+            continue
+        result = worker.score(spec, inputs.split.theta(), [test_x], np.zeros(5, np.int64))
+        stored = index.read_shard(index.shard_file(index_dir, spec.index))
+        np.testing.assert_array_equal(stored["ids"], result["train"]["train_id"])
+        np.testing.assert_array_equal(stored["x"], worker._data(spec).x)
+        np.testing.assert_array_equal(stored["alpha"][np.arange(len(stored["ids"])), stored["labels"]],
+                                      result["train"]["alpha_label"])
