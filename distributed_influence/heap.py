@@ -33,10 +33,6 @@ def own_process() -> None:
     _own = True
 
 
-def is_own_process() -> bool:
-    return _own
-
-
 @contextlib.contextmanager
 def long_lived():
     """In a process of the job's own: the collector paused meanwhile, and what exists at the

@@ -28,9 +28,10 @@ DIRECT_CALL_BYTES = 256 * 1024
 #: nor metrics. Ray's processes report every task's state changes to the GCS, and their metrics
 #: to the node's agent, every few seconds, for the dashboard, the state API, the timeline and
 #: Prometheus; a local instance of the job serves no dashboard or state API and the job reads
-#: none of them, while the driver's shutdown waits for the last reports. With two actors after 50 calls, on the 2-core benchmark machine, the
-#: shutdown took 0.17–0.21 s in 4 of 5 runs without them (0.45 s in one) against 0.42–0.50 s in
-#: 4 of 5 with them (0.20 s in one). A cluster keeps the settings its head was started with.
+#: none of them, while the driver's shutdown waits for the last reports. With two actors after
+#: 50 calls, on the 2-core benchmark machine, the shutdown took 0.17–0.21 s in 4 of 5 runs
+#: without them (0.45 s in one) against 0.42–0.50 s in 4 of 5 with them (0.20 s in one). A
+#: cluster keeps the settings its head was started with.
 LOCAL_SYSTEM_CONFIG = {"max_direct_call_object_size": DIRECT_CALL_BYTES,
                        "task_events_report_interval_ms": 0, "enable_metrics_collection": False}
 #: A live node's state in the GCS's node table (Ray's GcsNodeInfo.GcsNodeState.ALIVE).
