@@ -260,7 +260,7 @@ def _featurize(pool, inputs: Inputs, specs) -> tuple:
 
 
 def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> dict:
-    """The head fit on the shards' sums; persisted."""
+    """The head fit on the shards' sums, and the fidelity of the surrogate; persisted."""
     from .fit import fit_head
     from .worker import progress_bar
 
@@ -292,6 +292,7 @@ def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> 
         "info": {"iterations": fit.iterations, "evaluations": fit.evaluations, "passes": fit.passes,
                  "max_abs_grad": fit.max_abs_grad, "objective": fit.objective,
                  "converged": fit.converged, "method": fit.method},
+        "train_moments": np.sum(pool.map("fidelity", specs, fit.theta), axis=0),
     }
     store.save("fit", result)
     return result
@@ -430,7 +431,6 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         faults.maybe_hold(fault, "reduce")
         ordered = [results[s.index] for s in specs]
         alpha_head = np.sum([r["alpha_head"] for r in ordered], axis=0)
-        train_fidelity = fidelity_from_moments(np.sum([r["fidelity"] for r in ordered], axis=0))
         residual = float(np.max(np.abs(theta - alpha_head)) / np.max(np.abs(theta)))
         index.write_head(storage.join(store.path, index.INDEX_DIR), theta, alpha_head)
         devices = pool.devices()
@@ -460,7 +460,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         "target": config.target,
         "k": int(config.k),
         "head_fit": {**fit["info"], "grad_tol": config.grad_tol},
-        "fidelity": {"train": train_fidelity,
+        "fidelity": {"train": fidelity_from_moments(fit["train_moments"]),
                      "test": fidelity_from_moments(np.sum([r["fidelity"] for r in test_summary], axis=0))},
         "decomposition": {"max_error": max(r["max_error"] for r in test_summary),
                           "max_relative_error": max(r["max_relative_error"] for r in test_summary),

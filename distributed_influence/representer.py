@@ -315,32 +315,27 @@ def _alpha_of_logits(logits, targets: np.ndarray, lam: float, n_total: int):
 
 
 def alpha_pass(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: float, n_total: int,
-               class_sums: np.ndarray, model_logits: Optional[np.ndarray] = None):
-    """α of a shard (the tape of :func:`alpha_by_tape`), Σ_i x_iᵀα_i and x_i·S_c, in one pass;
-    with ``model_logits``, also the surrogate's fidelity to them.
+               class_sums: np.ndarray):
+    """α of a shard (the tape of :func:`alpha_by_tape`), Σ_i x_iᵀα_i and x_i·S_c, in one pass.
 
-    All need the shard's features in float64: each row block is cast once (into one reused
-    buffer, :func:`float64_blocks`), and one NumPy product gives the block's logits x_iΘ and its
-    x_i·S_c together; only the (rows, C) logits go through TensorFlow's tape. (Casting each block
-    to a float64 tensor and taking three TensorFlow products took 0.6 to 0.75 s per 30,000-row
-    Fashion-MNIST shard, a quarter of its scoring call.) The fidelity's moments come from the same
-    logits: a pass of its own over the features cost ~0.14 s per such shard.
+    All three need the shard's features in float64: each row block is cast once (into one
+    reused buffer, :func:`float64_blocks`), and one NumPy product gives the block's logits and its x_i·S_c together;
+    only the (rows, C) logits go through TensorFlow's tape. (Casting each block to a float64
+    tensor and taking three TensorFlow products took 0.6 to 0.75 s per 30,000-row Fashion-MNIST
+    shard, a quarter of its scoring call.)
 
     Args:
         x: (n, d+1) float32 augmented features.
         theta, targets, lam, n_total: as for :func:`alpha_by_tape`.
         class_sums: (C, d+1) float64 S_c, the sums of test features per explained class.
-        model_logits: (n, C) the model's own logits of the rows, or None.
 
     Returns:
-        (α (n, C), Σ_i x_iᵀα_i (d+1, C), x_i·S_c (n, C), all float64, and the summed
-        :func:`fidelity_moments` of x_iΘ against ``model_logits``, or None without them).
+        (α (n, C), Σ_i x_iᵀα_i (d+1, C), x_i·S_c (n, C)), all float64.
     """
     n_out = theta.shape[1]
     alpha = np.empty((len(x), n_out))
     sims = np.empty((len(x), class_sums.shape[0]))
     head = np.zeros(theta.shape)
-    moments = None if model_logits is None else fidelity_moments(np.zeros(0), np.zeros(0))  # of no rows: 0s
     both = np.hstack([np.asarray(theta, np.float64), np.asarray(class_sums, np.float64).T])
     both_t = np.ascontiguousarray(both.T)
     for a, b, x64 in float64_blocks(x):
@@ -349,9 +344,7 @@ def alpha_pass(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: float
         alpha[a:b] = block
         head += (block.T @ x64).T
         sims[a:b] = z[:, n_out:]
-        if moments is not None:
-            moments += fidelity_moments(z[:, :n_out], model_logits[a:b])
-    return alpha, head, sims, moments
+    return alpha, head, sims
 
 
 def row_blocks(n: int, size: int = ROW_BLOCK):

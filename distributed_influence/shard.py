@@ -228,6 +228,20 @@ class ShardWorker:
                 total = total + r
         return tuple(total) if isinstance(total, list) else total
 
+    def fidelity(self, spec: ShardSpec, theta: np.ndarray) -> np.ndarray:
+        self._probs.clear()  # the fit is over: its softmax blocks are not needed any more
+        d = self._data(spec)
+        if d.logits is None:  # asked again after they were dropped (a re-run call): read them again
+            del self._shards[spec.index]
+            d = self._data(spec)
+        moments = rp.fidelity_moments(rp.linear_logits(d.x, theta), d.logits)
+        if self.settings.target == "labels":
+            # Nothing after the fit needs the logits (n × C: at C = 100, 0.8 × the features),
+            # unless the fit's targets are the model's own predictions. A worker that lost them
+            # (a restart) featurizes the shard again and has them back.
+            d.logits = None
+        return moments
+
     # ------------------------------------------------------------------------------ scoring
     def score(self, spec: ShardSpec, theta: np.ndarray, test_parts: list, test_pred: np.ndarray) -> dict:
         """α of the shard, then its representer values against all test examples, reduced.
@@ -248,20 +262,12 @@ class ShardWorker:
         """
         s = self.settings
         d = self._data(spec)
-        if d.logits is None:  # scored again after they were dropped (a re-run call): read them again
-            del self._shards[spec.index]
-            d = self._data(spec)
         self._probs.clear()  # the fit's softmax blocks: the fit is over once scoring starts
         t0 = time.perf_counter()
         test_x = _fetch_parts(test_parts)
         n_classes = max(2, d.targets.shape[1])  # a binary model explains classes 0 and 1
-        alpha, alpha_head, class_sim, moments = rp.alpha_pass(
-            d.x, theta, d.targets, s.lam, s.n_train, rp.class_sums(test_x, test_pred, n_classes), d.logits)
-        if s.target == "labels":
-            # Nothing after this needs the logits (n × C: at C = 100, 0.8 × the features) unless
-            # the fit's targets are the model's own predictions: freed before the scoring's
-            # temporaries. A worker that lost them (a restart) featurizes the shard again.
-            d.logits = None
+        alpha, alpha_head, class_sim = rp.alpha_pass(d.x, theta, d.targets, s.lam, s.n_train,
+                                                     rp.class_sums(test_x, test_pred, n_classes))
         alpha = rp.per_class(alpha)  # a binary head's α as [−α, α]: classes 0 and 1
         maybe_kill_worker(s.fault, spec.index)
         scored = scoring.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block, x_tf=d.x_tf,
@@ -288,7 +294,6 @@ class ShardWorker:
                 "label_probability": d.label_probability,
             },
             "alpha_head": alpha_head,
-            "fidelity": moments,  # of the surrogate's logits x_iΘ to the model's, summed over shards
             "scoring": scored["scoring"],
             "seconds": time.perf_counter() - t0,
             "node": _node_id() or "",  # a string even outside Ray: stored without pickling
@@ -310,8 +315,7 @@ class ShardWorker:
 
         result = self.score(spec, theta, test_parts, test_pred)
         rd.write_partial(partial_dir, spec.index, result)
-        small = {"shard": spec.index, "alpha_head": result["alpha_head"], "fidelity": result["fidelity"],
-                 "seconds": result["seconds"],
+        small = {"shard": spec.index, "alpha_head": result["alpha_head"], "seconds": result["seconds"],
                  "node": result["node"], "train_id": result["train"]["train_id"],
                  "alpha_label": np.asarray(result["train"]["alpha_label"], np.float32),
                  "scoring": result["scoring"]}

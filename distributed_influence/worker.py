@@ -146,6 +146,9 @@ class WorkerActor:
     def summed(self, method: str, specs: list, *args):
         return self.worker.summed(method, specs, *args, before=self._hold)
 
+    def fidelity(self, spec: ShardSpec, *args):
+        return self.worker.fidelity(spec, *args)
+
     def score(self, spec: ShardSpec, *args) -> dict:
         self._hold("score", spec)
         return self.worker.score(spec, *args)

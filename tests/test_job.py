@@ -69,16 +69,16 @@ def test_fit_worker_api_returns_only_sums(ray_local, files):
             assert grad.shape == theta.shape == (inputs.split.feature_dim + 1, inputs.n_classes)
         for hv in pool.map("hvp", specs, theta, np.ones_like(theta)):
             assert hv.shape == theta.shape
+        for moments in pool.map("fidelity", specs, theta):
+            assert moments.shape == (7,)
     finally:
         pool.shutdown()
 
 
 @pytest.mark.parametrize("target", ["labels", "predictions"])
-def test_worker_drops_the_logits_after_the_alpha_pass_only_when_nothing_needs_them(files, target):
-    """The α pass of a shard's scoring also gives the surrogate's fidelity moments (x_iΘ against
-    the model's logits); after it a labels-fit worker frees its shards' logits. The moments equal
-    a float64 oracle's, a repeated scoring gives the same, and the per-train columns and the
-    fit's targets do not change."""
+def test_worker_drops_the_logits_after_the_fit_only_when_nothing_needs_them(files, target):
+    """After the fidelity call a labels-fit worker frees its shards' logits; the scoring's
+    per-train columns, a repeated fidelity call and the fit's targets do not change."""
     from distributed_influence import representer as rp
     from distributed_influence.inputs import prepare_inputs
     from distributed_influence.shard import ShardWorker, WorkerSettings, plan_shards
@@ -93,14 +93,9 @@ def test_worker_drops_the_logits_after_the_alpha_pass_only_when_nothing_needs_th
     d = worker._data(spec)
     logits = d.logits.copy()
     targets = d.targets[:].copy()
-    test_x = d.x[:7].copy()  # any rows serve as test rows here
-    test_pred = np.arange(7) % inputs.n_classes
-    first = worker.score(spec, theta, [test_x], test_pred)["fidelity"]
+    first = worker.fidelity(spec, theta)
     assert (worker._data(spec).logits is None) == (target == "labels")
-    oracle = rp.fidelity_moments(d.x.astype(np.float64) @ theta.astype(np.float64), logits)
-    np.testing.assert_allclose(first, oracle, rtol=1e-12)
-    again = worker.score(spec, theta, [test_x], test_pred)["fidelity"]  # asked again: the same
-    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(worker.fidelity(spec, theta), first)  # asked again: the same
     d = worker._data(spec)
     np.testing.assert_array_equal(d.targets[:], targets)
     np.testing.assert_array_equal(d.predicted, np.argmax(logits, axis=1))
