@@ -142,12 +142,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run(argv: Optional[List[str]] = None) -> int:
-    """The command's entry point: :func:`main` in a process of its own, which it ends.
+    """The command's entry point (the console script, and ``jobs/audit.py``): :func:`main` in a
+    process that exits right after it.
 
-    The process is the job's own, so the objects of its start are frozen (see heap). What is
-    left when the command is done lives until the process exits, where the interpreter would walk
-    it all once more for reference cycles: 0.27–0.42 s after a run that used Ray, on the 2-core
-    benchmark machine. Frozen first, it is left to the exit.
+    It declares the process the job's own for good, so the objects of the run's start are frozen
+    (see heap). What is left when the command is done lives until the process exits, where the
+    interpreter would walk it all once more for reference cycles: 0.27–0.42 s after a run that
+    used Ray, on the 2-core benchmark machine. Frozen first, it is left to the exit. Callers that
+    go on afterwards (tests, a notebook) call :func:`main` instead.
+
+    Returns:
+        :func:`main`'s exit code.
     """
     own_process()
     code = main(argv)

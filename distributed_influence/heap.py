@@ -23,21 +23,29 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from typing import Iterator
 
 _own = False
 
 
 def own_process() -> None:
-    """Declares this process the job's own: its imports and set-up objects may be frozen."""
+    """Declares this process the job's own, for the rest of its life: the objects its imports
+    and set-up make may be frozen. Only the command's entry point and the Ray workers call it."""
     global _own
     _own = True
 
 
 @contextlib.contextmanager
-def long_lived():
-    """In a process of the job's own: the collector paused meanwhile, and what exists at the
-    end (what the block made, and all before it) frozen before the collector runs again.
-    Elsewhere: nothing."""
+def long_lived() -> Iterator[None]:
+    """Runs a block whose objects live as long as the process.
+
+    In a process of the job's own, the collector is paused meanwhile, and what exists at the end
+    (what the block made, and everything before it) is frozen before the collector runs again,
+    so that no collection walks it. Elsewhere the block runs as it would without this.
+
+    Yields:
+        None, once.
+    """
     if not _own:
         yield
         return
@@ -52,7 +60,7 @@ def long_lived():
 
 
 def freeze() -> None:
-    """In a process of the job's own, everything tracked now out of all later collections (and
-    out of the exit's); elsewhere nothing."""
+    """In a process of the job's own, takes everything tracked now out of all later collections,
+    the interpreter's last one at exit included. Elsewhere it does nothing."""
     if _own:
         gc.freeze()

@@ -103,8 +103,9 @@ class WorkerActor:
     def __init__(self, model_bytes: bytes, settings: WorkerSettings, num_gpus: float, num_cpus: float):
         from .heap import long_lived, own_process
 
-        # TensorFlow's and Keras's objects last as long as the worker: made with the cyclic
-        # collector paused, then kept out of every later collection (see heap).
+        # The objects of TensorFlow's and Keras's imports last as long as the worker: made with
+        # the cyclic collector paused, then kept out of every later collection (see heap). (The
+        # model itself is loaded later, by the first call that needs it.)
         own_process()
         with long_lived():
             self.devices = configure_devices(num_gpus, num_cpus)

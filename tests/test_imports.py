@@ -187,8 +187,7 @@ def test_a_local_ray_start_calls_back_once_while_waiting_and_runs_with_the_local
 
     if hasattr(services, "get_node") and hasattr(Node, "start_api_server"):  # the internals it uses
         assert res["calls"] == [False] and not res["api_server"], res
-    assert res["config"] == res["wanted"] and res["wanted"]["task_events_report_interval_ms"] == 0, res
-
+    assert res["config"] == res["wanted"], res
 
 
 def test_a_process_of_the_jobs_own_imports_without_cyclic_collections_and_freezes_what_it_made():
@@ -226,20 +225,25 @@ def test_a_process_of_the_jobs_own_imports_without_cyclic_collections_and_freeze
     assert res["frozen"] > 100_000 and res["tracked"] < res["frozen"] // 10, res
 
 
-def test_the_command_freezes_its_heap_before_the_exit_and_returns_mains_code(tmp_path):
+def test_the_command_freezes_its_heap_before_the_exit_and_returns_mains_code():
     """The interpreter's exit walks every object once more for reference cycles (0.27–0.42 s
-    after a run that used Ray); the command's entry point freezes them first."""
+    after a run that used Ray); the command's entry point freezes them first, and returns
+    main's exit code. ``main`` itself (what tests and notebooks call) freezes nothing. The bad
+    ``--k`` stops before the audit starts, so only the entry point can have frozen anything."""
     code = (
         "import gc, json, sys\n"
-        "from distributed_influence.cli import run\n"
-        "code = run(['audit', '--model', sys.argv[1], '--train', sys.argv[1], '--test', sys.argv[1],\n"
-        "            '--out', sys.argv[2]])\n"
-        "print(json.dumps({'frozen': gc.get_freeze_count(), 'code': code}))\n"
+        "from distributed_influence.cli import main, run\n"
+        "args = ['audit', '--model', 'm.keras', '--train', 't.npz', '--test', 't.npz', '--out', 'o', '--k', '0']\n"
+        "by_main = main(args)\n"
+        "after_main = gc.get_freeze_count()\n"
+        "by_run = run(args)\n"
+        "print(json.dumps({'main': by_main, 'after_main': after_main, 'run': by_run,\n"
+        "                  'after_run': gc.get_freeze_count(), 'enabled': gc.isenabled()}))\n"
     )
-    proc = _run(code, str(tmp_path / "missing.keras"), str(tmp_path / "out"))
+    proc = _run(code)
     assert proc.returncode == 0, proc.stderr
     import json
 
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert res["code"] == 2 and res["frozen"] > 10_000, res
-    assert "missing.keras" in proc.stderr
+    assert res["main"] == res["run"] == 2 and "--k" in proc.stderr, (res, proc.stderr)
+    assert res["after_main"] == 0 and res["after_run"] > 10_000 and res["enabled"], res
