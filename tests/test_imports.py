@@ -57,6 +57,14 @@ def _run(code: str, *args: str, env: dict = None):
                           env=None if env is None else {**os.environ, **env})
 
 
+def _last_json(proc) -> dict:
+    """The JSON a child process printed last; the process must have succeeded."""
+    import json
+
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_a_ray_run_never_loads_tensorflow_in_the_driver(files, tmp_path):
     """The workers describe the model; the driver's process never imports TensorFlow or Keras
     (seconds of a core at start-up), and the manifest still names their versions. And the run
@@ -76,13 +84,10 @@ def test_a_ray_run_never_loads_tensorflow_in_the_driver(files, tmp_path):
     temp.mkdir()
     proc = _run(code, files["model"], files["train"], files["test"], str(tmp_path / "out"),
                 env={"TMPDIR": str(temp), "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", "/tmp")})
-    assert proc.returncode == 0, proc.stderr
+    res = _last_json(proc)
     assert not [f for f in os.listdir(temp) if "autograph" in f], os.listdir(temp)
-    import json
-
     import keras
 
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["loaded"] == []
     assert res["versions"]["keras"] == keras.__version__ and res["versions"]["tensorflow"]
     assert res["n_classes"] == 3
@@ -132,10 +137,7 @@ def test_a_worker_process_converts_and_writes_parquet_without_importing_pandas(t
         "print(json.dumps(res))\n"
     )
     proc = _run(code, str(tmp_path / "t.parquet"))
-    assert proc.returncode == 0, proc.stderr
-    import json
-
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = _last_json(proc)
     assert res["equal"] and not res["pandas_after_parquet"], res
     assert res.get("to_pandas_rows", 4) == 4
 
@@ -176,10 +178,7 @@ def test_a_local_ray_start_calls_back_once_while_waiting_and_runs_with_the_local
         "stop_ray()\n"
     )
     proc = _run(code, env={"RAY_ADDRESS": ""})  # a new local instance, whatever the environment says
-    assert proc.returncode == 0, proc.stderr
-    import json
-
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = _last_json(proc)
     assert res["started"] and len(res["calls"]) == 1, res
     assert not res["restarted"] and res["again"] == [1], res
     import ray._private.services as services
@@ -214,10 +213,7 @@ def test_a_process_of_the_jobs_own_imports_without_cyclic_collections_and_freeze
         "print(json.dumps(res))\n"
     )
     proc = _run(code)
-    assert proc.returncode == 0, proc.stderr
-    import json
-
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = _last_json(proc)
     assert res["elsewhere"] and res["frozen_elsewhere"] == 0, res
     assert not res["inside"] and res["after"], res
     # TensorFlow itself may collect explicitly a few times; the collector's own runs are gone.
@@ -241,9 +237,6 @@ def test_the_command_freezes_its_heap_before_the_exit_and_returns_mains_code():
         "                  'after_run': gc.get_freeze_count(), 'enabled': gc.isenabled()}))\n"
     )
     proc = _run(code)
-    assert proc.returncode == 0, proc.stderr
-    import json
-
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = _last_json(proc)
     assert res["main"] == res["run"] == 2 and "--k" in proc.stderr, (res, proc.stderr)
     assert res["after_main"] == 0 and res["after_run"] > 10_000 and res["enabled"], res
