@@ -122,7 +122,7 @@ def _once(fn: Optional[Callable[[], None]]) -> Callable[[], None]:
 
 @contextlib.contextmanager
 def _quick_local_start(while_waiting: Callable[[], None] = lambda: None):
-    """Skips two waits of Ray's start of a local instance that a local run has no use for.
+    """Skips what Ray's start of a local instance does that a local run has no use for.
 
     Measured on the project's 2-core benchmark machine (``ray.init`` alone, alternating runs):
 
@@ -133,16 +133,21 @@ def _quick_local_start(while_waiting: Callable[[], None] = lambda: None):
       does not touch.
     - Ray then waits for the new raylet to register by asking the GCS once a second: 0.4–1.0 s
       after it had registered. Asked every 20 ms, the wait ends when the registration does.
+    - Ray starts its autoscaler monitor, a Python process that imports much of Ray and then
+      polls the GCS for as long as the instance lives, to scale a cluster: a local instance has
+      no nodes to add. Per-process CPU accounting over the full Fashion-MNIST audit: 0.50–0.76 s
+      of a core per run, most of it while the workers import TensorFlow (see also
+      :func:`stop_ray`, which stops one still running).
 
     ``while_waiting`` is called when that wait begins.
 
-    Ray has no public switch for either; should its internals differ, the start is Ray's own.
+    Ray has no public switch for any of them; should its internals differ, the start is Ray's own.
     """
     try:
         import ray._private.services as services
         from ray._private.node import Node
 
-        start_api_server, get_node = Node.start_api_server, services.get_node
+        start_api_server, get_node, start_monitor = Node.start_api_server, services.get_node, Node.start_monitor
     except (ImportError, AttributeError):
         start_api_server = None
     if start_api_server is None:  # (outside the except: Ray's own errors chain to nothing here)
@@ -162,11 +167,14 @@ def _quick_local_start(while_waiting: Callable[[], None] = lambda: None):
             _await_registration(*args)
         return get_node(*args, **kwargs)
 
-    Node.start_api_server, services.get_node = no_api_server, registered_node
+    def no_monitor(self, *args, **kwargs):
+        log.debug("Ray's autoscaler monitor not started: a local instance has nothing to scale")
+
+    Node.start_api_server, services.get_node, Node.start_monitor = no_api_server, registered_node, no_monitor
     try:
         yield
     finally:
-        Node.start_api_server, services.get_node = start_api_server, get_node
+        Node.start_api_server, services.get_node, Node.start_monitor = start_api_server, get_node, start_monitor
 
 
 def _await_registration(gcs_address: str, node_id: str, timeout: float = 10.0,
@@ -193,11 +201,11 @@ def _await_registration(gcs_address: str, node_id: str, timeout: float = 10.0,
 def stop_ray() -> None:
     """Shuts Ray down after :func:`start_ray` started or joined it.
 
-    A local instance's autoscaler monitor is stopped first, and at once. Ray stops it after the
-    GCS, and its SIGTERM handler then keeps trying to report to the gone GCS until Ray kills it
-    after a one-second grace: 1.0 s of a 1.1 s shutdown on the project's 2-core benchmark
-    machine, at the end of every local run. A local instance has nothing to scale, so nothing
-    is lost. Ray has no public switch for this; should its internals differ, the shutdown is
+    A local instance's autoscaler monitor, should one run (:func:`_quick_local_start` starts
+    none), is stopped first, and at once. Ray stops it after the GCS, and its SIGTERM handler
+    then keeps trying to report to the gone GCS until Ray kills it after a one-second grace:
+    1.0 s of a 1.1 s shutdown on the project's 2-core benchmark machine. A local instance has
+    nothing to scale, so nothing is lost. Ray has no public switch for this; should its internals differ, the shutdown is
     Ray's own. A joined cluster is only disconnected from: its processes are not this one's.
     """
     import ray

@@ -158,9 +158,9 @@ def test_without_the_worker_set_up_pyarrow_imports_pandas_at_its_first_conversio
 
 def test_a_local_ray_start_calls_back_once_while_waiting_and_runs_with_the_local_settings():
     """``start_ray(while_waiting=...)`` calls back once, while Ray's start is still under way
-    (the driver is not connected yet); the instance has no API server (none was asked for) and
-    runs with ``LOCAL_SYSTEM_CONFIG``: call results up to ``DIRECT_CALL_BYTES`` inside the call,
-    no task events, no metrics. Given an instance that is already up, it calls back at once."""
+    (the driver is not connected yet); the instance has no API server (none was asked for), no
+    autoscaler monitor (nothing to scale) and runs with ``LOCAL_SYSTEM_CONFIG``: call results up
+    to ``DIRECT_CALL_BYTES`` inside the call, no task events, no metrics. Given an instance that is already up, it calls back at once."""
     code = (
         "import json, ray\n"
         "from distributed_influence.runtime import LOCAL_SYSTEM_CONFIG, start_ray, stop_ray\n"
@@ -173,6 +173,7 @@ def test_a_local_ray_start_calls_back_once_while_waiting_and_runs_with_the_local
         "config = ray._private.state.state.get_system_config()\n"
         "print(json.dumps({'started': started, 'calls': calls, 'again': again, 'restarted': restarted,\n"
         "                  'api_server': rc.PROCESS_TYPE_DASHBOARD in node.all_processes,\n"
+        "                  'monitor': rc.PROCESS_TYPE_MONITOR in node.all_processes,\n"
         "                  'config': {k: config.get(k) for k in LOCAL_SYSTEM_CONFIG},\n"
         "                  'wanted': LOCAL_SYSTEM_CONFIG}))\n"
         "stop_ray()\n"
@@ -184,8 +185,8 @@ def test_a_local_ray_start_calls_back_once_while_waiting_and_runs_with_the_local
     import ray._private.services as services
     from ray._private.node import Node
 
-    if hasattr(services, "get_node") and hasattr(Node, "start_api_server"):  # the internals it uses
-        assert res["calls"] == [False] and not res["api_server"], res
+    if all(hasattr(c, f) for c, f in ((services, "get_node"), (Node, "start_api_server"), (Node, "start_monitor"))):
+        assert res["calls"] == [False] and not res["api_server"] and not res["monitor"], res  # the internals it uses
     assert res["config"] == res["wanted"], res
 
 
