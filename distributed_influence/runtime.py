@@ -141,13 +141,15 @@ def _quick_local_start(while_waiting: Callable[[], None] = lambda: None):
 
     ``while_waiting`` is called when that wait begins.
 
-    Ray has no public switch for any of them; should its internals differ, the start is Ray's own.
+    Ray has no public switch for any of them; should its internals differ, the start is Ray's
+    own.
     """
     try:
         import ray._private.services as services
         from ray._private.node import Node
 
-        start_api_server, get_node, start_monitor = Node.start_api_server, services.get_node, Node.start_monitor
+        start_api_server, get_node = Node.start_api_server, services.get_node
+        start_monitor = Node.start_monitor
     except (ImportError, AttributeError):
         start_api_server = None
     if start_api_server is None:  # (outside the except: Ray's own errors chain to nothing here)
@@ -170,11 +172,13 @@ def _quick_local_start(while_waiting: Callable[[], None] = lambda: None):
     def no_monitor(self, *args, **kwargs):
         log.debug("Ray's autoscaler monitor not started: a local instance has nothing to scale")
 
-    Node.start_api_server, services.get_node, Node.start_monitor = no_api_server, registered_node, no_monitor
+    Node.start_api_server, services.get_node = no_api_server, registered_node
+    Node.start_monitor = no_monitor
     try:
         yield
     finally:
-        Node.start_api_server, services.get_node, Node.start_monitor = start_api_server, get_node, start_monitor
+        Node.start_api_server, services.get_node = start_api_server, get_node
+        Node.start_monitor = start_monitor
 
 
 def _await_registration(gcs_address: str, node_id: str, timeout: float = 10.0,
@@ -205,8 +209,9 @@ def stop_ray() -> None:
     none), is stopped first, and at once. Ray stops it after the GCS, and its SIGTERM handler
     then keeps trying to report to the gone GCS until Ray kills it after a one-second grace:
     1.0 s of a 1.1 s shutdown on the project's 2-core benchmark machine. A local instance has
-    nothing to scale, so nothing is lost. Ray has no public switch for this; should its internals differ, the shutdown is
-    Ray's own. A joined cluster is only disconnected from: its processes are not this one's.
+    nothing to scale, so nothing is lost. Ray has no public switch for this; should its
+    internals differ, the shutdown is Ray's own. A joined cluster is only disconnected from:
+    its processes are not this one's.
     """
     import ray
 

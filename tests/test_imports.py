@@ -160,7 +160,8 @@ def test_a_local_ray_start_calls_back_once_while_waiting_and_runs_with_the_local
     """``start_ray(while_waiting=...)`` calls back once, while Ray's start is still under way
     (the driver is not connected yet); the instance has no API server (none was asked for), no
     autoscaler monitor (nothing to scale) and runs with ``LOCAL_SYSTEM_CONFIG``: call results up
-    to ``DIRECT_CALL_BYTES`` inside the call, no task events, no metrics. Given an instance that is already up, it calls back at once."""
+    to ``DIRECT_CALL_BYTES`` inside the call, no task events, no metrics. Given an instance that
+    is already up, it calls back at once."""
     code = (
         "import json, ray\n"
         "from distributed_influence.runtime import LOCAL_SYSTEM_CONFIG, start_ray, stop_ray\n"
@@ -185,8 +186,9 @@ def test_a_local_ray_start_calls_back_once_while_waiting_and_runs_with_the_local
     import ray._private.services as services
     from ray._private.node import Node
 
-    if all(hasattr(c, f) for c, f in ((services, "get_node"), (Node, "start_api_server"), (Node, "start_monitor"))):
-        assert res["calls"] == [False] and not res["api_server"] and not res["monitor"], res  # the internals it uses
+    internals = ((services, "get_node"), (Node, "start_api_server"), (Node, "start_monitor"))
+    if all(hasattr(owner, name) for owner, name in internals):  # the internals it uses
+        assert res["calls"] == [False] and not res["api_server"] and not res["monitor"], res
     assert res["config"] == res["wanted"], res
 
 
