@@ -172,13 +172,17 @@ def _quick_local_start(while_waiting: Callable[[], None] = lambda: None):
     def no_monitor(self, *args, **kwargs):
         log.debug("Ray's autoscaler monitor not started: a local instance has nothing to scale")
 
-    Node.start_api_server, services.get_node = no_api_server, registered_node
-    Node.start_monitor = no_monitor
+    # (owner, attribute, Ray's own, ours): each replaced for the start, each restored after it.
+    patches = [(Node, "start_api_server", start_api_server, no_api_server),
+               (services, "get_node", get_node, registered_node),
+               (Node, "start_monitor", start_monitor, no_monitor)]
+    for owner, name, _, ours in patches:
+        setattr(owner, name, ours)
     try:
         yield
     finally:
-        Node.start_api_server, services.get_node = start_api_server, get_node
-        Node.start_monitor = start_monitor
+        for owner, name, rays, _ in patches:
+            setattr(owner, name, rays)
 
 
 def _await_registration(gcs_address: str, node_id: str, timeout: float = 10.0,
