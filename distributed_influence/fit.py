@@ -250,19 +250,23 @@ def nystrom_preconditioner(sketch: Callable[[np.ndarray], np.ndarray], size: int
     # The driver's linear algebra runs while the workers wait, so it is kept to products with
     # the (size × l) matrices and factorisations of (l × l) ones: Ω orthonormalised by Cholesky
     # QR (G L⁻ᵀ with GᵀG = LLᵀ: exact for a Gaussian G, whose condition number is near 1, and
-    # Â depends only on the span of Ω), ‖Y‖₂ and the SVD of B from l × l Gram matrices. Both
-    # triangular solves against the (size × l) matrices are products with the l × l inverse:
-    # at the Fashion-MNIST head's size (16,010 × 200, one core) 40 against 65–160 ms each by
-    # SciPy's solve (OpenBLAS's trsm); the preconditioner need not be exact, only close, and the
-    # fit's passes stayed 47. Ω took 0.17 s by solves against 0.49 s by Householder QR.
+    # Â depends only on the span of Ω); ‖Y‖₂, the shifted core ΩᵀY_ν and B = Y_ν L⁻ᵀ's Gram
+    # matrix BᵀB = L⁻¹ Y_νᵀY_ν L⁻ᵀ from three l × l Gram matrices of Ω and Y (Y_ν = Y + νΩ, so
+    # a larger ν costs no new pass); B itself is never formed: U = B V S⁻¹ = Y_ν (L⁻ᵀ V S⁻¹)
+    # is one product. Triangular solves against (size × l) matrices would be slower than
+    # products with the l × l inverse: at the Fashion-MNIST head's size (16,010 × 200, one core)
+    # 40 against 65–160 ms each by SciPy's solve (OpenBLAS's trsm). Forming Y_ν and B took
+    # ~0.45 s there, the Gram matrices ~0.2 s. Ω took 0.17 s by solves against 0.49 s by
+    # Householder QR.
     rank = max(1, min(rank, size))
     gauss = np.random.default_rng(seed).standard_normal((size, rank))
     omega = gauss @ _lower_inverse(np.linalg.cholesky(gauss.T @ gauss)).T
-    y = sketch(omega)
-    nu = np.sqrt(size) * np.finfo(np.float32).eps * np.sqrt(max(np.linalg.eigvalsh(y.T @ y)[-1], 0.0))
+    del gauss
+    y = np.asarray(sketch(omega), np.float64)
+    g_yy, g_oy, g_oo = y.T @ y, omega.T @ y, omega.T @ omega
+    nu = np.sqrt(size) * np.finfo(np.float32).eps * np.sqrt(max(np.linalg.eigvalsh(g_yy)[-1], 0.0))
     for _ in range(6):
-        y_nu = y + nu * omega
-        core = omega.T @ y_nu
+        core = g_oy + nu * g_oo  # Ωᵀ Y_ν
         try:
             chol = np.linalg.cholesky(0.5 * (core + core.T))
             break
@@ -271,10 +275,12 @@ def nystrom_preconditioner(sketch: Callable[[np.ndarray], np.ndarray], size: int
     else:
         log.info("Nyström sketch not positive definite; CG runs without preconditioner")
         return lambda r: r
-    b = y_nu @ _lower_inverse(chol).T  # Â = B Bᵀ
-    # B = U S Vᵀ from BᵀB = V S² Vᵀ: U = B V S⁻¹, kept where λ̂ = s² − ν > 0 (the columns
-    # dropped have λ̂ = 0, and then floor = μ: their terms in P⁻¹ vanish).
-    s2, v = np.linalg.eigh(b.T @ b)
+    l_inv = _lower_inverse(chol)
+    # Â = B Bᵀ; B = U S Vᵀ from BᵀB = V S² Vᵀ, kept where λ̂ = s² − ν > 0 (the columns dropped
+    # have λ̂ = 0, and then floor = μ: their terms in P⁻¹ vanish).
+    gram = g_yy + nu * (g_oy + g_oy.T) + nu * nu * g_oo  # Y_νᵀ Y_ν
+    btb = l_inv @ gram @ l_inv.T
+    s2, v = np.linalg.eigh(0.5 * (btb + btb.T))
     s2, v = s2[::-1], v[:, ::-1]
     lam_all = np.maximum(s2 - nu, 0.0)
     floor = lam_all[-1] + mu
@@ -283,7 +289,11 @@ def nystrom_preconditioner(sketch: Callable[[np.ndarray], np.ndarray], size: int
     # U in float32, and Uᵀ too (contiguous): CG applies P⁻¹ once per Hessian product while the
     # workers wait, and the products read U, bound by memory. At the Fashion-MNIST head's size
     # (16,010 × 200, one core) 2.4 ms against 6.4 ms in float64; the fit's passes stayed 47.
-    u = np.asarray(b @ (v[:, keep] / np.sqrt(s2[keep])), np.float32)
+    # Y_ν is made in Ω's place (Ω is not needed any more) and multiplied in float32 too.
+    omega *= nu
+    omega += y
+    del y
+    u = np.asarray(omega, np.float32) @ np.asarray(l_inv.T @ (v[:, keep] / np.sqrt(s2[keep])), np.float32)
     u_t = np.ascontiguousarray(u.T)
     scale = np.asarray(floor / (lam_hat + mu) - 1.0, np.float32)
 

@@ -173,6 +173,7 @@ def test_fidelity_moments_give_pearson_and_mean_abs(problem):
 def test_alpha_pass_gives_alpha_head_and_class_similarities_in_float64(problem, monkeypatch):
     x, labels, theta = problem
     monkeypatch.setattr(rp, "CAST_BLOCK", 30)  # several row blocks (the pass casts CAST_BLOCK rows at a time)
+    monkeypatch.setattr(rp, "ROW_BLOCK", 45)  # and several tapes, across the cast blocks' edges
     C = theta.shape[1]
     t = rp.one_hot(labels, C)
     sums = np.random.default_rng(4).normal(size=(C, x.shape[1]))
