@@ -252,8 +252,8 @@ def nystrom_preconditioner(sketch: Callable[[np.ndarray], np.ndarray], size: int
     # QR (G L⁻ᵀ with GᵀG = LLᵀ: exact for a Gaussian G, whose condition number is near 1, and
     # Â depends only on the span of Ω); ‖Y‖₂, the shifted core ΩᵀY_ν and B = Y_ν L⁻ᵀ's Gram
     # matrix BᵀB = L⁻¹ Y_νᵀY_ν L⁻ᵀ from three l × l Gram matrices of Ω and Y (Y_ν = Y + νΩ, so
-    # a larger ν needs no new (size × l) product); B itself is never formed: U = B V S⁻¹ = Y_ν (L⁻ᵀ V S⁻¹)
-    # is one product. Triangular solves against (size × l) matrices would be slower than
+    # a larger ν needs no new (size × l) product); B itself is never formed: U = B V S⁻¹ =
+    # Y_ν (L⁻ᵀ V S⁻¹) is one product. Triangular solves against (size × l) matrices would be slower than
     # products with the l × l inverse: at the Fashion-MNIST head's size (16,010 × 200, one core)
     # 40 against 65–160 ms each by SciPy's solve (OpenBLAS's trsm). The whole build, Ω
     # included and the sketch's pass not, took 0.25 s there against 0.34 s when Y_ν and B were
