@@ -308,6 +308,12 @@ def busy_cpu_seconds() -> float:
     return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
+def steal_cpu_seconds() -> float:
+    """CPU seconds the hypervisor ran something else on this machine's cores since boot (all
+    cores; 0 where the system does not report it): part of :func:`busy_cpu_seconds`."""
+    return float(getattr(import_psutil().cpu_times(), "steal", 0.0))
+
+
 def own_cpu_seconds() -> float:
     """CPU seconds of this process (all threads)."""
     t = os.times()
@@ -320,6 +326,8 @@ class Contention:
 
     wall: float
     foreign_cpu: float
+    #: Of foreign_cpu, what the hypervisor took for other machines on the same host (steal).
+    steal: float = 0.0
 
     @property
     def cores(self) -> float:
@@ -329,7 +337,8 @@ class Contention:
     def text(self) -> str:
         """One line for the report."""
         return (f"other processes used {self.foreign_cpu:.1f} CPU-s meanwhile "
-                f"(on average {self.cores:.2f} of {os.cpu_count()} cores)")
+                f"(on average {self.cores:.2f} of {os.cpu_count()} cores; of it the host, "
+                f"for other machines: {self.steal:.1f})")
 
 
 # -------------------------------------------------------------------------------- the job
@@ -372,7 +381,7 @@ def run_job(model: str, train: str, test: str, out: str, log_path: str, extra: T
     ray_tmp = tempfile.mkdtemp(prefix="fa_ray_", dir="/tmp")
     env["RAY_TMPDIR"] = ray_tmp
     print("$ " + " ".join(cmd), flush=True)
-    busy0, own0 = busy_cpu_seconds(), own_cpu_seconds()
+    busy0, own0, steal0 = busy_cpu_seconds(), own_cpu_seconds(), steal_cpu_seconds()
     t0 = time.perf_counter()
     try:
         with open(log_path, "w") as log:
@@ -392,6 +401,7 @@ def run_job(model: str, train: str, test: str, out: str, log_path: str, extra: T
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     foreign = busy_cpu_seconds() - busy0 - (own_cpu_seconds() - own0) - sampler.tree_cpu_seconds()
+    steal = steal_cpu_seconds() - steal0
     if proc.returncode != 0:
         with open(log_path) as fh:
             sys.stderr.write(fh.read()[-5000:])
@@ -399,4 +409,4 @@ def run_job(model: str, train: str, test: str, out: str, log_path: str, extra: T
     with open(os.path.join(out, "manifest.json")) as fh:
         manifest = json.load(fh)
     return JobRun(wall, manifest, sampler.peaks(), sampler.peak_tree_rss, sampler.count("worker"),
-                  sampler.samples, Contention(wall, max(0.0, foreign)), stdout, out)
+                  sampler.samples, Contention(wall, max(0.0, foreign), steal), stdout, out)

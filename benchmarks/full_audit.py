@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402 - the benchmarks' shared helpers sit beside this script
     GiB, K, MATMUL_REPEATS, Contention, JobRun, busy_cpu_seconds, import_psutil, load_data,
-    matmul_gflops, own_cpu_seconds, run_job, train_model,
+    matmul_gflops, own_cpu_seconds, run_job, steal_cpu_seconds, train_model,
     write_npz,
 )
 
@@ -405,7 +405,8 @@ def abs_sums_by_pass(X: np.ndarray, alpha: np.ndarray, Xt: np.ndarray, pred: np.
 def run_bare(model_path: str, train_npz: str, test_npz: str) -> BareResult:
     """The same math as the job, as fast as we can do it in this process, stage by stage."""
     times: Dict[str, float] = {}
-    busy0, own0, t_all = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
+    busy0, own0, steal0 = busy_cpu_seconds(), own_cpu_seconds(), steal_cpu_seconds()
+    t_all = time.perf_counter()
 
     def timed(name, fn, *args):
         t0 = time.perf_counter()
@@ -423,11 +424,12 @@ def run_bare(model_path: str, train_npz: str, test_npz: str) -> BareResult:
     info["abs_sums"] = "closed form (features >= 0)" if nonneg else "by a pass over the values"
     wall = time.perf_counter() - t_all
     foreign = busy_cpu_seconds() - busy0 - (own_cpu_seconds() - own0)
+    steal = steal_cpu_seconds() - steal0
     from distributed_influence.config import AuditConfig
 
     job_tol = {f.name: f.default for f in dataclasses.fields(AuditConfig)}["grad_tol"]  # the job's default
     newton = bare_newton_fit(X, y, head_theta(model), LAM, job_tol)
-    return BareResult(times, info, top_i, bot_i, Contention(wall, max(0.0, foreign)), newton)
+    return BareResult(times, info, top_i, bot_i, Contention(wall, max(0.0, foreign), steal), newton)
 
 
 # ------------------------------------------------------------------------------ agreement
