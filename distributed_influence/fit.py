@@ -253,11 +253,11 @@ def nystrom_preconditioner(sketch: Callable[[np.ndarray], np.ndarray], size: int
     # Â depends only on the span of Ω); ‖Y‖₂, the shifted core ΩᵀY_ν and B = Y_ν L⁻ᵀ's Gram
     # matrix BᵀB = L⁻¹ Y_νᵀY_ν L⁻ᵀ from three l × l Gram matrices of Ω and Y (Y_ν = Y + νΩ, so
     # a larger ν needs no new (size × l) product); B itself is never formed: U = B V S⁻¹ =
-    # Y_ν (L⁻ᵀ V S⁻¹) is one product. Triangular solves against (size × l) matrices would be slower than
-    # products with the l × l inverse: at the Fashion-MNIST head's size (16,010 × 200, one core)
-    # 40 against 65–160 ms each by SciPy's solve (OpenBLAS's trsm). The whole build, Ω
-    # included and the sketch's pass not, took 0.25 s there against 0.34 s when Y_ν and B were
-    # formed (median of 6). Ω took 0.17 s by solves against 0.49 s by Householder QR.
+    # Y_ν (L⁻ᵀ V S⁻¹) is one product. Triangular solves against (size × l) matrices would be
+    # slower than products with the l × l inverse: at the Fashion-MNIST head's size (16,010 ×
+    # 200, one core) 40 against 65–160 ms each by SciPy's solve (OpenBLAS's trsm). The whole
+    # build, Ω included and the sketch's pass not, took 0.25 s there against 0.34 s when Y_ν and
+    # B were formed (median of 6). Ω took 0.17 s by solves against 0.49 s by Householder QR.
     rank = max(1, min(rank, size))
     gauss = np.random.default_rng(seed).standard_normal((size, rank))
     omega = gauss @ _lower_inverse(np.linalg.cholesky(gauss.T @ gauss)).T
@@ -293,7 +293,8 @@ def nystrom_preconditioner(sketch: Callable[[np.ndarray], np.ndarray], size: int
     omega *= nu
     omega += y
     del y
-    u = np.asarray(omega, np.float32) @ np.asarray(l_inv.T @ (v[:, keep] / np.sqrt(s2[keep])), np.float32)
+    coef = l_inv.T @ (v[:, keep] / np.sqrt(s2[keep]))
+    u = np.asarray(omega, np.float32) @ np.asarray(coef, np.float32)
     u_t = np.ascontiguousarray(u.T)
     scale = np.asarray(floor / (lam_hat + mu) - 1.0, np.float32)
 
