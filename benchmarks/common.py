@@ -99,7 +99,7 @@ def locate_fashion_mnist(data_dir: Optional[str]) -> Optional[Tuple[str, str]]:
 
 def read_idx_split(path: str) -> Dataset:
     """Reads an IDX images file and its labels with the package's own reader."""
-    from distributed_influence.sources import open_source
+    from distributed_influence.data.sources import open_source
 
     src = open_source(path)
     rows = src.read(0, src.n_rows)
@@ -206,9 +206,8 @@ def import_psutil():
     try:
         import psutil
     except ImportError:
-        import ray  # noqa: F401 - adds Ray's third-party directory to sys.path
-
         import psutil
+        import ray  # noqa: F401 - adds Ray's third-party directory to sys.path
     return psutil
 
 

@@ -49,8 +49,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402 - the benchmarks' shared helpers sit beside this script
-    GiB, K, MATMUL_REPEATS, Contention, JobRun, busy_cpu_seconds, import_psutil, load_data,
-    matmul_gflops, own_cpu_seconds, run_job, steal_cpu_seconds, train_model,
+    MATMUL_REPEATS,
+    Contention,
+    GiB,
+    JobRun,
+    K,
+    busy_cpu_seconds,
+    import_psutil,
+    load_data,
+    matmul_gflops,
+    own_cpu_seconds,
+    run_job,
+    steal_cpu_seconds,
+    train_model,
     write_npz,
 )
 
@@ -261,8 +272,8 @@ def bare_newton_fit(X32: np.ndarray, y: np.ndarray, theta0: np.ndarray, lam: flo
     Returns:
         dict with ``seconds``, ``max_grad`` and ``method``.
     """
-    from distributed_influence import representer as rp
-    from distributed_influence.fit import fit_head
+    from distributed_influence.method import representer as rp
+    from distributed_influence.method.fit import fit_head
 
     tf = _tf()
     x = tf.constant(X32)

@@ -77,9 +77,9 @@ class RemoveDuringScoring(logging.Handler):
 
 def audit(paths: dict, out: str, restart_wait: float):
     """One audit on the running cluster; returns (manifest, wall seconds)."""
-    from distributed_influence import worker
+    from distributed_influence.cluster import worker
     from distributed_influence.config import AuditConfig
-    from distributed_influence.job import run_audit
+    from distributed_influence.engine.job import run_audit
 
     worker.RESTART_WAIT = restart_wait
     shutil.rmtree(out, ignore_errors=True)
@@ -141,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="  %(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("distributed_influence").setLevel(logging.INFO)
-    from distributed_influence import worker
+    from distributed_influence.cluster import worker
 
     restart_wait = worker.RESTART_WAIT if args.restart_wait is None else args.restart_wait
     work = args.work_dir or tempfile.mkdtemp(prefix="node_loss_")
@@ -162,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         import ray
         from ray.cluster_utils import Cluster
 
-        from distributed_influence.runtime import use_loopback
+        from distributed_influence.cluster.runtime import use_loopback
 
         use_loopback()
         cluster = Cluster(initialize_head=True, head_node_args={
@@ -178,11 +178,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         m_a, wall_a = audit(paths, os.path.join(work, "out_a"), restart_wait)
         print("run 2: a worker node removed during scoring", flush=True)
         remover = RemoveDuringScoring(cluster, args.delay, args.graceful)
-        logging.getLogger("distributed_influence.job").addHandler(remover)
+        logging.getLogger("distributed_influence.engine.job").addHandler(remover)
         try:
             m_b, wall_b = audit(paths, os.path.join(work, "out_b"), restart_wait)
         finally:
-            logging.getLogger("distributed_influence.job").removeHandler(remover)
+            logging.getLogger("distributed_influence.engine.job").removeHandler(remover)
         if remover.removed is None:
             print("the node was not removed (scoring ended first): use a smaller --delay")
             return 1

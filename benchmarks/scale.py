@@ -98,7 +98,7 @@ def start_cluster(nodes: int, cpus_per_node: int):
     """A Ray cluster on loopback whose processes are children of this one."""
     from ray.cluster_utils import Cluster
 
-    from distributed_influence.runtime import use_loopback
+    from distributed_influence.cluster.runtime import use_loopback
 
     use_loopback()
     # A private temp dir and no dashboard: other Ray instances on this machine stay untouched.
@@ -166,8 +166,8 @@ BASELINE_FIT_COMMIT = "6b4c0d8"
 
 def _features(work: dict, rows: int, classes: int):
     """The first ``rows`` training rows' augmented features and one-hot targets, in this process."""
-    from distributed_influence import representer as rp
-    from distributed_influence.model import Featurizer, load_model, read_model_bytes, split_model
+    from distributed_influence.data.model import Featurizer, load_model, read_model_bytes, split_model
+    from distributed_influence.method import representer as rp
 
     split = split_model(load_model(read_model_bytes(work["model"]), "mlp.keras"), None, None, "mlp.keras")
     data = np.load(work["train"])
@@ -178,7 +178,7 @@ def _features(work: dict, rows: int, classes: int):
 def _pass_seconds(x: np.ndarray, targets: np.ndarray, theta: np.ndarray, repeats: int = 3) -> float:
     """The best of a few float32 objective passes (Σ CE and its gradient) over x, with the sums
     the job's CPU workers use: the unit the fit's cost is given in."""
-    from distributed_influence import cpu_sums
+    from distributed_influence.method import cpu_sums
 
     cpu_sums.objective_sums(x, targets, theta, "float32")
     best = float("inf")
@@ -221,8 +221,8 @@ def fit_comparison(work: dict, rows: int, classes: int, lam: float = 0.003) -> d
     ``fit_head`` (default and adaptive sketch policies) against the one of main at
     BASELINE_FIT_COMMIT, all on the same sums (NumPy, as on the job's CPU workers), each in
     multiples of one float32 objective pass over the same rows."""
-    from distributed_influence import cpu_sums
-    from distributed_influence.fit import fit_head
+    from distributed_influence.method import cpu_sums
+    from distributed_influence.method.fit import fit_head
 
     x, t64, theta0 = _features(work, rows, classes)
     cache: dict = {}
@@ -271,9 +271,9 @@ def check_topk(work: dict, out: str, samples: int, k: int, seed: int = 7) -> dic
     """Top-k of sampled test rows against brute force over the train index (float64)."""
     import pyarrow.parquet as pq
 
-    from distributed_influence import index
-    from distributed_influence import representer as rp
-    from distributed_influence.model import Featurizer, load_model, read_model_bytes, split_model
+    from distributed_influence.data.model import Featurizer, load_model, read_model_bytes, split_model
+    from distributed_influence.method import representer as rp
+    from distributed_influence.store import index
 
     split = split_model(load_model(read_model_bytes(work["model"]), "mlp.keras"), None, None, "mlp.keras")
     test = np.load(work["test"])

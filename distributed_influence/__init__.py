@@ -12,15 +12,15 @@ __all__ = ["__version__", "AuditConfig", "run_audit", "load_results"]
 def __getattr__(name):
     # Lazy: importing TensorFlow and Ray takes seconds; `--help` and errors should not wait.
     if name == "AuditConfig":
-        from .config import AuditConfig
+        from distributed_influence.config import AuditConfig
 
         return AuditConfig
     if name == "run_audit":
-        from .job import run_audit
+        from distributed_influence.engine.job import run_audit
 
         return run_audit
     if name == "load_results":
-        from .results import load_results
+        from distributed_influence.store.results import load_results
 
         return load_results
     raise AttributeError(name)

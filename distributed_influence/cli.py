@@ -12,9 +12,8 @@ import os
 import sys
 from typing import List, Optional
 
-from .errors import ClusterError, InputError
-from .heap import freeze, own_process
-from .summary import summary_lines
+from distributed_influence.errors import ClusterError, InputError
+from distributed_influence.report.summary import summary_lines
 
 
 def _shape(text: str) -> tuple:
@@ -83,7 +82,7 @@ def add_audit_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from .config import AuditConfig
+    from distributed_influence.config import AuditConfig
 
     return AuditConfig(
         model=args.model, train=args.train, test=args.test, out=args.out, k=args.k, lam=args.lam,
@@ -97,7 +96,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .job import run_audit
+    from distributed_influence.engine.job import run_audit
 
     manifest = run_audit(config_from_args(args), use_ray=not args.in_process)
     for line in summary_lines(manifest):
@@ -117,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "of the training set; writes Parquet tables to --out.")
     add_audit_arguments(audit)
     audit.set_defaults(func=cmd_audit)
-    from . import demo, explain, report
+    from distributed_influence import demo
+    from distributed_influence.engine import explain
+    from distributed_influence.report import page as report
 
     explain.add_parser(sub)
     report.add_parser(sub)
@@ -142,22 +143,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run(argv: Optional[List[str]] = None) -> int:
-    """The command's entry point (the console script, and ``jobs/audit.py``): :func:`main` in a
-    process that exits right after it.
-
-    It declares the process the job's own for good, so the objects of the run's start are frozen
-    (see heap). What is left when the command is done lives until the process exits, where the
-    interpreter would walk it all once more for reference cycles: 0.27–0.42 s after a run that
-    used Ray, on the 2-core benchmark machine. Frozen first, it is left to the exit. Callers that
-    go on afterwards (tests, a notebook) call :func:`main` instead.
+    """The command's entry point (the console script, and ``jobs/audit.py``).
 
     Returns:
         :func:`main`'s exit code.
     """
-    own_process()
-    code = main(argv)
-    freeze()
-    return code
+    return main(argv)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from typing import Optional
 
 import numpy as np
 
-from .sources import digits_arrays
-from .summary import flagged_fractions, summary_lines
+from distributed_influence.data.sources import digits_arrays
+from distributed_influence.report.summary import flagged_fractions, summary_lines
 
 
 def flip_labels(y: np.ndarray, fraction: float, n_classes: int, seed: int):
@@ -35,7 +35,7 @@ def flip_labels(y: np.ndarray, fraction: float, n_classes: int, seed: int):
 
 def build_cnn(input_shape, n_classes: int, seed: int):
     """The seed's model shape: a functional model with outputs [features, logits, softmax]."""
-    from .tfimport import import_keras
+    from distributed_influence.tfimport import import_keras
 
     keras = import_keras()
 
@@ -57,12 +57,12 @@ def build_cnn(input_shape, n_classes: int, seed: int):
 def run_demo(out: str, n_train: Optional[int] = None, flip_fraction: float = 0.1, epochs: int = 40,
              seed: int = 0, use_ray: bool = True, k: int = 10, shards: Optional[int] = None) -> dict:
     """Builds the demo data and model under ``out/data`` and audits them into ``out``."""
-    from .tfimport import import_keras
+    from distributed_influence.tfimport import import_keras
 
     keras = import_keras()
 
-    from .config import AuditConfig
-    from .job import run_audit
+    from distributed_influence.config import AuditConfig
+    from distributed_influence.engine.job import run_audit
 
     x_tr, y_tr = digits_arrays("train")
     x_te, y_te = digits_arrays("test")
@@ -86,7 +86,7 @@ def run_demo(out: str, n_train: Optional[int] = None, flip_fraction: float = 0.1
                          test=os.path.join(data, "test.npz"), out=out, k=k, shards=shards,
                          overwrite=True)  # the demo owns its output directory: rerunning replaces it
     manifest = run_audit(config, use_ray=use_ray)
-    from .results import load_results
+    from distributed_influence.store.results import load_results
 
     train = load_results(out).train_scores
     found = flagged_fractions(train.column("audit_rank").to_numpy(), train.column("train_id").to_numpy(), flipped)

@@ -147,7 +147,7 @@ def audit_config(files, out, k=4, **kw):
 @pytest.fixture(scope="session")
 def reference(files, tmp_path_factory):
     """The single-process engine's tables (k = 4) on `files`: what every distributed run must equal."""
-    from distributed_influence.job import run_audit
+    from distributed_influence.engine.job import run_audit
 
     out = str(tmp_path_factory.mktemp("ref") / "out")
     run_audit(audit_config(files, out, k=4), use_ray=False)
@@ -165,7 +165,7 @@ def read(out: str, name: str):
 
 def assert_same_results(out_a: str, out_b: str, rtol: float = 1e-5) -> None:
     """Tables of two runs: same ids, kinds and ranks; float columns within rtol (relative to scale)."""
-    from distributed_influence import tables
+    from distributed_influence.store import tables
 
     for name in tables.TABLES:
         a = read(out_a, name)
@@ -188,7 +188,7 @@ def loopback_cluster(head_cpus: int, worker_nodes: int, **head_args):
     import ray
     from ray.cluster_utils import Cluster
 
-    from distributed_influence.runtime import use_loopback
+    from distributed_influence.cluster.runtime import use_loopback
 
     use_loopback()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, **head_args})

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distributed_influence import tables
 from distributed_influence.cli import main
+from distributed_influence.store import tables
 
 EXPECTED = {
     "influence_topk": [("test_id", pa.int64()), ("predicted_class", pa.int32()), ("kind", pa.string()),
@@ -195,8 +195,8 @@ def test_unreachable_cluster_address_fails_fast_with_one_line(files, tmp_path):
     """Ray itself retries an address that does not answer for minutes; the audit says so at once."""
     import time
 
+    from distributed_influence.cluster.runtime import start_ray
     from distributed_influence.errors import ConfigError
-    from distributed_influence.runtime import start_ray
 
     port = _free_port()  # nothing listens there
     t0 = time.monotonic()
@@ -220,8 +220,8 @@ def test_an_address_that_is_not_a_ray_gcs_is_refused_in_bounded_time():
     import socket
     import time
 
+    from distributed_influence.cluster.runtime import probe_cluster
     from distributed_influence.errors import ConfigError
-    from distributed_influence.runtime import probe_cluster
 
     with socket.socket() as listener:  # accepts connections, never speaks Ray's protocol
         listener.bind(("127.0.0.1", 0))

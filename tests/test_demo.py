@@ -19,8 +19,8 @@ def test_demo_finds_flipped_labels(tmp_path, capsys):
     assert main(["demo", "--out", out, "--n-train", "600", "--epochs", "25"]) == 0
     captured = capsys.readouterr()
     printed = captured.out
-    # Ray is stopped with its autoscaler monitor killed first (runtime.stop_ray): every process
-    # of the instance must be gone, and nothing about the monitor said on stderr.
+    # Every process of the demo's Ray instance must be gone, and nothing about Ray's autoscaler
+    # monitor said on stderr while it stopped.
     assert not ray.is_initialized()
     started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
     _, alive = psutil.wait_procs(started, timeout=10)

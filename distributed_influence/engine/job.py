@@ -1,0 +1,436 @@
+"""The audit as stages: plan, featurize, fit head, α + score, reduce (DESIGN.md §2).
+
+:func:`run_audit` drives the same stages over either pool: an in-process one (the
+single-process engine) or Ray actors. Nothing big passes through the driver: training
+features stay in the workers, and test features stay in Ray's object store, where the workers
+that computed them put them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import time
+
+import numpy as np
+
+from distributed_influence import __version__, faults
+from distributed_influence.config import AuditConfig
+from distributed_influence.data.inputs import Inputs, open_inputs, prepare_inputs
+from distributed_influence.data.sources import options_from
+from distributed_influence.engine import reduce as rd
+from distributed_influence.store import index, storage, tables
+from distributed_influence.store.workstore import WorkStore, run_key
+
+# The modules of the workers' math (shard, scoring, representer) import TensorFlow, which takes
+# seconds of a core: a Ray run's driver never imports them (the workers describe the model), and
+# the in-process engine imports them where needed.
+
+log = logging.getLogger(__name__)
+
+
+def _versions(libraries: dict) -> dict:
+    """Versions for the manifest; ``libraries``: TensorFlow's and Keras's, as the workers (or
+    this process, in-process) loaded them."""
+    import pyarrow
+    import ray
+    import scipy
+
+    return {
+        "distributed_influence": __version__,
+        "python": platform.python_version(),
+        **libraries,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
+
+
+class _Timer:
+    def __init__(self):
+        self.times = {}
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                log.info("stage %s: started", name)
+
+            def __exit__(self, *exc):
+                timer.times[name] = round(time.perf_counter() - self.t0, 4)
+                if exc[0] is None:
+                    log.info("stage %s: done in %.2f s", name, timer.times[name])
+
+        return _Stage()
+
+
+def _driver_threads(use_ray: bool):
+    """One BLAS thread in a driver that only orchestrates Ray workers.
+
+    The driver's BLAS (NumPy, and scipy's L-BFGS) is idle between its tiny calls, and idle
+    OpenBLAS threads spin on the cores the workers compute on: with the default thread count
+    a round trip of the head fit took 76 ms instead of 45 ms on the 2-core benchmark.
+    """
+    if not use_ray:
+        return contextlib.nullcontext()  # the in-process engine does the math here: keep BLAS
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
+    """Runs a full audit and writes the tables and manifest to ``config.out``.
+
+    Finished work is persisted under ``OUT/_work/`` as it completes; re-running the same
+    command after a crash reuses it (see :mod:`distributed_influence.store.workstore`).
+
+    Args:
+        config: the validated settings.
+        use_ray: False runs every shard in this process (the single-process engine).
+
+    Returns:
+        The manifest that was written.
+
+    Raises:
+        InputError: bad input, found on the driver or by a worker; no table is written.
+    """
+    timer = _Timer()
+    t_start = time.perf_counter()
+    fault = faults.from_env()
+    started = False
+    pool = None
+    gpus = 0.0
+    try:
+        if use_ray:
+            opened = open_inputs(config)  # what needs no TensorFlow: a wrong path stops here, before Ray
+        else:
+            with timer.stage("validate"):
+                inputs = prepare_inputs(config)
+            opened = inputs
+        if use_ray:
+            from distributed_influence.cluster.runtime import plan_workers, start_ray
+
+            with timer.stage("ray_start"):
+                started = start_ray(config.address)
+            n_workers, gpus, cpus = plan_workers(config.shards, config.workers, config.gpus_per_worker)
+            n_shards = config.shards or n_workers
+        else:
+            n_workers = 1
+            n_shards = config.shards or 1
+        from distributed_influence.cluster.worker import InProcessPool, RayPool
+        from distributed_influence.engine.plan import WorkerSettings, plan_shards
+
+        specs = plan_shards(opened.train.n_rows, n_shards)
+        key = run_key(config.digest(), opened.model_bytes, config.train, config.test,
+                      [(s.start, s.stop) for s in specs])
+        settings = WorkerSettings(
+            model_name=opened.model_name, train=_absolute(config.train), test=_absolute(config.test),
+            target=config.target,
+            lam=config.lam, k=config.k, n_train=opened.train.n_rows, batch_size=config.batch_size,
+            test_block=config.test_block, scoring=config.scoring, feature_layer=config.feature_layer,
+            logit_layer=config.logit_layer, input_shape=config.input_shape and tuple(config.input_shape),
+            scale=config.scale, index_dir=storage.join(WorkStore(config.out, key).path, index.INDEX_DIR),
+            fault=fault, source_options={k: v for k, v in options_from(config).items() if k != "scale"},
+            layouts={"train": opened.train.layout(), "test": opened.test.layout()},
+        )
+        if use_ray:
+            # The workers start now and load the model; the first checks it and the sources
+            # against it, so this process never loads TensorFlow (seconds of a core that the
+            # workers, starting at the same time, would otherwise wait for).
+            pool = RayPool(opened.model_bytes, settings, min(n_workers, len(specs)), cpus, gpus)
+            with timer.stage("validate"):
+                described = pool.describe()
+                inputs = prepare_inputs(config, opened, split=described["split"])
+            libraries = described["versions"]
+        else:
+            from distributed_influence.tfimport import versions
+
+            pool = InProcessPool(inputs.model_bytes, settings)
+            libraries = versions()
+        store = WorkStore.open(config.out, key, config.overwrite)  # inputs valid: may clear old work
+        log.info("%d training rows in %d shards on %d workers (%g GPU each)",
+                 inputs.train.n_rows, len(specs), pool.n_workers, gpus)
+        # SciPy brings its own BLAS: loaded before the thread limit below applies to it.
+        import distributed_influence.method.fit  # noqa: F401
+
+        with _driver_threads(use_ray):
+            manifest = _run_stages(config, inputs, pool, specs, store, timer, fault, use_ray)
+        manifest["versions"] = _versions(libraries)
+    except Exception as exc:
+        from distributed_influence.cluster.worker import unwrap_ray_error
+
+        raise unwrap_ray_error(exc) from None
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if started:
+            from distributed_influence.cluster.runtime import stop_ray
+
+            stop_ray()
+    manifest["run_key"] = key
+    manifest["workers"]["gpus_per_worker"] = gpus
+    manifest["timings"]["total"] = round(time.perf_counter() - t_start, 4)
+    _publish_index(store, config.out)  # before the manifest: a reader that sees it sees all
+    tables.publish(config.out, storage.join(store.path, "tables"), tables.TABLES, manifest)
+    store.remove()
+    return manifest
+
+
+def _absolute(spec: str) -> str:
+    """Local paths as absolute paths: workers may not share the driver's working directory."""
+    return spec if storage.is_uri(spec) or spec.startswith("digits") else os.path.abspath(spec)
+
+
+def _publish_index(store: WorkStore, out: str) -> None:
+    """Moves the finished train index from the run's work area to ``OUT/index``."""
+    final = storage.join(out, index.INDEX_DIR)
+    storage.remove_tree(final)
+    storage.move_tree(storage.join(store.path, index.INDEX_DIR), final)
+
+
+def _featurize(pool, inputs: Inputs, specs) -> tuple:
+    """The training shards ``specs`` featurized and kept by their workers, and the test features,
+    computed by the workers in parallel and left where they are (in Ray's object store): the
+    driver keeps only references, logits, ids and labels.
+
+    Returns:
+        (``prepare``'s results, the test set as :func:`_run_stages` uses it).
+    """
+    from distributed_influence.engine.plan import plan_shards
+
+    parts = plan_shards(inputs.test.n_rows, pool.n_workers)
+    prepared, x_parts, metas = pool.featurize(specs, [(p.start, p.stop) for p in parts], desc="featurize")
+    test = {"x_parts": x_parts,
+            "logits": np.concatenate([m["logits"] for m in metas]),
+            "ids": np.concatenate([m["ids"] for m in metas])}
+    if metas[0]["labels"] is not None:
+        test["labels"] = np.concatenate([m["labels"] for m in metas])
+    if "keys" in metas[0]:
+        test["keys"] = np.concatenate([m["keys"] for m in metas])
+    return prepared, test
+
+
+def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> dict:
+    """The head fit on the shards' sums, and the fidelity of the surrogate; persisted."""
+    from distributed_influence.cluster.worker import progress_bar
+    from distributed_influence.method.fit import fit_head
+
+    def sums(theta, precision):
+        res = pool.map_summed("objective", specs, _sent(theta, precision), precision)
+        return sum(r[0] for r in res), np.sum([r[1] for r in res], axis=0)
+
+    def hvp(theta, v, precision):
+        return np.sum(pool.map_summed("hvp", specs, _sent(theta, precision), _sent(v, precision), precision), axis=0)
+
+    def sketch(theta, v, stride):  # every shard samples its own rows
+        return np.sum(pool.map_summed("hvp", specs, _sent(theta, "float32"), _sent(v, "float32"), "float32", stride),
+                      axis=0)
+
+    with progress_bar(None, "fit head", "it") as bar:
+        def on_iteration(it, g):
+            bar.update(1)
+            bar.set_postfix_str(f"max|grad J|={g:.2e}", refresh=False)
+
+        fit = fit_head(sums, hvp, inputs.train.n_rows, config.lam, inputs.split.theta(),
+                       tol=config.grad_tol, max_iter=config.max_iter, on_iteration=on_iteration,
+                       sketch_sums=sketch)
+    if not fit.converged:
+        log.warning("head fit stopped at max|grad J| = %.3g > %.3g after %d iterations",
+                    fit.max_abs_grad, config.grad_tol, fit.iterations)
+    log.info("head fit: %d iterations, max|grad J| = %.3g (%s)", fit.iterations, fit.max_abs_grad, fit.method)
+    result = {
+        "theta": fit.theta,
+        "info": {"iterations": fit.iterations, "evaluations": fit.evaluations, "passes": fit.passes,
+                 "max_abs_grad": fit.max_abs_grad, "objective": fit.objective,
+                 "converged": fit.converged, "method": fit.method},
+        "train_moments": np.sum(pool.map("fidelity", specs, fit.theta), axis=0),
+    }
+    store.save("fit", result)
+    return result
+
+
+def _sent(a: np.ndarray, precision: str) -> np.ndarray:
+    """An argument of a fit call as the workers use it: they compute in ``precision`` and cast
+    their arguments to it first, so a float32 call is sent float32, bit for bit the same work.
+
+    Why: a float64 head of the Fashion-MNIST CNN (1601 × 10) is 128 kB, above the size up to
+    which Ray sends an argument inside the call on a cluster (``max_direct_call_object_size``,
+    100 kB by default; a local instance raises it, see ``runtime.DIRECT_CALL_BYTES``); each
+    larger one goes through the object store.
+    Measured with two actors on this project's 2-core machine: a round trip with two such
+    arguments took 15 ms, with them in float32 (64 kB) 7 ms; a fit makes ~50 of them.
+    """
+    return np.asarray(a, np.float32) if precision == "float32" else a
+
+
+def _scoring(config: AuditConfig, records: list) -> dict:
+    """The manifest's ``scoring`` section; one warning line when pruned fell back to dense."""
+    from distributed_influence.engine.reduce import summarize_scoring as scoring_summary
+
+    summary = scoring_summary(records, config.scoring)
+    if summary["method"] != config.scoring:
+        log.warning("--scoring %s: scored densely instead (%s)", config.scoring, summary["reason"])
+    log.info("scoring (%s): %.2f%% of the (test, train) pairs scored", summary["method"],
+             100 * summary["pairs_scored_fraction"])
+    return summary
+
+
+def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred: np.ndarray,
+            results: list, pool, fault) -> dict:
+    """The reduce stage: the workers merge the shards' partials by range and write the part files.
+
+    Parts are written to ``_work/<key>/tables/`` and their summaries persisted, so a resumed run
+    redoes only the ranges that had not finished. The driver passes each task its slice of the
+    per-row vectors it holds (ids, labels, logits, audit scores); the partials stay on storage.
+    """
+    staged = storage.join(store.path, "tables")
+    out_dirs = {name: storage.join(staged, name) for name in tables.TABLES}
+    partial_dir = storage.join(store.path, rd.PARTIAL_DIR)
+    topk_files = [rd.topk_file(partial_dir, s.index) for s in specs]
+    test_files = [rd.test_file(partial_dir, s.index) for s in specs]  # shard 0 first: it holds x_t Θ
+    summaries = {"test": {}, "train": {}}
+    reused = []
+    # Sources with string keys (DESIGN.md §3): every test task names the training rows of its
+    # lists, so the (id, key) pairs are shared once (a per-row vector, like the audit scores).
+    train_keys = None
+    if tables.TRAIN_KEY in results[0]:
+        train_keys = (np.concatenate([r["train_id"] for r in results]),
+                      np.concatenate([r[tables.TRAIN_KEY] for r in results]))
+        train_keys = pool.put(train_keys)
+    calls = {"test": [], "train": []}
+    for part, (a, b) in enumerate(tables.split_rows(len(test["ids"]), rd.REDUCE_ROWS)):
+        done = store.load(f"reduce-test-{part}")
+        if done is not None:
+            summaries["test"][part] = done
+            reused.append(f"test-{part}")
+            continue
+        rows = {"ids": test["ids"][a:b], "labels": None if test.get("labels") is None else test["labels"][a:b],
+                "pred": test_pred[a:b], "logits": test["logits"][a:b]}
+        if "keys" in test:
+            rows["keys"] = test["keys"][a:b]
+        calls["test"].append((part, a, b, topk_files, test_files, config.k, rows, out_dirs, fault, train_keys))
+    plan = rd.train_plan([r["train_id"] for r in results], [np.abs(r["alpha_label"]) for r in results],
+                         [(s.start, s.stop) for s in specs])
+    for part, (sources, positions, ranks) in enumerate(plan):
+        done = store.load(f"reduce-train-{part}")
+        if done is not None:
+            summaries["train"][part] = done
+            reused.append(f"train-{part}")
+            continue
+        files = [(rd.train_file(partial_dir, specs[s].index), first) for s, first in sources]
+        calls["train"].append((part, files, positions, ranks, out_dirs[tables.TRAIN_SCORES]))
+    del plan
+
+    # Test and train parts at once: one test part alone (m ≤ 16,384) would leave CPUs idle.
+    kinds = [("test", rd.reduce_test_range)] * len(calls["test"]) + [("train", rd.reduce_train_range)] * len(calls["train"])
+
+    def keep(i, summary):
+        kind = kinds[i][0]
+        store.save(f"reduce-{kind}-{summary['part']}", summary)
+        summaries[kind][summary["part"]] = summary
+        faults.maybe_stop_driver_in_reduce(fault, sum(len(v) for v in summaries.values()) - len(reused))
+
+    pool.run_functions([(fn, args) for (_, fn), args in zip(kinds, calls["test"] + calls["train"])], keep)
+    return {"test": [summaries["test"][p] for p in sorted(summaries["test"])],
+            "train": [summaries["train"][p] for p in sorted(summaries["train"])],
+            "reused": reused, "staged": staged}
+
+
+def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore,
+                timer: _Timer, fault, use_ray: bool = False) -> dict:
+    from distributed_influence.method.logits import fidelity_from_moments, predicted_classes
+
+    shard_info = {s.index: {"index": s.index, "start": s.start, "stop": s.stop, "rows": s.rows}
+                  for s in specs}
+    results = {s.index: store.load(f"shard-{s.index}") for s in specs}
+    reused = sorted(i for i, r in results.items() if r is not None)
+    todo = [s for s in specs if results[s.index] is None]
+    if reused:
+        log.info("resuming: %d of %d shards already scored", len(reused), len(specs))
+    fit = store.load("fit")
+
+    with timer.stage("featurize"):
+        # The fit needs every shard; afterwards only the shards still to be scored.
+        prepared, test = _featurize(pool, inputs, specs if fit is None else todo)
+        for p in prepared:
+            shard_info[p["shard"]].update(node=p["node"] or None, featurize_seconds=round(p["seconds"], 4))
+        test_pred = predicted_classes(test["logits"])
+
+    with timer.stage("fit"):
+        if fit is None:  # else resumed: the saved fit loaded above
+            fit = _fit(config, inputs, pool, specs, store)
+    theta = fit["theta"]
+
+    with timer.stage("score"):
+        saved = []
+        partial_dir = storage.join(store.path, rd.PARTIAL_DIR)
+
+        def persist(spec, result):
+            store.save(f"shard-{spec.index}", result)
+            saved.append(spec.index)
+            faults.maybe_stop_driver(fault, len(saved))
+
+        shared = (theta, test["x_parts"], pool.put(test_pred), partial_dir)
+        for spec, r in zip(todo, pool.map("score_partial", todo, *shared, desc="alpha + score",
+                                          on_result=persist)):
+            results[spec.index] = r
+    for i, r in results.items():
+        shard_info[i].setdefault("node", str(r.get("node", "")) or None)  # reused: node of the first run
+        shard_info[i].update(score_seconds=round(float(r["seconds"]), 4), reused=i in reused)
+
+    with timer.stage("reduce"):
+        faults.maybe_hold(fault, "reduce")
+        ordered = [results[s.index] for s in specs]
+        alpha_head = np.sum([r["alpha_head"] for r in ordered], axis=0)
+        residual = float(np.max(np.abs(theta - alpha_head)) / np.max(np.abs(theta)))
+        index.write_head(storage.join(store.path, index.INDEX_DIR), theta, alpha_head)
+        devices = pool.devices()
+        # The workers drop their shards and run the reduce themselves: they have its libraries
+        # loaded, where fresh task processes took ~1 s to start on the benchmark machine.
+        pool.release()
+        reduced = _reduce(config, specs, store, test, test_pred, ordered, pool, fault)
+        recovery = pool.recovery()
+        pool.shutdown()
+        del ordered
+
+    nodes = sorted({i["node"] for i in shard_info.values() if i.get("node")})
+    test_summary = reduced["test"]
+    return {
+        "config": {key: storage.redact(val) for key, val in config.to_dict().items()},
+        "config_digest": config.digest(),
+        "model_sha256": hashlib.sha256(inputs.model_bytes).hexdigest(),
+        "index": {"dir": index.INDEX_DIR, "shards": len(specs)},
+        "n_train": int(inputs.train.n_rows),
+        "n_test": int(inputs.test.n_rows),
+        "n_classes": int(inputs.n_classes),
+        "feature_dim": int(inputs.split.feature_dim),
+        "input_shape": [None if d is None else int(d) for d in inputs.input_shape],
+        "sources": {"train": inputs.train.describe(), "test": inputs.test.describe()},
+        "head_layer": inputs.split.head_layer,
+        "lambda": float(config.lam),
+        "target": config.target,
+        "k": int(config.k),
+        "head_fit": {**fit["info"], "grad_tol": config.grad_tol},
+        "fidelity": {"train": fidelity_from_moments(fit["train_moments"]),
+                     "test": fidelity_from_moments(np.sum([r["fidelity"] for r in test_summary], axis=0))},
+        "decomposition": {"max_error": max(r["max_error"] for r in test_summary),
+                          "max_relative_error": max(r["max_relative_error"] for r in test_summary),
+                          "theta_residual": residual},
+        "scoring": _scoring(config, [results[s.index].get("scoring") for s in specs]),
+        "reduce": {"test_parts": len(test_summary), "train_parts": len(reduced["train"]),
+                   "rows_per_test_part": rd.REDUCE_ROWS,
+                   "reused_parts": reduced["reused"],
+                   "seconds": round(float(sum(r["seconds"] for r in test_summary + reduced["train"])), 4)},
+        "shards": [shard_info[s.index] for s in specs],
+        "resume": {"reused_shards": reused, "computed_shards": [s.index for s in todo]},
+        "workers": {"count": pool.n_workers, "nodes": max(1, len(nodes)), "backend": pool.backend,
+                    "devices": devices},
+        "recovery": recovery,
+        "timings": dict(timer.times),
+    }

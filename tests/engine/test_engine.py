@@ -1,0 +1,101 @@
+"""The single-process engine end to end, against an independent float64 NumPy oracle."""
+
+import os
+
+import keras
+import numpy as np
+import oracle
+import pyarrow.parquet as pq
+import pytest
+
+from distributed_influence.config import AuditConfig
+from distributed_influence.engine.job import run_audit
+
+LAM = 0.003
+K = 5
+
+
+def _oracle(files, target):
+    model = keras.models.load_model(files["model"], safe_mode=True, compile=False)
+    tr, te = np.load(files["train"]), np.load(files["test"])
+    f_tr, z_tr, _ = model.predict(tr["x"], verbose=0)
+    f_te, z_te, _ = model.predict(te["x"], verbose=0)
+    x_tr, x_te = oracle.augment(f_tr), oracle.augment(f_te)
+    W, b = model.get_layer("logits").get_weights()
+    theta0 = np.vstack([W, b[None]]).astype(np.float64)
+    C = W.shape[1]
+    t = np.eye(C)[tr["y"]] if target == "labels" else oracle.softmax(z_tr.astype(np.float64))
+    theta = oracle.newton_fit(x_tr, t, LAM, theta0)
+    alpha = oracle.closed_form_alpha(x_tr, t, theta, LAM)
+    pred = np.argmax(z_te, axis=1)
+    r = oracle.representer_matrix(x_tr, alpha, x_te, pred)
+    return dict(theta=theta, alpha=alpha, pred=pred, r=r, x_tr=x_tr, x_te=x_te, y=tr["y"], z_te=z_te, z_tr=z_tr)
+
+
+@pytest.mark.parametrize("target,shards,reduce_rows", [("labels", 1, None), ("predictions", 1, None),
+                                                       ("labels", 3, 7)])
+def test_in_process_audit_matches_oracle(files, tmp_path, monkeypatch, target, shards, reduce_rows):
+    """Also with 3 shards merged by 3 reduce ranges of 7, 7 and 6 test rows, read from partials
+    whose row groups (of 3 rows) do not line up with the ranges."""
+    from distributed_influence.engine import reduce as rd
+
+    if reduce_rows:
+        monkeypatch.setattr(rd, "REDUCE_ROWS", reduce_rows)
+        monkeypatch.setattr(rd, "PARTIAL_GROUP", 3)
+    out = str(tmp_path / "out")
+    cfg = AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=out,
+                      k=K, lam=LAM, target=target, shards=shards)
+    manifest = run_audit(cfg, use_ray=False)
+    n_parts = 3 if reduce_rows else 1
+    for name, parts in (("influence_topk", n_parts), ("test_scores", n_parts), ("train_scores", shards)):
+        listed = [f"{name}/part-{i:05d}.parquet" for i in range(parts)]
+        assert manifest["tables"][name] == listed
+        assert sorted(os.listdir(os.path.join(out, name))) == [f.split("/")[1] for f in listed]
+    assert sorted(os.listdir(out)) == ["index", "influence_topk", "manifest.json", "test_scores", "train_scores"]
+    ref = _oracle(files, target)
+    n = len(ref["y"])
+
+    assert manifest["head_fit"]["max_abs_grad"] <= 1e-7
+    assert manifest["decomposition"]["theta_residual"] <= 1e-4
+
+    topk = pq.read_table(f"{out}/influence_topk").to_pydict()
+    test = pq.read_table(f"{out}/test_scores").to_pydict()
+    train = pq.read_table(f"{out}/train_scores").to_pydict()
+    np.testing.assert_array_equal(test["test_id"], np.arange(20))  # parts in test-id order
+    np.testing.assert_array_equal(train["train_id"], np.arange(n))
+
+    # Top-k per test example equals sorting the full matrix.
+    scale = np.abs(ref["r"]).max()
+    for kind, largest in (("proponent", True), ("opponent", False)):
+        ref_v, ref_i = oracle.sorted_topk(ref["r"], np.arange(n), K, largest)
+        sel = np.array(topk["kind"]) == kind
+        got_i = np.array(topk["train_id"])[sel].reshape(-1, K)
+        got_v = np.array(topk["representer_value"])[sel].reshape(-1, K)
+        np.testing.assert_array_equal(got_i, ref_i)
+        np.testing.assert_allclose(got_v, ref_v, rtol=1e-4, atol=1e-5 * scale)
+        got_a = np.array(topk["alpha"])[sel].reshape(-1, K)
+        np.testing.assert_allclose(got_a, ref["alpha"][ref_i, ref["pred"][:, None]], rtol=1e-4, atol=1e-6 * np.abs(ref["alpha"]).max())
+        got_s = np.array(topk["similarity"])[sel].reshape(-1, K)
+        np.testing.assert_allclose(got_s, np.einsum("tkd,td->tk", ref["x_tr"][ref_i], ref["x_te"]), rtol=1e-4)
+
+    # Decomposition: Σ_i r_ij(t) = z_tj, and it matches the brute-force sum.
+    z = np.array(test["surrogate_logit"], dtype=np.float64)
+    rep = np.array(test["representer_sum"], dtype=np.float64)
+    assert np.all(np.abs(rep - z) <= 1e-4 * np.maximum(1, np.abs(z)))
+    np.testing.assert_allclose(rep, ref["r"].sum(axis=1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(z, np.einsum("td,dt->t", ref["x_te"], ref["theta"][:, ref["pred"]]), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(test["predicted_class"], ref["pred"])
+    np.testing.assert_allclose(test["model_logit"], ref["z_te"][np.arange(len(z)), ref["pred"]], rtol=1e-5, atol=1e-5)
+
+    # Label audit and per-train sums.
+    a_lab = ref["alpha"][np.arange(n), ref["y"]]
+    np.testing.assert_allclose(train["alpha_label"], a_lab, rtol=1e-4, atol=1e-6 * np.abs(a_lab).max())
+    np.testing.assert_array_equal(np.argsort(train["audit_rank"]), np.argsort(-np.abs(a_lab), kind="stable"))
+    np.testing.assert_allclose(train["influence_sum"], ref["r"].sum(axis=0), rtol=1e-4, atol=1e-5 * scale)
+    np.testing.assert_allclose(train["influence_abs_sum"], np.abs(ref["r"]).sum(axis=0), rtol=1e-4)
+    # The model's own view of each training example: its class and its probability of the label.
+    z_tr = ref["z_tr"].astype(np.float64)
+    np.testing.assert_array_equal(train["predicted_class"], np.argmax(z_tr, axis=1))
+    np.testing.assert_allclose(train["label_probability"], oracle.softmax(z_tr)[np.arange(n), ref["y"]],
+                               rtol=1e-5, atol=1e-7)
+
