@@ -8,8 +8,12 @@ Every benchmark imports these rather than carrying its own copy, so two scripts 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import io
 import json
 import os
+import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -38,6 +42,11 @@ SAMPLE_INTERVAL = 0.2
 MATMUL_REPEATS = 3
 
 GiB = 1024.0 ** 3
+#: The page whose benchmark sections the benchmarks write (between their marker lines).
+PERFORMANCE_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                               "performance.md")
+#: The flag that asks a benchmark to write its report into PERFORMANCE_DOC.
+PUBLISH_FLAG = "--publish"
 
 # ------------------------------------------------------------------------------------ data
 
@@ -409,3 +418,94 @@ def run_job(model: str, train: str, test: str, out: str, log_path: str, extra: T
         manifest = json.load(fh)
     return JobRun(wall, manifest, sampler.peaks(), sampler.peak_tree_rss, sampler.count("worker"),
                   sampler.samples, Contention(wall, max(0.0, foreign), steal), stdout, out)
+
+
+# ------------------------------------------------------------------------ the published table
+
+
+class _Tee(io.TextIOBase):
+    """Writes to the terminal and keeps a copy, so a report is printed and published alike."""
+
+    def __init__(self, stream):
+        self.stream, self.copy = stream, io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.copy.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def _without_local_paths(text: str) -> str:
+    """Absolute paths of the machine that ran the benchmark reduced to their last component: the
+    page is about the measurement, not about where its files were."""
+    return re.sub(r"(?<![\w.])/(?:[\w.+-]+/)+([\w.+-]+)", r".../\1", text)
+
+
+def machine_line() -> str:
+    """CPU model and count, memory, OS: what a reader needs to compare a table with their machine."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+    return f"{os.cpu_count()} CPUs ({model}), {mem:.1f} GiB, {platform.system()} {platform.release()}"
+
+
+def git_revision() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        rev = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev or "unknown") + (" with uncommitted changes" if dirty else "")
+
+
+def write_section(stem: str, command: List[str], report: str, seconds: float) -> None:
+    """Replaces the text between ``<!-- BEGIN stem -->`` and ``<!-- END stem -->`` in
+    PERFORMANCE_DOC with this run's command, machine, revision and report."""
+    begin, end = f"<!-- BEGIN {stem} -->", f"<!-- END {stem} -->"
+    with open(PERFORMANCE_DOC, encoding="utf-8") as fh:
+        doc = fh.read()
+    if begin not in doc or end not in doc:
+        raise SystemExit(f"{PERFORMANCE_DOC}: no {begin} ... {end} section to write")
+    shown = " ".join(["python", f"benchmarks/{stem}.py", *command])
+    section = (f"{begin}\n"
+               f"Command: `{_without_local_paths(shown)}`  \n"
+               f"Machine: {machine_line()}  \n"
+               f"Revision: {git_revision()}; run on {datetime.date.today().isoformat()}, "
+               f"{seconds / 60:.1f} min in all.\n\n"
+               f"```text\n{_without_local_paths(report).rstrip()}\n```\n{end}")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    with open(PERFORMANCE_DOC, "w", encoding="utf-8") as fh:
+        fh.write(head + section + tail)
+
+
+def run_benchmark(stem: str, main, argv: Optional[List[str]] = None) -> int:
+    """Runs a benchmark's ``main(argv)``; with PUBLISH_FLAG in ``argv`` (taken out before ``main``
+    sees it), a run that returns 0 also writes its printed report into PERFORMANCE_DOC, so that
+    the page's figures are the benchmark's own, never copied by hand."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    publish = PUBLISH_FLAG in argv
+    argv = [a for a in argv if a != PUBLISH_FLAG]
+    if not publish:
+        return main(argv)
+    t0 = time.perf_counter()
+    tee = _Tee(sys.stdout)
+    saved, sys.stdout = sys.stdout, tee
+    try:
+        code = main(argv)
+    finally:
+        sys.stdout = saved
+    if code == 0:
+        write_section(stem, argv, tee.copy.getvalue(), time.perf_counter() - t0)
+        print(f"wrote the report into {os.path.relpath(PERFORMANCE_DOC)}")
+    return code

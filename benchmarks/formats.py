@@ -40,7 +40,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import load_data, run_job, train_model, write_npz  # noqa: E402
+from common import load_data, run_benchmark, run_job, train_model, write_npz  # noqa: E402
 
 TARGET_RATIO = 1.5
 #: Rows per Parquet row group (a worker reads the groups covering its shard).
@@ -107,7 +107,7 @@ def same_tables(out_a: str, out_b: str) -> bool:
                for n in ("influence_topk.parquet", "train_scores.parquet", "test_scores.parquet"))
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=None, help="directory of the Fashion-MNIST IDX files "
                                                      "(default: the Debian package's)")
@@ -120,7 +120,7 @@ def main() -> int:
                     help="run the jobs with --in-process (no Ray: every shard in the CLI's process)")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse the model and inputs a previous run wrote to --work-dir")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     t_all = time.perf_counter()
     work = args.work_dir or tempfile.mkdtemp(prefix="formats_bench_")
@@ -190,4 +190,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_benchmark("formats", main))

@@ -59,6 +59,7 @@ from common import (  # noqa: E402 - the benchmarks' shared helpers sit beside t
     load_data,
     matmul_gflops,
     own_cpu_seconds,
+    run_benchmark,
     run_job,
     steal_cpu_seconds,
     train_model,
@@ -229,7 +230,7 @@ FLATTEN_DIM = 5 * 5 * 64
 def bare_fit(X32: np.ndarray, y: np.ndarray, theta0: np.ndarray, lam: float, tol: float):
     """The head fit: float32 L-BFGS from the trained head, then exact Newton steps if cheap.
 
-    L-BFGS with float32 sums stalls near max |∇J| ≈ 1e-5 (DESIGN.md §1.1), where J no longer
+    L-BFGS with float32 sums stalls near max |∇J| ≈ 1e-5 (docs/method.md, "The fit"), where J no longer
     resolves its own decrease. When the head is small ((d+1)·C ≤ MAX_HESSIAN), one Newton step
     with the exact Hessian (factored once, reused while it keeps dividing |∇J| by 10) and a
     float64 gradient reaches ≪ 1e-7; for the seed's d = 1600 the Hessian (16010²) would cost
@@ -694,4 +695,4 @@ def print_targets(job: JobRun, doubled: Optional[JobRun], ratio: float, score_fr
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_benchmark("full_audit", main))

@@ -41,7 +41,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import K, load_data, train_model, write_npz  # noqa: E402 - the benchmarks' shared helpers
+from common import K, load_data, run_benchmark, train_model, write_npz  # noqa: E402 - the benchmarks' shared helpers
 
 #: Worker nodes of the cluster (one 1-CPU worker each) and shards of the audit.
 NODES = 3
@@ -77,11 +77,11 @@ class RemoveDuringScoring(logging.Handler):
 
 def audit(paths: dict, out: str, restart_wait: float):
     """One audit on the running cluster; returns (manifest, wall seconds)."""
-    from distributed_influence.cluster import worker
+    from distributed_influence.cluster import recovery
     from distributed_influence.config import AuditConfig
     from distributed_influence.engine.job import run_audit
 
-    worker.RESTART_WAIT = restart_wait
+    recovery.RESTART_WAIT = restart_wait
     shutil.rmtree(out, ignore_errors=True)
     config = AuditConfig(model=paths["model"], train=paths["train"], test=paths["test"], out=out, k=K,
                          shards=SHARDS)
@@ -141,9 +141,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="  %(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("distributed_influence").setLevel(logging.INFO)
-    from distributed_influence.cluster import worker
+    from distributed_influence.cluster import recovery
 
-    restart_wait = worker.RESTART_WAIT if args.restart_wait is None else args.restart_wait
+    restart_wait = recovery.RESTART_WAIT if args.restart_wait is None else args.restart_wait
     work = args.work_dir or tempfile.mkdtemp(prefix="node_loss_")
     os.makedirs(work, exist_ok=True)
     print(f"machine: {os.cpu_count()} CPUs; load average at start "
@@ -208,4 +208,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_benchmark("node_loss", main))

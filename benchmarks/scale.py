@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import K, TreeSampler, run_job  # noqa: E402 - the benchmarks' shared helpers
+from common import K, TreeSampler, run_benchmark, run_job  # noqa: E402 - the benchmarks' shared helpers
 
 GiB = 1024.0 ** 3
 NOISE = 0.10
@@ -400,4 +400,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_benchmark("scale", main))

@@ -46,7 +46,7 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import JobRun, load_data, run_job, train_model, write_npz  # noqa: E402
+from common import JobRun, load_data, run_benchmark, run_job, train_model, write_npz  # noqa: E402
 
 TABLES = ("influence_topk", "train_scores", "test_scores")
 METHODS = ("pruned", "dense")
@@ -262,4 +262,4 @@ def ok(flag: bool) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_benchmark("scoring", main))

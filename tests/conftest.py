@@ -10,6 +10,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 
+from distributed_influence import testing
+
 N_FEATURES = 6
 N_CLASSES = 3
 
@@ -195,7 +197,34 @@ def loopback_cluster(head_cpus: int, worker_nodes: int, **head_args):
     for _ in range(worker_nodes):
         c.add_node(num_cpus=1)
     c.wait_for_nodes()
-    ray.init(address=c.address)
+    ray.init(address=c.address, runtime_env=testing.runtime_env())  # fault injection in its workers
     yield c
     ray.shutdown()
     c.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fault_file(tmp_path_factory):
+    """The file that names the fault to inject (see ``distributed_influence.testing``), known to
+    every Ray instance the tests start: its name is in the environment before any of them."""
+    path = tmp_path_factory.mktemp("faults") / "fault"
+    os.environ[testing.FAULT_FILE_ENV] = str(path)
+    yield path
+    os.environ.pop(testing.FAULT_FILE_ENV, None)
+
+
+@pytest.fixture
+def inject_fault(fault_file, monkeypatch):
+    """``inject_fault(text)`` makes the fault ``text`` strike (``None`` ends it); the driver's
+    wrappers are installed here and removed after the test. Ray workers need a Ray instance
+    started with ``testing.runtime_env()``."""
+    testing.install(monkeypatch.setattr)
+
+    def inject(text):
+        if text:
+            fault_file.write_text(text)
+        else:
+            fault_file.unlink(missing_ok=True)
+
+    yield inject
+    fault_file.unlink(missing_ok=True)

@@ -1,6 +1,6 @@
 """Independent reference implementations used as test oracles.
 
-Plain NumPy in float64, written from the formulas of the paper (DESIGN.md §1) and sharing no
+Plain NumPy in float64, written from the formulas of the paper (docs/method.md) and sharing no
 code with the package: an explicit-Hessian Newton fit, the closed-form α, the full m×n matrix
 of representer values, and top-k by sorting whole rows of Python tuples.
 """

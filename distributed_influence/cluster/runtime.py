@@ -30,7 +30,7 @@ PROBE_SECONDS = 15.0
 
 
 def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
-              num_gpus: Optional[int] = None) -> bool:
+              num_gpus: Optional[int] = None, runtime_env: Optional[dict] = None) -> bool:
     """Joins the cluster at ``address`` (or ``RAY_ADDRESS``), else starts Ray in-process.
 
     A local instance is bound to loopback with no dashboard; Ray's token authentication stays
@@ -41,6 +41,8 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
         address: a cluster to join (``host:port``, ``ray://...``, ``auto``); None: ``RAY_ADDRESS``,
             else a new local instance.
         num_cpus, num_gpus: a new local instance's resources (Ray's defaults if None).
+        runtime_env: Ray's runtime environment for this driver's workers (a new local instance
+            only), e.g. a ``worker_process_setup_hook``.
 
     Returns:
         True when this call started or joined Ray (and the caller should shut it down).
@@ -64,7 +66,8 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None,
         # address="local": always a new instance, never a cluster some earlier `ray start`
         # left running on this machine (whose token and resources are not ours).
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                 log_to_driver=True, configure_logging=False, _system_config=LOCAL_SYSTEM_CONFIG)
+                 log_to_driver=True, configure_logging=False, _system_config=LOCAL_SYSTEM_CONFIG,
+                 runtime_env=runtime_env)
         log.info("started a local Ray instance on 127.0.0.1")
     return True
 

@@ -1,129 +1,147 @@
 """The one configuration object of an audit, validated once.
 
 Everything that changes the numbers of a result lives here, so the manifest can record it
-and a resumed run can check that it is continuing the same job.
+and a resumed run can check that it is continuing the same job. Each setting is declared once,
+as a field below: its flag, help, default, check, and whether it enters the digest or reaches
+the workers are derived from it (:mod:`distributed_influence.config.fields`; see
+``docs/design.md``, section "Settings").
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
 from typing import Optional
 
-from distributed_influence.errors import ConfigError
+from distributed_influence.config.fields import (
+    BOOLEAN,
+    FINITE_POSITIVE,
+    INTEGER_AT_LEAST_1,
+    NAME,
+    NOT_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INTEGERS,
+    check_all,
+    documented,
+    names,
+    setting,
+)
 
 TARGETS = ("labels", "predictions")
 #: Scoring paths (see scoring.py): the same tables, pruned skips most (test, train) pairs.
 SCORING = ("pruned", "dense")
 
 
+def parse_shape(text: str) -> tuple:
+    """``--input-shape``'s text, ``28,28,1`` or ``28x28x1``, as a tuple of ints."""
+    try:
+        dims = tuple(int(t) for t in text.replace("x", ",").split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not dims:
+        raise argparse.ArgumentTypeError("expected at least one dimension")
+    return dims
+
+
+@documented
 @dataclasses.dataclass(frozen=True)
 class AuditConfig:
     """Settings of one audit.
 
-    Attributes:
-        model: path of the `.keras` model file.
-        train: training source (path or URI; see :mod:`distributed_influence.data.sources`).
-        test: test source whose predictions are explained.
-        out: output directory for the Parquet tables and manifest.
-        k: number of proponents and of opponents kept per test example.
-        lam: L2 strength λ of the surrogate head fit; α scales as 1/λ.
-        target: ``labels`` (one-hot training labels: what a label audit needs) or
-            ``predictions`` (the model's softmax: highest fidelity to the model).
-        shards: number of row-range shards of the training set; None derives it from the
-            available workers.
-        address: Ray address to join; None joins ``$RAY_ADDRESS`` when set, else starts Ray
-            in-process on this machine.
-        feature_layer: name of the layer whose output is the penultimate feature vector.
-        logit_layer: name of the Dense layer producing the logits.
-        batch_size: rows per forward pass; None picks it from the input size.
-        test_block: test examples scored at once; a worker's scoring memory is
-            O(test_block × shard rows) whatever the size of the test set.
-        gpus_per_worker: GPUs per Ray worker; None means 1 when the cluster has GPUs, else 0.
-        workers: number of Ray workers; None means one per GPU (or per CPU slot).
-        grad_tol: the head fit stops when max |∇J| falls to this value.
-        max_iter: iteration cap of the head fit's L-BFGS fallback and of one Newton step's CG.
-        input_shape: shape of one example for sources that store flat rows; None takes the
-            model's input shape.
-        scale: factor applied to input values: Parquet `image` bytes and IDX pixels (default
-            1/255), Parquet `x` lists (default 1).
-        overwrite: replace results or partials of a different job found in ``out``.
-        resize: resize decoded images (encoded Parquet, TFRecord, image folders) to the model's
-            input size; off by default, and then a size mismatch is an error naming both sizes.
-        image_feature: TFRecord feature of the image (default ``image/encoded`` or ``image``).
-        label_feature: TFRecord feature of the label (default ``label`` or ``image/class/label``).
-        id_feature: TFRecord feature of a string key per record (default ``id`` when present).
-        scoring: ``pruned`` (default: exact top-k from a few percent of the pairs, by a
-            Cauchy–Schwarz bound) or ``dense`` (every pair, the reference). The tables are the
-            same, so it is not part of :meth:`digest`.
+    The fields keep the order of the flags in ``distributed-influence audit --help``.
     """
 
-    model: str
-    train: str
-    test: str
-    out: str
-    k: int = 10
-    lam: float = 0.003
-    target: str = "labels"
-    shards: Optional[int] = None
-    address: Optional[str] = None
-    feature_layer: Optional[str] = None
-    logit_layer: Optional[str] = None
-    batch_size: Optional[int] = None  # None: by input size (model.auto_batch_size)
-    test_block: int = 1024
-    gpus_per_worker: Optional[float] = None
-    workers: Optional[int] = None
-    grad_tol: float = 1e-10
-    max_iter: int = 1000
-    input_shape: Optional[tuple] = None
-    scale: Optional[float] = None
-    overwrite: bool = False
-    resize: bool = False
-    image_feature: Optional[str] = None
-    label_feature: Optional[str] = None
-    id_feature: Optional[str] = None
-    scoring: str = "pruned"
+    model: str = setting(help="trained classifier, a .keras file")
+    train: str = setting(
+        worker=True,
+        help="training source: .npz (x, y[, id]), .parquet (label, x|image[, id]; image may hold PNG/JPEG "
+             "bytes), TFRecord file(s) (a file, a glob or a comma list), an image folder DIR/CLASS/*.png|jpg, "
+             "an IDX images file, or 'digits'")
+    test: str = setting(worker=True, help="test source whose predictions are explained (same kinds)")
+    # Where the results go does not change them.
+    out: str = setting(digest=False, help="output directory for the Parquet tables and manifest.json")
+    k: int = setting(10, check=INTEGER_AT_LEAST_1, worker=True,
+                     help="proponents and opponents kept per test example (default 10)")
+    # α scales as 1/λ, so λ changes every influence value.
+    lam: float = setting(0.003, check=FINITE_POSITIVE, worker=True,
+                         help="L2 strength lambda of the head fit (default 0.003)")
+    target: str = setting("labels", choices=TARGETS, worker=True,
+                          help="fit the head to the training labels (default; for label audits) or to the "
+                               "model's own softmax outputs (highest fidelity)")
+    shards: Optional[int] = setting(None, check=INTEGER_AT_LEAST_1,
+                                    help="row-range shards of the training set (default: one per worker)")
+    # Where the job runs, and on how much hardware, is not a setting of the result: not in the
+    # digest (the shard plan they lead to is in the run key).
+    address: Optional[str] = setting(
+        None, digest=False,
+        help="Ray cluster to join ('auto' or host:port; default: $RAY_ADDRESS, else start Ray on this machine)")
+    feature_layer: Optional[str] = setting(
+        None, worker=True, help="name of the layer whose output is the feature vector")
+    logit_layer: Optional[str] = setting(
+        None, worker=True, help="name of the Dense layer that produces the logits")
+    batch_size: Optional[int] = setting(  # None: model.auto_batch_size
+        None, check=INTEGER_AT_LEAST_1, digest=False, worker=True,
+        help="rows per forward pass (default: by input size, 32 to 1024; halved on out-of-memory)")
+    # A worker's scoring memory is O(test_block × shard rows) whatever the size of the test set;
+    # the blocks change the memory, not the tables.
+    test_block: int = setting(1024, check=INTEGER_AT_LEAST_1, digest=False, worker=True,
+                              help="test examples scored at once per shard; bounds worker memory (default 1024)")
+    gpus_per_worker: Optional[float] = setting(
+        None, check=NOT_NEGATIVE, digest=False,
+        help="GPUs per Ray worker (default: 1 if the cluster has GPUs, else 0)")
+    workers: Optional[int] = setting(
+        None, check=INTEGER_AT_LEAST_1, digest=False,
+        help="Ray workers (default: one per GPU, or per CPU when there are no GPUs)")
+    grad_tol: float = setting(1e-10, check=POSITIVE,
+                              help="the head fit stops when max |grad J| <= this (default 1e-10)")
+    max_iter: int = setting(
+        1000, check=INTEGER_AT_LEAST_1,
+        help="iteration cap of the head fit's L-BFGS fallback and of one Newton step's CG (CG at most 300; "
+             "default 1000)")
+    input_shape: Optional[tuple] = setting(
+        None, check=POSITIVE_INTEGERS, parse=parse_shape, worker=True,
+        help="shape of one example for flat Parquet rows, e.g. 28,28,1 (default: the model's)")
+    scale: Optional[float] = setting(
+        None, check=POSITIVE, worker=True, source_option=True,
+        help="factor applied to input values: Parquet 'image' bytes and IDX pixels (default 1/255), "
+             "Parquet 'x' lists (default 1, unchanged)")
+    resize: bool = setting(
+        False, check=BOOLEAN, source_option=True,
+        help="resize decoded images (PNG/JPEG in Parquet, TFRecord, image folders) to the model's input "
+             "size, bilinear (default: a size mismatch is an error)")
+    image_feature: Optional[str] = setting(
+        None, check=NAME, source_option=True,
+        help="TFRecord feature holding the image (default: 'image/encoded', else 'image')")
+    label_feature: Optional[str] = setting(
+        None, check=NAME, source_option=True,
+        help="TFRecord feature holding the label (default: 'label', else 'image/class/label')")
+    id_feature: Optional[str] = setting(
+        None, check=NAME, source_option=True,
+        help="TFRecord feature holding a string key per record (default: 'id' when present)")
+    # Both paths give the same tables (pruning is exact, by a Cauchy–Schwarz bound).
+    scoring: str = setting(
+        "pruned", choices=SCORING, digest=False, worker=True,
+        help="pruned (default): exact top-k from the few training rows whose bound |alpha|*|x_i|*|x_t| can "
+             "reach it; dense: every (test, train) pair. Same tables")
+    # Whether old results may be replaced is not a property of the new ones.
+    overwrite: bool = setting(
+        False, digest=False,
+        help="replace results or partial results of a different job found in --out")
 
     def __post_init__(self) -> None:
+        if isinstance(self.input_shape, list):  # from Python or JSON: the tuple the flag's parser gives
+            object.__setattr__(self, "input_shape", tuple(self.input_shape))
         self.validate()
 
     def validate(self) -> None:
-        """Refuses values that cannot give a meaningful result, with one clear line."""
-        if not isinstance(self.k, int) or self.k < 1:
-            raise ConfigError(f"--k must be an integer >= 1, got {self.k!r}")
-        if not (self.lam > 0) or self.lam != self.lam or self.lam == float("inf"):
-            raise ConfigError(f"--lam must be a finite number > 0, got {self.lam!r}")
-        if self.target not in TARGETS:
-            raise ConfigError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        if self.shards is not None and (not isinstance(self.shards, int) or self.shards < 1):
-            raise ConfigError(f"--shards must be an integer >= 1, got {self.shards!r}")
-        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
-            raise ConfigError(f"--workers must be an integer >= 1, got {self.workers!r}")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise ConfigError(f"--batch-size must be an integer >= 1, got {self.batch_size!r}")
-        if not isinstance(self.test_block, int) or self.test_block < 1:
-            raise ConfigError(f"--test-block must be an integer >= 1, got {self.test_block!r}")
-        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
-            raise ConfigError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker!r}")
-        if not (self.grad_tol > 0):
-            raise ConfigError(f"--grad-tol must be > 0, got {self.grad_tol!r}")
-        if not isinstance(self.max_iter, int) or self.max_iter < 1:
-            raise ConfigError(f"--max-iter must be an integer >= 1, got {self.max_iter!r}")
-        if self.scoring not in SCORING:
-            raise ConfigError(f"--scoring must be one of {', '.join(SCORING)}, got {self.scoring!r}")
-        if self.scale is not None and not (self.scale > 0):
-            raise ConfigError(f"--scale must be > 0, got {self.scale!r}")
-        if self.input_shape is not None and (
-            len(self.input_shape) == 0 or any(int(s) < 1 for s in self.input_shape)
-        ):
-            raise ConfigError(f"--input-shape must be positive integers, got {self.input_shape!r}")
-        if not isinstance(self.resize, bool):
-            raise ConfigError(f"--resize must be true or false, got {self.resize!r}")
-        for flag, name in (("--image-feature", self.image_feature), ("--label-feature", self.label_feature),
-                           ("--id-feature", self.id_feature)):
-            if name is not None and (not isinstance(name, str) or not name.strip()):
-                raise ConfigError(f"{flag} must be a non-empty feature name, got {name!r}")
+        """Refuses values that cannot give a meaningful result, with one clear line.
+
+        Raises:
+            ConfigError: a setting breaks its field's check (the first one, in field order).
+        """
+        check_all(self)
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (for the manifest and for shipping to workers)."""
@@ -133,9 +151,12 @@ class AuditConfig:
         return d
 
     def digest(self) -> str:
-        """Hash of the settings that change the numbers (not where they are written)."""
+        """Hash of the settings that change the numbers (not where they are written).
+
+        Resumed runs find their work by it (``OUT/_work/<run key>``), so it must not change for
+        the same settings: the fields marked ``digest=False`` are left out, and the rest hashed
+        as sorted JSON, exactly as before the settings were declared as fields.
+        """
         d = self.to_dict()
-        for key in ("out", "address", "workers", "gpus_per_worker", "overwrite", "batch_size", "test_block",
-                    "scoring"):
-            d.pop(key)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        kept = {name: d[name] for name in names(AuditConfig, digest=True)}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]

@@ -2,7 +2,7 @@
 
 Representer Point Selection needs the model written as ``logits = f(x) @ W + b``: the
 penultimate features f and the last Dense layer (W, b). This module finds that split in the
-model shapes people actually save (DESIGN.md §5) and refuses anything else with a message that
+model shapes people actually save (docs/design.md, "Models") and refuses anything else with a message that
 says what was expected, because a wrong split would give plausible-looking but wrong numbers.
 """
 

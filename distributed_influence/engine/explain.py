@@ -15,8 +15,12 @@ from typing import Optional
 
 import numpy as np
 
+from distributed_influence.config import AuditConfig, fields
 from distributed_influence.errors import ConfigError, InputError
 from distributed_influence.store import storage
+
+#: The settings of :class:`AuditConfig` that ``explain`` takes too (the rest come from the audit).
+SHARED = ("k", "batch_size", "test_block", "scoring")
 
 
 def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int] = None,
@@ -36,13 +40,23 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
 
     Returns:
         The manifest written to ``out``.
+
+    Raises:
+        ConfigError: a setting breaks the audit's check of it, or k exceeds the training rows.
+        InputError: the index, the model or the test source cannot be used.
     """
+    # The audit's own checks of the settings both commands have, before TensorFlow loads.
+    given = {"k": k, "batch_size": batch_size, "test_block": test_block, "scoring": scoring}
+    for name, value in given.items():
+        if value is not None or name != "k":  # a k of None is the audit's, checked when it ran
+            fields.check(AuditConfig, name, value)
     # Deferred: these import TensorFlow, which `--help` and argument errors should not wait for.
     from distributed_influence.data.featurize import featurize
     from distributed_influence.data.inputs import check_source
     from distributed_influence.data.model import Featurizer, load_model, read_model_bytes, split_model
     from distributed_influence.data.sources import open_source, options_from
     from distributed_influence.engine import reduce as rd
+    from distributed_influence.method import logits as logits_mod
     from distributed_influence.method import representer as rp
     from distributed_influence.method import scoring as sc
     from distributed_influence.store import index, tables
@@ -68,12 +82,8 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
     if hashlib.sha256(data).hexdigest() != audit.get("model_sha256"):
         raise InputError(f"{model}: not the model the index in {index_out} was built with")
     k = int(audit["k"] if k is None else k)
-    if k < 1 or k > audit["n_train"]:
+    if k > audit["n_train"]:
         raise ConfigError(f"--k must be between 1 and the {audit['n_train']} training examples, got {k}")
-    if scoring not in sc.METHODS:
-        raise ConfigError(f"--scoring must be one of {', '.join(sc.METHODS)}, got {scoring!r}")
-    if (batch_size is not None and batch_size < 1) or test_block < 1:
-        raise ConfigError("--batch-size and --test-block must be >= 1")
     name = storage.basename(model)
     split = split_model(load_model(data, name), cfg.get("feature_layer"), cfg.get("logit_layer"), name)
     input_shape = tuple(audit.get("input_shape") or split.input_shape)
@@ -84,7 +94,7 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
 
     test_x, logits, test_ids, test_y, test_keys = featurize(src, Featurizer(split, batch_size), input_shape,
                                                             0, src.n_rows)
-    pred = rp.predicted_classes(logits)
+    pred = logits_mod.predicted_classes(logits)
 
     results, train_ids, train_keys = [], [], []
     t_score = time.perf_counter()
@@ -99,8 +109,9 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
     t_score = time.perf_counter() - t_score
     theta, alpha_head = index.read_head(index_dir)
     topk = rd.merge_topk_table(results, k, test_ids, pred)
-    dec = rd.test_table(test_ids, test_y, pred, rp.per_class(logits), rp.per_class(rp.linear_logits(test_x, theta)),
-                        rp.per_class(rp.linear_logits(test_x, alpha_head)))
+    dec = rd.test_table(test_ids, test_y, pred, logits_mod.per_class(logits),
+                        logits_mod.per_class(rp.linear_logits(test_x, theta)),
+                        logits_mod.per_class(rp.linear_logits(test_x, alpha_head)))
     test_table = dec["table"]
     if train_keys:  # the index names the file (or key) of every proponent and opponent
         topk = tables.add_key_column(topk, "train_id", tables.TRAIN_KEY, np.concatenate(train_ids),
@@ -144,11 +155,8 @@ def add_parser(sub) -> None:
     p.add_argument("--test", required=True, help="test source to explain (.npz, .parquet, TFRecord, an image folder, IDX, "
                                                 "digits:test; read with the audit's source options)")
     p.add_argument("--out", required=True, help="output directory for influence_topk/test_scores tables")
-    p.add_argument("--k", type=int, default=None, help="proponents and opponents per test example "
-                                                         "(default: the audit's k)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="rows per forward pass (default: by input size, 32 to 1024; halved on out-of-memory)")
-    p.add_argument("--test-block", type=int, default=1024, help="test examples scored at once (default 1024)")
-    p.add_argument("--scoring", choices=["pruned", "dense"], default="pruned",
-                   help="pruned (default) or dense scoring: the same tables (see the audit's --scoring)")
+    # The settings an audit has too, with its types, choices, help and checks; only --k means
+    # something else here: it defaults to the k of the audit.
+    fields.add_arguments(p, AuditConfig, only=SHARED, overrides={"k": dict(
+        default=None, help="proponents and opponents per test example (default: the audit's k)")})
     p.set_defaults(func=cmd_explain)

@@ -1,4 +1,4 @@
-"""The audit as stages: plan, featurize, fit head, α + score, reduce (DESIGN.md §2).
+"""The audit as stages: plan, featurize, fit head, α + score, reduce (docs/design.md, "Pipeline").
 
 :func:`run_audit` drives the same stages over either pool: an in-process one (the
 single-process engine) or Ray actors. Nothing big passes through the driver: training
@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from distributed_influence import __version__, faults
+from distributed_influence import __version__
 from distributed_influence.config import AuditConfig
 from distributed_influence.data.inputs import Inputs, open_inputs, prepare_inputs
 from distributed_influence.data.sources import options_from
@@ -102,7 +102,6 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
     """
     timer = _Timer()
     t_start = time.perf_counter()
-    fault = faults.from_env()
     started = False
     pool = None
     gpus = 0.0
@@ -123,20 +122,18 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
         else:
             n_workers = 1
             n_shards = config.shards or 1
-        from distributed_influence.cluster.worker import InProcessPool, RayPool
+        from distributed_influence.cluster.pool import RayPool
         from distributed_influence.engine.plan import WorkerSettings, plan_shards
+        from distributed_influence.engine.pool import InProcessPool
 
         specs = plan_shards(opened.train.n_rows, n_shards)
         key = run_key(config.digest(), opened.model_bytes, config.train, config.test,
                       [(s.start, s.stop) for s in specs])
-        settings = WorkerSettings(
-            model_name=opened.model_name, train=_absolute(config.train), test=_absolute(config.test),
-            target=config.target,
-            lam=config.lam, k=config.k, n_train=opened.train.n_rows, batch_size=config.batch_size,
-            test_block=config.test_block, scoring=config.scoring, feature_layer=config.feature_layer,
-            logit_layer=config.logit_layer, input_shape=config.input_shape and tuple(config.input_shape),
-            scale=config.scale, index_dir=storage.join(WorkStore(config.out, key).path, index.INDEX_DIR),
-            fault=fault, source_options={k: v for k, v in options_from(config).items() if k != "scale"},
+        # The settings marked for workers are copied from the config; these are the run's own.
+        settings = WorkerSettings.from_config(
+            config, model_name=opened.model_name, train=_absolute(config.train), test=_absolute(config.test),
+            n_train=opened.train.n_rows, index_dir=storage.join(WorkStore(config.out, key).path, index.INDEX_DIR),
+            source_options={k: v for k, v in options_from(config).items() if k != "scale"},
             layouts={"train": opened.train.layout(), "test": opened.test.layout()},
         )
         if use_ray:
@@ -160,10 +157,10 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
         import distributed_influence.method.fit  # noqa: F401
 
         with _driver_threads(use_ray):
-            manifest = _run_stages(config, inputs, pool, specs, store, timer, fault, use_ray)
+            manifest = _run_stages(config, inputs, pool, specs, store, timer, use_ray)
         manifest["versions"] = _versions(libraries)
     except Exception as exc:
-        from distributed_influence.cluster.worker import unwrap_ray_error
+        from distributed_influence.cluster.pool import unwrap_ray_error
 
         raise unwrap_ray_error(exc) from None
     finally:
@@ -218,7 +215,7 @@ def _featurize(pool, inputs: Inputs, specs) -> tuple:
 
 def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> dict:
     """The head fit on the shards' sums, and the fidelity of the surrogate; persisted."""
-    from distributed_influence.cluster.worker import progress_bar
+    from distributed_influence.engine.pool import progress_bar
     from distributed_influence.method.fit import fit_head
 
     def sums(theta, precision):
@@ -282,7 +279,7 @@ def _scoring(config: AuditConfig, records: list) -> dict:
 
 
 def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred: np.ndarray,
-            results: list, pool, fault) -> dict:
+            results: list, pool) -> dict:
     """The reduce stage: the workers merge the shards' partials by range and write the part files.
 
     Parts are written to ``_work/<key>/tables/`` and their summaries persisted, so a resumed run
@@ -296,7 +293,7 @@ def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred:
     test_files = [rd.test_file(partial_dir, s.index) for s in specs]  # shard 0 first: it holds x_t Θ
     summaries = {"test": {}, "train": {}}
     reused = []
-    # Sources with string keys (DESIGN.md §3): every test task names the training rows of its
+    # Sources with string keys (docs/outputs.md): every test task names the training rows of its
     # lists, so the (id, key) pairs are shared once (a per-row vector, like the audit scores).
     train_keys = None
     if tables.TRAIN_KEY in results[0]:
@@ -314,7 +311,7 @@ def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred:
                 "pred": test_pred[a:b], "logits": test["logits"][a:b]}
         if "keys" in test:
             rows["keys"] = test["keys"][a:b]
-        calls["test"].append((part, a, b, topk_files, test_files, config.k, rows, out_dirs, fault, train_keys))
+        calls["test"].append((part, a, b, topk_files, test_files, config.k, rows, out_dirs, train_keys))
     plan = rd.train_plan([r["train_id"] for r in results], [np.abs(r["alpha_label"]) for r in results],
                          [(s.start, s.stop) for s in specs])
     for part, (sources, positions, ranks) in enumerate(plan):
@@ -334,7 +331,6 @@ def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred:
         kind = kinds[i][0]
         store.save(f"reduce-{kind}-{summary['part']}", summary)
         summaries[kind][summary["part"]] = summary
-        faults.maybe_stop_driver_in_reduce(fault, sum(len(v) for v in summaries.values()) - len(reused))
 
     pool.run_functions([(fn, args) for (_, fn), args in zip(kinds, calls["test"] + calls["train"])], keep)
     return {"test": [summaries["test"][p] for p in sorted(summaries["test"])],
@@ -343,7 +339,7 @@ def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred:
 
 
 def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore,
-                timer: _Timer, fault, use_ray: bool = False) -> dict:
+                timer: _Timer, use_ray: bool = False) -> dict:
     from distributed_influence.method.logits import fidelity_from_moments, predicted_classes
 
     shard_info = {s.index: {"index": s.index, "start": s.start, "stop": s.stop, "rows": s.rows}
@@ -368,13 +364,10 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
     theta = fit["theta"]
 
     with timer.stage("score"):
-        saved = []
         partial_dir = storage.join(store.path, rd.PARTIAL_DIR)
 
         def persist(spec, result):
             store.save(f"shard-{spec.index}", result)
-            saved.append(spec.index)
-            faults.maybe_stop_driver(fault, len(saved))
 
         shared = (theta, test["x_parts"], pool.put(test_pred), partial_dir)
         for spec, r in zip(todo, pool.map("score_partial", todo, *shared, desc="alpha + score",
@@ -385,7 +378,6 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         shard_info[i].update(score_seconds=round(float(r["seconds"]), 4), reused=i in reused)
 
     with timer.stage("reduce"):
-        faults.maybe_hold(fault, "reduce")
         ordered = [results[s.index] for s in specs]
         alpha_head = np.sum([r["alpha_head"] for r in ordered], axis=0)
         residual = float(np.max(np.abs(theta - alpha_head)) / np.max(np.abs(theta)))
@@ -394,7 +386,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         # The workers drop their shards and run the reduce themselves: they have its libraries
         # loaded, where fresh task processes took ~1 s to start on the benchmark machine.
         pool.release()
-        reduced = _reduce(config, specs, store, test, test_pred, ordered, pool, fault)
+        reduced = _reduce(config, specs, store, test, test_pred, ordered, pool)
         recovery = pool.recovery()
         pool.shutdown()
         del ordered

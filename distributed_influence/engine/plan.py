@@ -11,6 +11,7 @@ from typing import Optional
 
 import numpy as np
 
+from distributed_influence.config import AuditConfig, fields
 from distributed_influence.faults import Fault
 
 
@@ -34,25 +35,34 @@ def plan_shards(n_rows: int, n_shards: int) -> list:
     return [ShardSpec(i, int(a), int(b)) for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
 
 
-@dataclasses.dataclass(frozen=True)
-class WorkerSettings:
-    """What a worker needs to know of the job (picklable, small)."""
+#: The settings a worker takes from the audit's: the :class:`AuditConfig` fields marked
+#: ``worker=True``, with their types and defaults, so that a new one needs no edit here.
+WorkerConfig = fields.subset(AuditConfig, "WorkerConfig", __name__,
+                             "The settings of an audit that its workers need.", worker=True)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WorkerSettings(WorkerConfig):
+    """What a worker needs to know of the job (picklable, small).
+
+    The settings come from the configuration (:class:`WorkerConfig`, see :meth:`from_config`);
+    the fields below are what the run itself found out or decided.
+    """
 
     model_name: str
-    train: str
-    test: str
-    target: str
-    lam: float
-    k: int
     n_train: int
-    batch_size: Optional[int]  # None: by input size
-    test_block: int
-    scoring: str = "pruned"  # pruned | dense (same tables; see scoring.py)
-    feature_layer: Optional[str] = None
-    logit_layer: Optional[str] = None
-    input_shape: Optional[tuple] = None  # None: the model's own
-    scale: Optional[float] = None
     index_dir: Optional[str] = None  # where score() writes the shard's train index
     source_options: Optional[dict] = None  # open_source options besides scale (resize, features)
     layouts: Optional[dict] = None  # {"train"|"test": Source.layout()} found once by the driver
     fault: Optional[Fault] = None  # test hook, see faults.py
+
+    @classmethod
+    def from_config(cls, config: AuditConfig, **run) -> "WorkerSettings":
+        """The worker settings of ``config``, with the run's values ``run``.
+
+        Args:
+            config: the audit's validated settings; every field marked for workers is copied.
+            **run: the fields of this class, and any setting the run replaces (e.g. the
+                sources as absolute paths, for workers in another working directory).
+        """
+        return cls(**{**fields.values(config, WorkerConfig), **run})

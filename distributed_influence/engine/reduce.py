@@ -1,4 +1,4 @@
-"""The reducer: merges the shards' partial results into the tables of DESIGN.md §3.
+"""The reducer: merges the shards' partial results into the tables of docs/outputs.md.
 
 Partials live in the run's work area, one pair of Parquet files per shard written by the
 worker that scored it: its top-k candidates for every test row (row groups of
@@ -19,7 +19,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distributed_influence.faults import maybe_kill_worker
 from distributed_influence.method.logits import (  # NumPy only, like everything the reduce needs
     fidelity_moments,
     per_class,
@@ -115,7 +114,7 @@ def read_partial_train(path: str) -> Dict[str, np.ndarray]:
 
 def reduce_test_range(part: int, start: int, stop: int, topk_files: List[str], test_files: List[str],
                       k: int, test: Dict[str, np.ndarray], out_dirs: Dict[str, str],
-                      fault=None, train_keys: Optional[tuple] = None) -> dict:
+                      train_keys: Optional[tuple] = None) -> dict:
     """One reduce task: test rows [start, stop) of ``influence_topk`` and ``test_scores``.
 
     Everything it needs is on storage or in its arguments, not in any worker's memory or
@@ -131,7 +130,6 @@ def reduce_test_range(part: int, start: int, stop: int, topk_files: List[str], t
             model's ``logits`` (rows, C; one column for a binary model, whose class 0 is
             explained by −z); ``keys`` too when the test source has string keys.
         out_dirs: where the parts of ``influence_topk`` and ``test_scores`` go.
-        fault: test hook (see :mod:`distributed_influence.faults`).
         train_keys: (train ids, their string keys) when the training source has keys.
 
     Returns:
@@ -141,7 +139,6 @@ def reduce_test_range(part: int, start: int, stop: int, topk_files: List[str], t
     partials = [{"topk": read_partial_topk(f, start, stop)} for f in topk_files]
     topk = merge_topk_table(partials, k, test["ids"], test["pred"])
     del partials
-    maybe_kill_worker(fault, part, kind="kill-reducer")
     if train_keys is not None:
         topk = tables.add_key_column(topk, "train_id", tables.TRAIN_KEY, *train_keys)
     if test.get("keys") is not None:
@@ -190,7 +187,7 @@ def reduce_train_range(part: int, sources: List[tuple], positions: np.ndarray, r
     merged["audit_score"] = np.abs(merged["alpha_label"])
     merged["audit_rank"] = ranks
     table = tables.to_table(merged, tables.TRAIN_SCHEMA)
-    if tables.TRAIN_KEY in merged:  # a source with string keys (DESIGN.md §3)
+    if tables.TRAIN_KEY in merged:  # a source with string keys (docs/outputs.md)
         table = table.append_column(tables.TRAIN_KEY, pa.array(merged[tables.TRAIN_KEY], pa.string()))
     tables.write_part(out_dir, part, table)
     return {"part": part, "rows": len(positions), "seconds": time.perf_counter() - t0}

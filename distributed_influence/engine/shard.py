@@ -1,7 +1,7 @@
 """Work on one worker: the model loaded once, the rows of its shards featurized and kept.
 
 :class:`ShardWorker` is plain Python. The single-process engine calls it directly; the Ray job
-wraps it in an actor (:mod:`distributed_influence.cluster.worker`). Every method takes what it needs
+wraps it in an actor (:mod:`distributed_influence.cluster.actor`). Every method takes what it needs
 (Θ, test features) as arguments and rebuilds lost state on demand, so a restarted actor that
 re-runs a call gives the same answer.
 """
@@ -20,8 +20,8 @@ from distributed_influence.data.model import Featurizer, load_model, split_model
 from distributed_influence.data.sources import open_source
 from distributed_influence.engine.plan import ShardSpec, WorkerSettings
 from distributed_influence.errors import InputError
-from distributed_influence.faults import maybe_kill_worker
 from distributed_influence.method import cpu_sums, scoring
+from distributed_influence.method import logits as logits_mod
 from distributed_influence.method import representer as rp
 from distributed_influence.store import index
 
@@ -135,7 +135,7 @@ class ShardWorker:
             # (cpu_sums: faster there) on the features themselves, with no second copy.
             x_tf = rp.tf.constant(x) if _has_gpu() else None
             self._shards[spec.index] = ShardData(
-                x, logits, labels, ids, targets, x_tf=x_tf, keys=keys, predicted=rp.predicted_classes(logits),
+                x, logits, labels, ids, targets, x_tf=x_tf, keys=keys, predicted=logits_mod.predicted_classes(logits),
                 label_probability=rp.label_probabilities(logits, labels))
         return self._shards[spec.index]
 
@@ -178,7 +178,6 @@ class ShardWorker:
 
         For the fit's sums ((d+1)×C each, or (d+1)×C×l for the sketch): when several shards
         share a worker, one sum per worker crosses the network instead of one per shard.
-        ``before(method, spec)`` runs before each (the actor's test hook).
         """
         total = None
         for spec in specs:
@@ -199,7 +198,7 @@ class ShardWorker:
         if d.logits is None:  # asked again after they were dropped (a re-run call): read them again
             del self._shards[spec.index]
             d = self._data(spec)
-        moments = rp.fidelity_moments(rp.linear_logits(d.x, theta), d.logits)
+        moments = logits_mod.fidelity_moments(rp.linear_logits(d.x, theta), d.logits)
         if self.settings.target == "labels":
             # Nothing after the fit needs the logits (n × C: at C = 100, 0.8 × the features),
             # unless the fit's targets are the model's own predictions. A worker that lost them
@@ -233,8 +232,7 @@ class ShardWorker:
         n_classes = max(2, d.targets.shape[1])  # a binary model explains classes 0 and 1
         alpha, alpha_head, class_sim = rp.alpha_pass(d.x, theta, d.targets, s.lam, s.n_train,
                                                      rp.class_sums(test_x, test_pred, n_classes))
-        alpha = rp.per_class(alpha)  # a binary head's α as [−α, α]: classes 0 and 1
-        maybe_kill_worker(s.fault, spec.index)
+        alpha = logits_mod.per_class(alpha)  # a binary head's α as [−α, α]: classes 0 and 1
         scored = scoring.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block, x_tf=d.x_tf,
                                      class_sim=class_sim, method=s.scoring)
         if s.index_dir:
@@ -247,7 +245,7 @@ class ShardWorker:
             # For the decomposition, without test features in the reduce: x_t Σ_(i in shard)
             # x_iᵀα_i at each test row's explained class (the reduce adds these over shards),
             # and from one shard x_t Θ (the surrogate's logits; raw, one column if binary).
-            "test": {"rep_sum": rp.per_class(_logits(test_x, alpha_head))[np.arange(len(test_pred)), test_pred],
+            "test": {"rep_sum": logits_mod.per_class(_logits(test_x, alpha_head))[np.arange(len(test_pred)), test_pred],
                      **({"surrogate": _logits(test_x, theta)} if spec.index == 0 else {})},
             "train": {
                 "train_id": d.ids,

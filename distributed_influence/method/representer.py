@@ -1,6 +1,6 @@
 """The math of Representer Point Selection (Yeh et al., 2018), as pure functions.
 
-Notation (DESIGN.md §1): x_i = [f_i, 1] are the features with the bias folded in, Θ is the
+Notation (docs/method.md): x_i = [f_i, 1] are the features with the bias folded in, Θ is the
 (d+1)×C head, z_i = x_i Θ. Every function here works on one block of rows and returns *sums*,
 so a distributed job adds the partial results of its shards and gets exactly the single-process
 numbers. Nothing here knows about Ray.
@@ -13,7 +13,7 @@ which :func:`per_class` writes as two columns so that scoring works as for C cla
 
 Precision: features stay float32 (they are what the model computed); the head fit, α and the
 decomposition run in float64 because the fit's residual gradient is exactly the error a user
-sees in the decomposition (DESIGN.md §1.1), and float32 sums stall far above 1e-7.
+sees in the decomposition (docs/method.md, "The fit"), and float32 sums stall far above 1e-7.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Optional, Tuple
 import numpy as np
 
 from distributed_influence.method.cpu_sums import rows_times
-from distributed_influence.method.logits import fidelity_from_moments, fidelity_moments, per_class, predicted_classes  # noqa: F401
 from distributed_influence.tfimport import import_tensorflow
 
 tf = import_tensorflow()
@@ -223,7 +222,7 @@ def hvp_sums(x, theta: np.ndarray, v: np.ndarray, precision: str = "float64", pr
     The same formula is the logistic Hessian Xᵀ(p(1−p)∘U) for one column, where P = σ(XΘ).
 
     Hessian-vector products let Newton steps finish the fit to ~1e-12, which L-BFGS alone
-    does not reach reliably (DESIGN.md §1.1). They only steer the step, so float32 products
+    does not reach reliably (docs/method.md, "The fit"). They only steer the step, so float32 products
     are enough; the gradient that judges each step stays float64.
 
     Args:

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from distributed_influence.errors import ConfigError, InputError
-from distributed_influence.report.pictures import as_picture, load_pictures  # noqa: F401 (as_picture: part of the API)
+from distributed_influence.report.pictures import load_pictures
 from distributed_influence.report.review import DEFAULT_REVIEW, REVIEW_STYLE, review_section
 from distributed_influence.report.summary import flagged_fractions
 from distributed_influence.store import storage

@@ -1,4 +1,4 @@
-"""The output contract (DESIGN.md §3): Parquet schemas, datasets of part files, the manifest.
+"""The output contract (docs/outputs.md): Parquet schemas, datasets of part files, the manifest.
 
 Users and downstream checks read these files by column name and type, so the schemas are
 spelled out once here and every writer goes through them. Each table is a Parquet dataset,

@@ -17,10 +17,10 @@ import pytest
 from conftest import audit_config, blobs, loopback_cluster
 
 from distributed_influence import load_results
-from distributed_influence.cluster import worker as worker_mod
+from distributed_influence.cluster import recovery as recovery_mod
 from distributed_influence.engine.job import run_audit
 from distributed_influence.errors import ClusterError
-from distributed_influence.faults import FAULT_ENV, HELD, RELEASE
+from distributed_influence.testing import HELD, RELEASE
 
 N_NODES = 3
 SHARDS = 9  # shard i starts on worker i mod 3: worker 1 owns shards 1, 4 and 7
@@ -66,8 +66,8 @@ def full_cluster(cluster, monkeypatch):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     assert len([n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]) == N_NODES
-    monkeypatch.setattr(worker_mod, "RESTART_WAIT", WAIT)
-    monkeypatch.setattr(worker_mod, "REASSIGN_LOST_SHARDS", REASSIGN)
+    monkeypatch.setattr(recovery_mod, "RESTART_WAIT", WAIT)
+    monkeypatch.setattr(recovery_mod, "REASSIGN_LOST_SHARDS", REASSIGN)
     return cluster
 
 
@@ -106,10 +106,10 @@ class NodeRemover(threading.Thread):
             open(os.path.join(self.dir, RELEASE), "w").close()
 
 
-def _audit_losing_a_node(cluster, inputs, tmp_path, monkeypatch, hold: str, remove_all=False, **kw):
+def _audit_losing_a_node(cluster, inputs, tmp_path, inject_fault, hold: str, remove_all=False, **kw):
     marker = tmp_path / "marker"
     marker.mkdir()
-    monkeypatch.setenv(FAULT_ENV, f"hold:{hold}:{marker}")
+    inject_fault(f"hold:{hold}:{marker}")
     remover = NodeRemover(cluster, marker, remove_all)
     remover.start()
     out = str(tmp_path / "out")
@@ -159,8 +159,8 @@ def assert_lost(manifest, node: str, during: str) -> dict:
     return rec
 
 
-def test_node_lost_while_featurizing(full_cluster, inputs, reference, tmp_path, monkeypatch):
-    out, m, node = _audit_losing_a_node(full_cluster, inputs, tmp_path, monkeypatch, "prepare:1")
+def test_node_lost_while_featurizing(full_cluster, inputs, reference, tmp_path, inject_fault):
+    out, m, node = _audit_losing_a_node(full_cluster, inputs, tmp_path, inject_fault, "prepare:1")
     assert_same_tables(reference, out)
     rec = assert_lost(m, node, "prepare")
     assert sorted(rec["redone_calls"]["prepare"]) == [1, 4, 7]
@@ -168,8 +168,8 @@ def test_node_lost_while_featurizing(full_cluster, inputs, reference, tmp_path, 
     assert node not in {d["node"] for d in m["workers"]["devices"]}
 
 
-def test_node_lost_during_the_head_fit(full_cluster, inputs, reference, tmp_path, monkeypatch):
-    out, m, node = _audit_losing_a_node(full_cluster, inputs, tmp_path, monkeypatch, "hvp:1")
+def test_node_lost_during_the_head_fit(full_cluster, inputs, reference, tmp_path, inject_fault):
+    out, m, node = _audit_losing_a_node(full_cluster, inputs, tmp_path, inject_fault, "hvp:1")
     assert_same_tables(reference, out)
     rec = assert_lost(m, node, "hvp")
     assert sorted(rec["redone_calls"]["hvp"]) == [1, 4, 7]  # the round trip that lacked them
@@ -179,37 +179,38 @@ def test_node_lost_during_the_head_fit(full_cluster, inputs, reference, tmp_path
     assert rec["recomputed_test_parts"][0]["worker"] != 1
 
 
-def test_node_lost_while_scoring_keeps_finished_shards(full_cluster, inputs, reference, tmp_path, monkeypatch):
+def test_node_lost_while_scoring_keeps_finished_shards(full_cluster, inputs, reference, tmp_path, inject_fault):
     # Held: the lost worker's second shard (4); its first (1) was scored and persisted before.
-    out, m, node = _audit_losing_a_node(full_cluster, inputs, tmp_path, monkeypatch, "score:4")
+    out, m, node = _audit_losing_a_node(full_cluster, inputs, tmp_path, inject_fault, "score:4")
     assert_same_tables(reference, out)
     rec = assert_lost(m, node, "score")
     assert sorted(rec["redone_calls"]["score"]) == [4, 7]  # shard 1 not redone
     assert "prepare" not in rec["redone_calls"]  # the survivors featurized 4 and 7 on demand
 
 
-def test_node_lost_during_reduce(full_cluster, inputs, reference, tmp_path, monkeypatch):
-    out, m, node = _audit_losing_a_node(full_cluster, inputs, tmp_path, monkeypatch, "reduce:-1")
+def test_node_lost_during_reduce(full_cluster, inputs, reference, tmp_path, inject_fault):
+    out, m, node = _audit_losing_a_node(full_cluster, inputs, tmp_path, inject_fault, "reduce:-1")
     assert_same_tables(reference, out)
     rec = assert_lost(m, node, "device_info")  # the first call after the reduce
     assert rec["redone_calls"] == {} and rec["recomputed_test_parts"] == []  # nothing to redo
     assert len(m["workers"]["devices"]) == N_NODES - 1
 
 
-def test_a_shard_that_takes_down_every_worker_stops_the_job(full_cluster, inputs, tmp_path, monkeypatch):
-    monkeypatch.setattr(worker_mod, "MAX_SHARD_LOSSES", 2)
-    monkeypatch.setattr(worker_mod, "RESTART_WAIT", 2.0)  # its restarts on its live node: no need to wait
-    monkeypatch.setenv(FAULT_ENV, "kill-worker-always:2")
+def test_a_shard_that_takes_down_every_worker_stops_the_job(full_cluster, inputs, tmp_path, monkeypatch,
+                                                           inject_fault):
+    monkeypatch.setattr(recovery_mod, "MAX_SHARD_LOSSES", 2)
+    monkeypatch.setattr(recovery_mod, "RESTART_WAIT", 2.0)  # its restarts on its live node: no need to wait
+    inject_fault("kill-worker-always:2")
     with pytest.raises(ClusterError, match=r"shard 2 \(training rows 13-20\): the worker running it died 2 times"):
         run_audit(audit_config(inputs, str(tmp_path / "out"), shards=SHARDS), use_ray=True)
 
 
 def test_every_worker_lost_stops_with_one_line_and_keeps_partial_work(full_cluster, inputs, reference,
-                                                                      tmp_path, monkeypatch):
+                                                                      tmp_path, inject_fault):
     # Last in the module: it takes every worker node away. Held: the third shard of worker 0
     # (shards 0 and 3 were scored and persisted before).
     with pytest.raises(ClusterError, match="every worker was lost") as err:
-        _audit_losing_a_node(full_cluster, inputs, tmp_path, monkeypatch, "score:6", remove_all=True)
+        _audit_losing_a_node(full_cluster, inputs, tmp_path, inject_fault, "score:6", remove_all=True)
     assert "\n" not in str(err.value)
     work = tmp_path / "out" / "_work"
     (key,) = os.listdir(work)

@@ -350,7 +350,7 @@ def test_explain_names_the_files_of_proponents(formats, reference, tmp_path):
 
 
 def test_report_draws_pictures_from_tfrecord_and_folder(formats, digits, tmp_path):
-    from distributed_influence.report.page import load_pictures
+    from distributed_influence.report.pictures import load_pictures
 
     config = {"train": formats["train_png_tfr"], "test": formats["test_folder"], "input_shape": [8, 8, 1]}
     pictures, note = load_pictures(config, np.array([3, 77]), np.array([5]))

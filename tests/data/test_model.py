@@ -1,4 +1,4 @@
-"""Every model shape of DESIGN.md §5, saved to and loaded from a real `.keras` file."""
+"""Every model shape the job takes (docs/design.md, "Models"), saved to and loaded from a real `.keras` file."""
 
 import conftest
 import keras

@@ -11,6 +11,7 @@ from conftest import blobs
 from distributed_influence.cli import main
 from distributed_influence.data.model import Featurizer, load_model, read_model_bytes, split_model
 from distributed_influence.method import cpu_sums
+from distributed_influence.method import logits as logits_mod
 from distributed_influence.method import representer as rp
 from distributed_influence.method.fit import fit_head
 
@@ -130,7 +131,7 @@ def test_logistic_math_against_numpy_oracle():
     np.testing.assert_allclose(alpha[:, 0], oracle.closed_form_binary_alpha(x64, t, w, LAM), rtol=1e-6, atol=1e-12)
     # Θ = Σ_i x_iᵀ α_i at the stationary point: the exact decomposition for z and for −z.
     np.testing.assert_allclose(x64.T @ alpha, fit.theta, rtol=1e-6, atol=1e-9)
-    np.testing.assert_array_equal(rp.per_class(alpha), np.hstack([-alpha, alpha]))
+    np.testing.assert_array_equal(logits_mod.per_class(alpha), np.hstack([-alpha, alpha]))
 
 
 def _oracle(paths, binary_data):

@@ -51,7 +51,7 @@ def test_cpu_workers_hide_gpus(ray_local, files, tmp_path):
 
 def test_fit_worker_api_returns_only_sums(ray_local, files):
     """The driver receives (d+1)×C sums per shard, never training features."""
-    from distributed_influence.cluster.worker import RayPool
+    from distributed_influence.cluster.pool import RayPool
     from distributed_influence.data.inputs import prepare_inputs
     from distributed_influence.engine.plan import WorkerSettings, plan_shards
 

@@ -7,28 +7,29 @@ import numpy as np
 import pytest
 from conftest import assert_same_results, audit_config
 
+from distributed_influence import testing
 from distributed_influence.cluster.runtime import start_ray
 from distributed_influence.config import AuditConfig
 from distributed_influence.engine.job import run_audit
 from distributed_influence.errors import ConfigError, SourceError
-from distributed_influence.faults import FAULT_ENV, InjectedFault
 from distributed_influence.method import representer as rp
 from distributed_influence.store import tables
+from distributed_influence.testing import InjectedFault
 
 
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
 
-    start_ray(num_cpus=2)
+    start_ray(num_cpus=2, runtime_env=testing.runtime_env())  # fault injection in its workers
     yield ray
     ray.shutdown()
 
 
 def test_worker_killed_mid_scoring_is_restarted_and_results_unchanged(ray_local, files, reference, tmp_path,
-                                                                        monkeypatch):
+                                                                        inject_fault, monkeypatch):
     marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULT_ENV, f"kill-worker:1:{marker}")
+    inject_fault(f"kill-worker:1:{marker}")
     out = str(tmp_path / "out")
     run_audit(audit_config(files, out, shards=4), use_ray=True)
     assert marker.exists()  # the worker scoring shard 1 really died (its pid is in the file)
@@ -36,9 +37,9 @@ def test_worker_killed_mid_scoring_is_restarted_and_results_unchanged(ray_local,
     assert_same_results(reference, out)
 
 
-def test_driver_crash_then_rerun_reuses_finished_shards(ray_local, files, reference, tmp_path, monkeypatch):
+def test_driver_crash_then_rerun_reuses_finished_shards(ray_local, files, reference, tmp_path, inject_fault):
     out = str(tmp_path / "out")
-    monkeypatch.setenv(FAULT_ENV, "stop-driver-after:2")
+    inject_fault("stop-driver-after:2")
     with pytest.raises(InjectedFault):
         run_audit(audit_config(files, out, shards=5), use_ray=True)
     # A failed run leaves no final table, and keeps its partial results.
@@ -49,7 +50,7 @@ def test_driver_crash_then_rerun_reuses_finished_shards(ray_local, files, refere
     assert len([f for f in os.listdir(os.path.join(work, key)) if f.startswith("shard-")]) == 2
 
     # Other settings must not mix with these partials.
-    monkeypatch.delenv(FAULT_ENV)
+    inject_fault(None)
     with pytest.raises(ConfigError, match="different job"):
         run_audit(audit_config(files, out, shards=5, lam=0.01), use_ray=True)
 
@@ -115,17 +116,17 @@ def test_out_of_memory_while_scoring_halves_the_test_block(monkeypatch, caplog):
     alpha = rng.normal(size=(30, 3)) * 1e-2
     pred = rng.integers(0, 3, size=25)
     ids = np.arange(30)
-    from distributed_influence.method import scoring
+    from distributed_influence.method import dense, scoring
 
     expected = scoring.score_shard(x, ids, alpha, xt, pred, 4, 25, method="dense")
-    real = scoring.score_block
+    real = dense.score_block
 
     def score_block_with_small_memory(xt_block, *args, **kwargs):
         if len(xt_block) > 6:
             raise tf.errors.ResourceExhaustedError(None, None, "OOM (injected)")
         return real(xt_block, *args, **kwargs)
 
-    monkeypatch.setattr(scoring, "score_block", score_block_with_small_memory)
+    monkeypatch.setattr(dense, "score_block", score_block_with_small_memory)
     with caplog.at_level(logging.WARNING):
         got = scoring.score_shard(x, ids, alpha, xt, pred, 4, 25, method="dense")
     assert "test block now 6" in caplog.text
@@ -135,12 +136,12 @@ def test_out_of_memory_while_scoring_halves_the_test_block(monkeypatch, caplog):
     np.testing.assert_allclose(got["influence_abs_sum"], expected["influence_abs_sum"], rtol=1e-6)
 
 
-def test_in_process_run_resumes_after_a_crash(files, reference, tmp_path, monkeypatch):
+def test_in_process_run_resumes_after_a_crash(files, reference, tmp_path, inject_fault):
     out = str(tmp_path / "out")
-    monkeypatch.setenv(FAULT_ENV, "stop-driver-after:1")
+    inject_fault("stop-driver-after:1")
     with pytest.raises(InjectedFault):
         run_audit(audit_config(files, out, shards=3), use_ray=False)
-    monkeypatch.delenv(FAULT_ENV)
+    inject_fault(None)
     m = run_audit(audit_config(files, out, shards=3, test_block=7), use_ray=False)  # test_block: same job
     assert m["resume"]["reused_shards"] == [0]
     assert_same_results(reference, out)
@@ -155,12 +156,12 @@ def test_unwritable_output_is_refused_before_any_work(files, tmp_path):
 
 
 def test_a_reduce_task_lost_mid_run_is_retried_and_changes_nothing(ray_local, files, reference, tmp_path,
-                                                                    monkeypatch):
+                                                                    inject_fault, monkeypatch):
     from distributed_influence.engine import reduce as rd
 
     monkeypatch.setattr(rd, "REDUCE_ROWS", 7)  # 20 test rows: three reduce tasks
     marker = tmp_path / "reducer-killed"
-    monkeypatch.setenv(FAULT_ENV, f"kill-reducer:1:{marker}")
+    inject_fault(f"kill-reducer:1:{marker}")
     out = str(tmp_path / "out")
     m = run_audit(audit_config(files, out, shards=3), use_ray=True)
     assert marker.exists() and int(marker.read_text()) != os.getpid()
@@ -169,16 +170,16 @@ def test_a_reduce_task_lost_mid_run_is_retried_and_changes_nothing(ray_local, fi
 
 
 def test_driver_crash_in_reduce_then_rerun_reuses_finished_parts(ray_local, files, reference, tmp_path,
-                                                                  monkeypatch):
+                                                                  inject_fault, monkeypatch):
     from distributed_influence.engine import reduce as rd
 
     monkeypatch.setattr(rd, "REDUCE_ROWS", 7)
     out = str(tmp_path / "out")
-    monkeypatch.setenv(FAULT_ENV, "stop-driver-after-reduce:2")
+    inject_fault("stop-driver-after-reduce:2")
     with pytest.raises(InjectedFault):
         run_audit(audit_config(files, out, shards=3), use_ray=True)
     assert not set(os.listdir(out)) & set(tables.TABLES)  # nothing published
-    monkeypatch.delenv(FAULT_ENV)
+    inject_fault(None)
     m = run_audit(audit_config(files, out, shards=3), use_ray=True)
     assert len(m["resume"]["reused_shards"]) == 3
     assert len(m["reduce"]["reused_parts"]) == 2

@@ -14,7 +14,7 @@ import pytest
 from distributed_influence.config import AuditConfig
 from distributed_influence.engine.reduce import summarize_scoring
 from distributed_influence.errors import ConfigError
-from distributed_influence.method import scoring
+from distributed_influence.method import pruning, scoring
 from distributed_influence.method.representer import tf
 from distributed_influence.method.topk import merge_topk
 
@@ -215,11 +215,11 @@ def test_the_margin_bounds_every_computed_value():
     r = (tf.matmul(xt, x, transpose_b=True) * a[None, :]).numpy().astype(np.float64)
     norm = lambda v: np.linalg.norm(v.astype(np.float64), axis=1)  # noqa: E731
     bound = (np.abs(a.astype(np.float64)) * norm(x))[None, :] * norm(xt)[:, None]
-    factor = scoring.bound_factor(d + 1)
+    factor = pruning.bound_factor(d + 1)
     assert np.all(np.abs(r) <= bound * factor)
     assert factor - 1 < 1e-4  # a margin, not a loophole
     # The norms the path uses are upper bounds of the exact ones.
-    assert np.all(scoring.row_norms(x, factor) >= norm(x))
+    assert np.all(pruning.row_norms(x, factor) >= norm(x))
 
 
 def test_unknown_method_and_unsorted_ids_are_refused():

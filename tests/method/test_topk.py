@@ -110,7 +110,7 @@ def test_chunked_selection_on_a_large_shard_equals_full_sort_with_ties(n):
 
     1543 is prime, so its last chunk is padded; 1600 is cut into chunks of 64 without padding.
     """
-    from distributed_influence.method.scoring import TOPK_CHUNK, topk_chunk
+    from distributed_influence.method.dense import TOPK_CHUNK, topk_chunk
 
     k = 3
     assert n >= 8 * k * TOPK_CHUNK

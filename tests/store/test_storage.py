@@ -22,7 +22,8 @@ from distributed_influence.cluster.runtime import start_ray
 from distributed_influence.config import AuditConfig
 from distributed_influence.data.inputs import prepare_inputs
 from distributed_influence.data.model import read_model_bytes
-from distributed_influence.data.sources import _RemoteRows, open_source
+from distributed_influence.data.sources import open_source
+from distributed_influence.data.sources.npz import _RemoteRows
 from distributed_influence.engine.job import run_audit
 from distributed_influence.errors import ConfigError, ModelError, SourceError
 from distributed_influence.store import storage, tables

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from distributed_influence.config import AuditConfig, fields
 from distributed_influence.data.sources.arrays import (
     DIGITS_TEST_FRACTION,
     ArraySource,
@@ -25,16 +26,17 @@ from distributed_influence.data.sources.arrays import (
     idx_source,
     read_idx,
 )
-from distributed_influence.data.sources.base import Rows, Source, _check_ids, _check_labels, _resolve, reshape_to  # noqa: F401
+from distributed_influence.data.sources.base import Rows, Source, reshape_to, resolve
 from distributed_influence.data.sources.folder import ImageFolderSource
-from distributed_influence.data.sources.npz import NpzSource, _RemoteRows  # noqa: F401
+from distributed_influence.data.sources.npz import NpzSource
 from distributed_influence.data.sources.parquet import ParquetSource
 from distributed_influence.data.sources.tfrecord import TFRecordSource, is_tfrecord_name
 from distributed_influence.errors import SourceError
 from distributed_influence.store import storage
 
-#: Options of :func:`open_source` that an audit's configuration sets (``AuditConfig`` fields).
-OPTION_NAMES = ("scale", "resize", "image_feature", "label_feature", "id_feature")
+#: Options of :func:`open_source` that an audit's configuration sets: the ``AuditConfig`` fields
+#: marked ``source_option=True``, so that a new one is declared once, with its flag.
+OPTION_NAMES = fields.names(AuditConfig, source_option=True)
 
 __all__ = [
     "ArraySource", "DIGITS_TEST_FRACTION", "ImageFolderSource", "NpzSource", "OPTION_NAMES",
@@ -44,7 +46,11 @@ __all__ = [
 
 
 def options_from(config) -> dict:
-    """The source options of an audit's configuration (an ``AuditConfig`` or its manifest dict)."""
+    """The source options of an audit's configuration (an ``AuditConfig`` or its manifest dict).
+
+    Options left at None are left out, so that :func:`open_source` applies its own defaults, and
+    a manifest written before an option existed still reads.
+    """
     get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
     return {name: get(name, None) for name in OPTION_NAMES if get(name, None) is not None}
 
@@ -86,10 +92,10 @@ def open_source(spec: str, scale: Optional[float] = None, resize: bool = False,
                               label_feature=label_feature, id_feature=id_feature, layout=layout)
     if "idx" in low:
         return idx_source(spec, scale=scale)
-    _resolve(spec)  # a URI pyarrow cannot use is refused as such
+    resolve(spec)  # a URI pyarrow cannot use is refused as such
     if not storage.exists(spec):
         raise SourceError(f"{spec}: file not found")
-    fs, path = _resolve(spec)
+    fs, path = resolve(spec)
     import pyarrow.fs as pafs
 
     if fs.get_file_info(path).type == pafs.FileType.Directory:

@@ -168,6 +168,3 @@ def resolve(spec: str):
     except (OSError, ValueError) as exc:
         raise SourceError(f"{spec}: cannot be opened ({storage.reason(exc)})") from None
 
-
-# Old private names, kept for callers of the single-module version.
-_check_labels, _check_ids, _resolve = check_labels, check_ids, resolve
