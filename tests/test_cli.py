@@ -230,3 +230,22 @@ def test_an_address_that_is_not_a_ray_gcs_is_refused_in_bounded_time():
         with pytest.raises(ConfigError, match="not a Ray cluster's GCS"):
             probe_cluster("127.0.0.1", listener.getsockname()[1], timeout=3.0)
         assert time.monotonic() - t0 < 6
+
+
+@pytest.mark.parametrize("command,flag,value,message", [
+    ("audit", "--test-block", "0", "--test-block must be an integer >= 1, got 0"),
+    ("audit", "--workers", "0", "--workers must be an integer >= 1, got 0"),
+    ("audit", "--input-shape", "28,0", "--input-shape must be positive integers, got (28, 0)"),
+    ("explain", "--k", "0", "--k must be an integer >= 1, got 0"),
+    ("explain", "--batch-size", "0", "--batch-size must be an integer >= 1, got 0"),
+    ("explain", "--test-block", "-1", "--test-block must be an integer >= 1, got -1"),
+])
+def test_a_bad_setting_exits_2_with_the_same_line_in_audit_and_explain(tmp_path, capsys, command, flag, value,
+                                                                       message):
+    """Both commands check a setting they share with the same rule, before any file is read."""
+    paths = {"--model": str(tmp_path / "m.keras"), "--test": str(tmp_path / "t.npz"), "--out": str(tmp_path / "o")}
+    paths.update({"--train": str(tmp_path / "tr.npz")} if command == "audit" else {"--index": str(tmp_path)})
+    argv = [command, *[x for pair in paths.items() for x in pair], flag, value]
+    assert main(argv + (["--in-process"] if command == "audit" else [])) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"distributed-influence: error: {message}"]
+    assert not (tmp_path / "o").exists()

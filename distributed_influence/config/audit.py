@@ -131,9 +131,9 @@ class AuditConfig:
         help="replace results or partial results of a different job found in --out")
 
     def __post_init__(self) -> None:
+        self.validate()
         if isinstance(self.input_shape, list):  # from Python or JSON: the tuple the flag's parser gives
             object.__setattr__(self, "input_shape", tuple(self.input_shape))
-        self.validate()
 
     def validate(self) -> None:
         """Refuses values that cannot give a meaningful result, with one clear line.
@@ -158,5 +158,5 @@ class AuditConfig:
         as sorted JSON, exactly as before the settings were declared as fields.
         """
         d = self.to_dict()
-        kept = {name: d[name] for name in names(AuditConfig, digest=True)}
+        kept = {name: d[name] for name in names(type(self), digest=True)}
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]

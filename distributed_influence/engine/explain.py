@@ -46,37 +46,18 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
         InputError: the index, the model or the test source cannot be used.
     """
     # The audit's own checks of the settings both commands have, before TensorFlow loads.
-    given = {"k": k, "batch_size": batch_size, "test_block": test_block, "scoring": scoring}
-    for name, value in given.items():
-        if value is not None or name != "k":  # a k of None is the audit's, checked when it ran
-            fields.check(AuditConfig, name, value)
+    _check_shared(k=k, batch_size=batch_size, test_block=test_block, scoring=scoring)
     # Deferred: these import TensorFlow, which `--help` and argument errors should not wait for.
     from distributed_influence.data.featurize import featurize
-    from distributed_influence.data.inputs import check_source
     from distributed_influence.data.model import Featurizer, load_model, read_model_bytes, split_model
-    from distributed_influence.data.sources import open_source, options_from
     from distributed_influence.engine import reduce as rd
     from distributed_influence.method import logits as logits_mod
     from distributed_influence.method import representer as rp
-    from distributed_influence.method import scoring as sc
     from distributed_influence.store import index, tables
 
     t0 = time.perf_counter()
     index_dir = storage.join(index_out, index.INDEX_DIR)
-    files = index.shard_files(index_dir)
-    try:
-        audit = tables.read_manifest(index_out)
-    except (OSError, ValueError):
-        raise InputError(f"{index_out}: no readable manifest.json of an audit") from None
-    if "config" not in audit or "index" not in audit:
-        raise InputError(f"{index_out}: manifest.json is not an audit's (was --out of explain?)")
-    if len(files) != audit["index"]["shards"]:
-        raise InputError(f"{index_dir}: {len(files)} shard files but the audit wrote "
-                         f"{audit['index']['shards']}; the index is incomplete")
-    if storage.exists(storage.join(out, tables.MANIFEST)):
-        previous = tables.read_manifest(out)
-        if previous.get("command") != "explain":
-            raise ConfigError(f"{out}: holds the results of an audit; choose another --out for explain")
+    audit, files = _read_audit(index_out, index_dir, out)
     cfg = audit["config"]
     data = read_model_bytes(model)
     if hashlib.sha256(data).hexdigest() != audit.get("model_sha256"):
@@ -86,39 +67,21 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
         raise ConfigError(f"--k must be between 1 and the {audit['n_train']} training examples, got {k}")
     name = storage.basename(model)
     split = split_model(load_model(data, name), cfg.get("feature_layer"), cfg.get("logit_layer"), name)
-    input_shape = tuple(audit.get("input_shape") or split.input_shape)
-    # A test image folder is labelled with the training folder's classes, as in the audit.
-    classes = ((audit.get("sources") or {}).get("train") or {}).get("classes")
-    src = open_source(test, classes=classes, **options_from(cfg))
-    check_source(src, "test", split.n_classes, input_shape, need_labels=False)
+    src, input_shape = _open_test(test, audit, split)
 
     test_x, logits, test_ids, test_y, test_keys = featurize(src, Featurizer(split, batch_size), input_shape,
                                                             0, src.n_rows)
     pred = logits_mod.predicted_classes(logits)
 
-    results, train_ids, train_keys = [], [], []
     t_score = time.perf_counter()
-    for path in files:
-        shard = index.read_shard(path)
-        if shard["keys"] is not None:
-            train_ids.append(shard["ids"])
-            train_keys.append(shard["keys"])
-        scored = sc.score_shard(shard["x"], shard["ids"], shard["alpha"], test_x, pred, k, test_block,
-                                method=scoring, train_sums=False)
-        results.append({"topk": scored["topk"], "scoring": scored["scoring"]})
+    results, train_ids, train_keys = _score_index(files, test_x, pred, k, test_block, scoring)
     t_score = time.perf_counter() - t_score
     theta, alpha_head = index.read_head(index_dir)
     topk = rd.merge_topk_table(results, k, test_ids, pred)
     dec = rd.test_table(test_ids, test_y, pred, logits_mod.per_class(logits),
                         logits_mod.per_class(rp.linear_logits(test_x, theta)),
                         logits_mod.per_class(rp.linear_logits(test_x, alpha_head)))
-    test_table = dec["table"]
-    if train_keys:  # the index names the file (or key) of every proponent and opponent
-        topk = tables.add_key_column(topk, "train_id", tables.TRAIN_KEY, np.concatenate(train_ids),
-                                     np.concatenate(train_keys))
-    if test_keys is not None:
-        topk = tables.add_key_column(topk, "test_id", tables.TEST_KEY, test_ids, test_keys)
-        test_table = tables.add_key_column(test_table, "test_id", tables.TEST_KEY, test_ids, test_keys)
+    topk, test_table = _with_keys(topk, dec["table"], train_ids, train_keys, test_ids, test_keys)
     manifest = {
         "command": "explain",
         "index": storage.redact(index_out) if storage.is_uri(index_out) else os.path.abspath(index_out),
@@ -134,6 +97,96 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
     }
     tables.write_outputs(out, {tables.INFLUENCE_TOPK: topk, tables.TEST_SCORES: test_table}, manifest)
     return manifest
+
+
+def _check_shared(**settings) -> None:
+    """Applies the audit's checks to the settings ``explain`` shares with it (:data:`SHARED`).
+
+    Raises:
+        ConfigError: a value breaks the check, in the words the audit would use.
+    """
+    for name, value in settings.items():
+        if value is not None or name != "k":  # a k of None is the audit's, checked when it ran
+            fields.check(AuditConfig, name, value)
+
+
+def _read_audit(index_out: str, index_dir: str, out: str) -> tuple:
+    """The audit's manifest and its index's shard files, refused unless complete.
+
+    Raises:
+        InputError: no audit's manifest, or an incomplete index.
+        ConfigError: ``out`` holds an audit's results, which explain must not overwrite.
+    """
+    from distributed_influence.store import index, tables
+
+    files = index.shard_files(index_dir)
+    try:
+        audit = tables.read_manifest(index_out)
+    except (OSError, ValueError):
+        raise InputError(f"{index_out}: no readable manifest.json of an audit") from None
+    if "config" not in audit or "index" not in audit:
+        raise InputError(f"{index_out}: manifest.json is not an audit's (was --out of explain?)")
+    if len(files) != audit["index"]["shards"]:
+        raise InputError(f"{index_dir}: {len(files)} shard files but the audit wrote "
+                         f"{audit['index']['shards']}; the index is incomplete")
+    if storage.exists(storage.join(out, tables.MANIFEST)):
+        previous = tables.read_manifest(out)
+        if previous.get("command") != "explain":
+            raise ConfigError(f"{out}: holds the results of an audit; choose another --out for explain")
+    return audit, files
+
+
+def _open_test(test: str, audit: dict, split) -> tuple:
+    """The test source, read as the audit read its sources, checked against the model.
+
+    Returns:
+        (the source, the input shape of one example).
+    """
+    from distributed_influence.data.inputs import check_source
+    from distributed_influence.data.sources import open_source, options_from
+
+    input_shape = tuple(audit.get("input_shape") or split.input_shape)
+    # A test image folder is labelled with the training folder's classes, as in the audit.
+    classes = ((audit.get("sources") or {}).get("train") or {}).get("classes")
+    src = open_source(test, classes=classes, **options_from(audit["config"]))
+    check_source(src, "test", split.n_classes, input_shape, need_labels=False)
+    return src, input_shape
+
+
+def _with_keys(topk, test_table, train_ids: list, train_keys: list, test_ids: np.ndarray, test_keys) -> tuple:
+    """The tables with the string keys of the rows they name, where the sources have keys."""
+    from distributed_influence.store import tables
+
+    if train_keys:  # the index names the file (or key) of every proponent and opponent
+        topk = tables.add_key_column(topk, "train_id", tables.TRAIN_KEY, np.concatenate(train_ids),
+                                     np.concatenate(train_keys))
+    if test_keys is not None:
+        topk = tables.add_key_column(topk, "test_id", tables.TEST_KEY, test_ids, test_keys)
+        test_table = tables.add_key_column(test_table, "test_id", tables.TEST_KEY, test_ids, test_keys)
+    return topk, test_table
+
+
+def _score_index(files: list, test_x: np.ndarray, pred: np.ndarray, k: int, test_block: int,
+                 scoring: str) -> tuple:
+    """Scores the test features against every shard file of the index, one at a time.
+
+    Returns:
+        (each shard's ``topk`` and ``scoring`` record, the ids and string keys of the shards
+        that have keys).
+    """
+    from distributed_influence.method import scoring as sc
+    from distributed_influence.store import index
+
+    results, train_ids, train_keys = [], [], []
+    for path in files:
+        shard = index.read_shard(path)
+        if shard["keys"] is not None:
+            train_ids.append(shard["ids"])
+            train_keys.append(shard["keys"])
+        scored = sc.score_shard(shard["x"], shard["ids"], shard["alpha"], test_x, pred, k, test_block,
+                                method=scoring, train_sums=False)
+        results.append({"topk": scored["topk"], "scoring": scored["scoring"]})
+    return results, train_ids, train_keys
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

@@ -123,19 +123,13 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
             n_workers = 1
             n_shards = config.shards or 1
         from distributed_influence.cluster.pool import RayPool
-        from distributed_influence.engine.plan import WorkerSettings, plan_shards
+        from distributed_influence.engine.plan import plan_shards
         from distributed_influence.engine.pool import InProcessPool
 
         specs = plan_shards(opened.train.n_rows, n_shards)
         key = run_key(config.digest(), opened.model_bytes, config.train, config.test,
                       [(s.start, s.stop) for s in specs])
-        # The settings marked for workers are copied from the config; these are the run's own.
-        settings = WorkerSettings.from_config(
-            config, model_name=opened.model_name, train=_absolute(config.train), test=_absolute(config.test),
-            n_train=opened.train.n_rows, index_dir=storage.join(WorkStore(config.out, key).path, index.INDEX_DIR),
-            source_options={k: v for k, v in options_from(config).items() if k != "scale"},
-            layouts={"train": opened.train.layout(), "test": opened.test.layout()},
-        )
+        settings = _worker_settings(config, opened, key)
         if use_ray:
             # The workers start now and load the model; the first checks it and the sources
             # against it, so this process never loads TensorFlow (seconds of a core that the
@@ -177,6 +171,20 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
     tables.publish(config.out, storage.join(store.path, "tables"), tables.TABLES, manifest)
     store.remove()
     return manifest
+
+
+def _worker_settings(config: AuditConfig, opened, key: str):
+    """What the workers are told: the settings marked for workers, copied from ``config``, and
+    what this run found out (the model's name, the sources' rows and layouts, where the index goes).
+    """
+    from distributed_influence.engine.plan import WorkerSettings
+
+    return WorkerSettings.from_config(
+        config, model_name=opened.model_name, train=_absolute(config.train), test=_absolute(config.test),
+        n_train=opened.train.n_rows, index_dir=storage.join(WorkStore(config.out, key).path, index.INDEX_DIR),
+        source_options={k: v for k, v in options_from(config).items() if k != "scale"},
+        layouts={"train": opened.train.layout(), "test": opened.test.layout()},
+    )
 
 
 def _absolute(spec: str) -> str:

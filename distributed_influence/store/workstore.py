@@ -38,7 +38,22 @@ def fingerprint(spec: str) -> str:
 
 
 def run_key(config_digest: str, model_bytes: bytes, train: str, test: str, shard_bounds: Iterable) -> str:
-    """Hash of everything a partial result depends on."""
+    """Hash of everything a partial result depends on: the name of the run's work directory.
+
+    A re-run finds its finished work under this name, so the key must stay the same for the same
+    job across versions of the package: the bytes hashed here, and
+    :meth:`~distributed_influence.config.AuditConfig.digest`, do not change with the code
+    (tests/config/test_config.py pins both).
+
+    Args:
+        config_digest: ``AuditConfig.digest()``: the settings that change the numbers.
+        model_bytes: the model file's bytes.
+        train, test: the source specs, fingerprinted by size and modification time.
+        shard_bounds: (start, stop) of every shard, in order.
+
+    Returns:
+        20 hex digits.
+    """
     h = hashlib.sha256()
     h.update(config_digest.encode())
     h.update(hashlib.sha256(model_bytes).digest())
