@@ -3,10 +3,8 @@
 The fit's sums, with the same functions and signatures as the TensorFlow ones in
 :mod:`distributed_influence.method.representer` (which GPU workers use, on a resident tensor), plus
 :func:`objective_sums_and_probs`, which only CPU workers use. On a CPU they are faster and
-lighter, because they work in row blocks small enough to stay in cache, with NumPy's BLAS.
-Measured on one core, 30,000 × 1601 Fashion-MNIST features, 10 classes: a float64 evaluation
-0.20 s against 0.34 s, a float32 Hessian-vector product 0.075 s against 0.099 s; and the worker
-needs no second, TensorFlow, copy of its features (a shard's size in memory).
+lighter, because they work in row blocks small enough to stay in cache, with NumPy's BLAS,
+and the worker needs no second, TensorFlow, copy of its features (a shard's size in memory).
 
 The formulas are the representer module's (softmax cross-entropy, or sigmoid cross-entropy for
 one column); the tests check both against finite differences and an explicit Hessian.
@@ -19,7 +17,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 #: Rows per block: X_b (rows × d+1) and its products stay in a core's cache between the two
-#: reads of each Hessian product (measured best at 256 to 512 rows for d = 1600).
+#: reads of each Hessian product; a few hundred rows do that for heads of typical width, while
+#: much smaller blocks pay per-call overhead in BLAS.
 ROWS = 512
 #: Bound on a block's temporaries when many directions are applied at once: rows × columns.
 BLOCK_ELEMENTS = 1 << 20
@@ -47,10 +46,8 @@ def _cast_blocks(x: np.ndarray, dtype: np.dtype):
 
 def rows_times(xb: np.ndarray, th: np.ndarray, th_t: Optional[np.ndarray] = None) -> np.ndarray:
     """X_b Θ (th_t: Θᵀ, C-contiguous, if at hand). In float64 with several columns OpenBLAS
-    computes it faster as (Θᵀ X_bᵀ)ᵀ: measured on 512 × 1601 blocks, one core, for 30,000 rows, 48 against
-    61 ms at 10 columns, 62 against 71 at 20, 197 against 229 at 100; in float32, or for one or
-    two columns, the direct product was as fast or faster (3 to 7 columns were not measured:
-    they take the direct product)."""
+    computes it faster as (Θᵀ X_bᵀ)ᵀ; in float32, or for few columns, the direct product is as
+    fast or faster, so those take it."""
     if xb.dtype == np.float64 and th.shape[1] >= 8:
         return ((np.ascontiguousarray(th.T) if th_t is None else th_t) @ xb.T).T
     return xb @ th
@@ -101,8 +98,8 @@ def _objective(x, targets, theta, precision: str, probs_out: Optional[np.ndarray
         p = _link(z)
         if probs_out is not None:
             probs_out[a:b] = p
-        # (Rᵀ X_b)ᵀ rather than X_bᵀ R: the same sums; in float64 41 against 94 ms per 30,000
-        # rows of 1601 at 10 columns (one core), in float32 no slower.
+        # (Rᵀ X_b)ᵀ rather than X_bᵀ R: the same sums, faster in float64 with OpenBLAS and no
+        # slower in float32.
         grad += ((p - tb).T @ xb).T
     return loss, grad
 
@@ -144,6 +141,6 @@ def hvp_sums(x: np.ndarray, theta: np.ndarray, v: np.ndarray, precision: str = "
         for (a, b, xb), p in zip(_cast_blocks(x, dtype), probs):
             pu = p[:, :, None] * (xb @ vc).reshape(b - a, n_classes, -1)
             w = pu - p[:, :, None] * pu.sum(axis=1, keepdims=True)
-            # (Wᵀ X_b)ᵀ rather than X_bᵀ W: the same sums, ~20% faster in OpenBLAS for few columns.
+            # (Wᵀ X_b)ᵀ rather than X_bᵀ W: the same sums, faster in OpenBLAS for few columns.
             acc += (w.reshape(b - a, -1).T @ xb).T.reshape(acc.shape)
     return out.reshape(v.shape)

@@ -24,24 +24,21 @@ log = logging.getLogger(__name__)
 
 #: Where the fallback's float32 L-BFGS phase hands over to Newton-CG.
 FLOAT32_GTOL = 1e-5
-#: Directions in the Hessian sketch. At 60,000 × 1601 × 10 (Fashion-MNIST, in memory), 100 cut
-#: the Hessian-vector products of the whole fit from 483 (no preconditioner) to 72 for 1.3 s of
-#: sketching; 300 saved 17 more products (~0.6 s) for 2.7 s more sketching. Since the sketch
-#: reads a sample of the rows (SKETCH_STRIDE), 200 cost less than 100 did: see there.
+#: Directions in the Hessian sketch. A few hundred directions capture the head's large
+#: eigenvalues and cut the fit's Hessian-vector products several-fold; beyond that each extra
+#: direction costs more sketching than it saves. Since the sketch reads only a sample of the
+#: rows (SKETCH_STRIDE), this many directions stay cheap.
 SKETCH_RANK = 200
 #: Cap on the sketch's directions × classes. A sketch pass applies the Hessian to l directions of
 #: (d+1)×C each: its flops grow with C·l, while a Hessian product of a head with few classes is
 #: bound by reading the features, so the same sketch costs many more products' time when C is
-#: large. Measured on all rows: with C = 10 (the Fashion-MNIST CNN head) 100 directions took ~24
-#: products' time and saved ~400; with C = 100 (an MLP head, d = 128) they took ~110 products'
-#: time and saved none. With the row sample, 2,000 gives the first 200 directions and the second
-#: 20, each sketch at a quarter of the earlier cost.
+#: large, while a head with many classes and few features gains little from the preconditioner.
+#: 2,000 gives a 10-class head the full SKETCH_RANK and a 100-class head only 20 directions.
 SKETCH_COLUMNS = 2000
 #: The sketch reads every SKETCH_STRIDE-th row (scaled to all rows): a preconditioner only
-#: needs the Hessian's large eigenvalues roughly, and a systematic sample of the rows keeps them.
-#: Measured on the Fashion-MNIST head (60,000 × 1601 × 10, one process): 100 directions over all
-#: rows took 4.9 s and left 58 Hessian products; over every 8th row 0.75 s and 54 products; 200
-#: directions over every 8th row 1.3 s and 42 products.
+#: needs the Hessian's large eigenvalues roughly, and a systematic sample of the rows keeps them:
+#: a sketch over every 8th row preconditions about as well as one over all rows, at a fraction
+#: of the cost, which pays for more directions.
 SKETCH_STRIDE = 8
 #: Rows the sample keeps at least: fewer rows than SKETCH_MIN_ROWS × stride sample less sparsely.
 SKETCH_MIN_ROWS = 4096
@@ -54,11 +51,8 @@ SKETCH_BYTES = 1 << 28
 FLOAT32_NEWTON_GTOL = 1e-4
 #: Far from the optimum each CG solve stops at the relative residual min(0.5, FAR_FORCING·√max|∇J|)
 #: (an inexact-Newton forcing term: it goes to 0 with the gradient, which keeps Newton's
-#: superlinear local convergence). Solving more exactly far away buys little.
-#: Measured in one process on both halves of a 60,000-row head, as the job's workers sum them:
-#: Fashion-MNIST CNN (d = 1600, C = 10) 1 → 47 Hessian products and 10 evaluations, 2 → 37 and 9,
-#: 3 → 37 and 9, 5 → 36 and 10, 0.3 → 60; a 100-class synthetic MLP head (d = 128) 1 → 95 products,
-#: 2 → 90, 3 → 89 and one more evaluation.
+#: superlinear local convergence). Solving more exactly far away buys little: a smaller factor
+#: costs Hessian products without saving evaluations, and a much larger one saves no more.
 FAR_FORCING = 2.0
 #: A CG solve that needs more iterations than this triggers a fresh sketch at the next step
 #: (the Hessian has moved away from the one sketched).
@@ -123,10 +117,10 @@ def fit_head(
         sketch: ``"always"`` (default): a sketch before the first step, of SKETCH_RANK directions
             or fewer for many classes (see SKETCH_COLUMNS and :func:`sketch_rank`);
             ``"adaptive"``: a Nyström sketch only once a CG solve needed many iterations, sized
-            by them. Measured: on the Fashion-MNIST CNN head (d = 1600, C = 10) the adaptive
-            policy took 380 Hessian products and 55 s against 72 products and ~7 s, while on a
-            100-class MLP head (d = 128) it cost 0.43 of "always"; until a rule that picks per
-            problem is measured on both, the default keeps the full audit fast.
+            by them. The adaptive policy is cheaper for heads with many classes and few
+            features, whose Hessian a sketch barely helps, but much slower for heads with few
+            classes and many features, where the sketch saves most Hessian products; until a
+            rule picks per problem, the default keeps the common case fast.
         sketch_sums: (Θ, V, stride) ↦ the float32 ``hvp_sums`` over every stride-th row,
             scaled to all rows (``hvp_sums(..., stride=)`` of the sums modules), for the
             sketch; without it the sketch reads every row.
@@ -134,50 +128,13 @@ def fit_head(
     Returns:
         The :class:`FitResult`; ``converged`` is False when the caps were hit first.
     """
-    shape = theta0.shape
-    counter = {"evals": 0, "iters": 0, "hvps": 0, "sketches": 0, "directions": 0}
-    last = {}
-
-    def objective(precision: str):
-        def fun(flat: np.ndarray):
-            theta = flat.reshape(shape)
-            loss, grad = sums(theta, precision)
-            counter["evals"] += 1
-            j = loss / n + lam * float(np.sum(theta * theta))
-            g = grad / n + 2.0 * lam * theta
-            last["g"] = g
-            return j, g.ravel()
-
-        return fun
-
-    def hessian_product(precision: str):
-        def hessp(flat: np.ndarray, p: np.ndarray) -> np.ndarray:
-            counter["hvps"] += 1
-            hv = hvp_sums(flat.reshape(shape), p.reshape(shape), precision) / n + 2.0 * lam * p.reshape(shape)
-            return hv.ravel()
-
-        return hessp
-
-    def callback(intermediate):
-        counter["iters"] += 1
-        if on_iteration is not None and "g" in last:
-            on_iteration(counter["iters"], float(np.max(np.abs(last["g"]))))
-
-    stride = sketch_stride(n) if sketch_sums is not None else 1
-
-    def sketch_pass(flat: np.ndarray, directions: np.ndarray) -> np.ndarray:
-        # The data part of the Hessian (without 2λI) applied to many directions in one pass,
-        # estimated from a sample of the rows.
-        d = directions.reshape(shape + (directions.shape[1],))
-        counter["sketches"] += 1
-        counter["directions"] += directions.shape[1]
-        if stride > 1:
-            return sketch_sums(flat.reshape(shape), d, stride).reshape(directions.shape) / n
-        return hvp_sums(flat.reshape(shape), d, "float32").reshape(directions.shape) / n
-
+    problem = _Problem(sums, hvp_sums, n, lam, theta0.shape, on_iteration, sketch_sums)
+    shape, counter = theta0.shape, problem.counter
+    objective, hessian_product, callback = problem.objective, problem.hessian_product, problem.callback
+    sketch_pass = problem.sketch_pass
     fun64, fun32 = objective("float64"), objective("float32")
     x = np.asarray(theta0, dtype=np.float64).ravel()
-    # The start is judged in float32 (a pass at a third of the cost) unless it is near the
+    # The start is judged in float32 (a much cheaper pass) unless it is near the
     # optimum already, where only float64 tells.
     j, g = fun32(x)
     exact = np.max(np.abs(g)) <= max(tol, FLOAT32_NEWTON_GTOL)
@@ -196,8 +153,8 @@ def fit_head(
     for precision, lbfgs_tol in plan:
         if np.max(np.abs(g)) <= tol:
             break
-        # Imported here, rarely: SciPy's optimize takes ~0.3 s of a core to import, in the
-        # driver of every run, while Ray starts (see job._import_meanwhile).
+        # Imported here: only a stalled Newton phase needs it, and SciPy's optimize is slow to
+        # import, which every run's driver would pay for at module level.
         from scipy import optimize
 
         res = optimize.minimize(
@@ -227,6 +184,55 @@ def fit_head(
     )
 
 
+class _Problem:
+    """J, ∇J and Hessian products of the head objective on flat vectors, counting the passes
+    over the training rows that each costs (what the manifest reports as the fit's cost)."""
+
+    def __init__(self, sums: SumsFn, hvp_sums: HvpFn, n: int, lam: float, shape: tuple,
+                 on_iteration: Optional[Callable[[int, float], None]], sketch_sums: Optional[SketchFn]):
+        self.sums, self.hvp_sums, self.sketch_sums = sums, hvp_sums, sketch_sums
+        self.n, self.lam, self.shape, self.on_iteration = n, lam, shape, on_iteration
+        self.stride = sketch_stride(n) if sketch_sums is not None else 1
+        self.counter = {"evals": 0, "iters": 0, "hvps": 0, "sketches": 0, "directions": 0}
+        self.last_g: Optional[np.ndarray] = None
+
+    def objective(self, precision: str) -> Callable[[np.ndarray], Tuple[float, np.ndarray]]:
+        def fun(flat: np.ndarray):
+            theta = flat.reshape(self.shape)
+            loss, grad = self.sums(theta, precision)
+            self.counter["evals"] += 1
+            j = loss / self.n + self.lam * float(np.sum(theta * theta))
+            g = grad / self.n + 2.0 * self.lam * theta
+            self.last_g = g
+            return j, g.ravel()
+
+        return fun
+
+    def hessian_product(self, precision: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+        def hessp(flat: np.ndarray, p: np.ndarray) -> np.ndarray:
+            self.counter["hvps"] += 1
+            v = p.reshape(self.shape)
+            hv = self.hvp_sums(flat.reshape(self.shape), v, precision) / self.n + 2.0 * self.lam * v
+            return hv.ravel()
+
+        return hessp
+
+    def callback(self, intermediate) -> None:
+        self.counter["iters"] += 1
+        if self.on_iteration is not None and self.last_g is not None:
+            self.on_iteration(self.counter["iters"], float(np.max(np.abs(self.last_g))))
+
+    def sketch_pass(self, flat: np.ndarray, directions: np.ndarray) -> np.ndarray:
+        """The data part of the Hessian (without 2λI) applied to many directions in one pass,
+        estimated from a sample of the rows."""
+        d = directions.reshape(self.shape + (directions.shape[1],))
+        self.counter["sketches"] += 1
+        self.counter["directions"] += directions.shape[1]
+        if self.stride > 1:
+            return self.sketch_sums(flat.reshape(self.shape), d, self.stride).reshape(directions.shape) / self.n
+        return self.hvp_sums(flat.reshape(self.shape), d, "float32").reshape(directions.shape) / self.n
+
+
 def nystrom_preconditioner(sketch: Callable[[np.ndarray], np.ndarray], size: int, rank: int,
                            mu: float, seed: int = 0) -> Callable[[np.ndarray], np.ndarray]:
     """The inverse of a randomized Nyström preconditioner for A + μI, A symmetric PSD.
@@ -253,11 +259,9 @@ def nystrom_preconditioner(sketch: Callable[[np.ndarray], np.ndarray], size: int
     # Â depends only on the span of Ω); ‖Y‖₂, the shifted core ΩᵀY_ν and B = Y_ν L⁻ᵀ's Gram
     # matrix BᵀB = L⁻¹ Y_νᵀY_ν L⁻ᵀ from three l × l Gram matrices of Ω and Y (Y_ν = Y + νΩ, so
     # a larger ν needs no new (size × l) product); B itself is never formed: U = B V S⁻¹ =
-    # Y_ν (L⁻ᵀ V S⁻¹) is one product. Triangular solves against (size × l) matrices would be
-    # slower than products with the l × l inverse: at the Fashion-MNIST head's size (16,010 ×
-    # 200, one core) 40 against 65–160 ms each by SciPy's solve (OpenBLAS's trsm). The whole
-    # build, Ω included and the sketch's pass not, took 0.25 s there against 0.34 s when Y_ν and
-    # B were formed (median of 6). Ω took 0.17 s by solves against 0.49 s by Householder QR.
+    # Y_ν (L⁻ᵀ V S⁻¹) is one product. Products with the l × l inverse are faster than
+    # triangular solves against (size × l) matrices, and Cholesky QR is faster than
+    # Householder QR for orthonormalising Ω.
     rank = max(1, min(rank, size))
     gauss = np.random.default_rng(seed).standard_normal((size, rank))
     omega = gauss @ _lower_inverse(np.linalg.cholesky(gauss.T @ gauss)).T
@@ -287,8 +291,8 @@ def nystrom_preconditioner(sketch: Callable[[np.ndarray], np.ndarray], size: int
     keep = lam_all > 0
     lam_hat = lam_all[keep]
     # U in float32, and Uᵀ too (contiguous): CG applies P⁻¹ once per Hessian product while the
-    # workers wait, and the products read U, bound by memory. At the Fashion-MNIST head's size
-    # (16,010 × 200, one core) 2.4 ms against 6.4 ms in float64; the fit's passes stayed 47.
+    # workers wait, and the products read U, bound by memory: float32 halves the bytes read,
+    # and a preconditioner's rounding does not affect the accuracy of CG's solution.
     # Y_ν is made in Ω's place (Ω is not needed any more) and multiplied in float32 too.
     omega *= nu
     omega += y
@@ -341,14 +345,17 @@ def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callb
     Returns:
         (x, J(x), ∇J(x)) in float64 at the last accepted point.
     """
+    # One function, longer than the house's 80 lines: the loop's state (x, J, ∇J, the precision
+    # they were computed in, the preconditioner, the line search's J) changes together at every
+    # step, and split up, every piece would take and return all of it.
     size = x.size
     near = max(tol, FLOAT32_NEWTON_GTOL)  # below this, steps are judged on the float64 |∇J|
     # The sketch is sized to what it saves: its pass costs about as many flops as ``rank``
     # Hessian products, so the first step runs CG without it, and a sketch of at most as many
     # directions as that step's CG iterations is taken only when CG needed more than
-    # RESKETCH_ITERATIONS (a Hessian with many large eigenvalues). Measured on a 100-class MLP
-    # head (d = 128, 60,000 rows in memory): 100 directions cost 95 s and saved no Hessian
-    # product (103 with it, 99 without); on Fashion-MNIST's CNN head they saved 411.
+    # RESKETCH_ITERATIONS (a Hessian with many large eigenvalues). For a head with many classes
+    # and few features a sketch can cost far more than it saves; for one with few classes and
+    # many features it saves most Hessian products.
     identity = lambda r: r  # noqa: E731
     precond, resketches, rank = identity, 0, None
     if always_sketch and sketch_rank(size, n_classes):
@@ -423,8 +430,8 @@ def _near_rtol(tol: float, gmax: float, quad: Optional[float] = None) -> float:
 
     After a Newton step, max |∇J| is about the CG residual's share (rtol·gmax) plus the step's
     quadratic term (≈ quad·gmax², ``quad`` measured on the previous full step): aim at tol,
-    but never solve more exactly than the quadratic term allows. On the Fashion-MNIST head,
-    aiming at tol regardless took 27 + 23 + 10 CG iterations for the last three steps.
+    but never solve more exactly than the quadratic term allows: aiming at tol regardless
+    spends CG iterations on accuracy the next step's quadratic term would swamp.
     """
     aim = 0.5 * tol / gmax
     if quad is not None:

@@ -283,8 +283,8 @@ def _canonical_dots(x: np.ndarray, rows: np.ndarray, xt: np.ndarray) -> np.ndarr
     matrix product, its block, or the array's alignment: both paths (and every shard) get the
     same bits for the same pair. (A float32 matrix product does not: its summation order follows
     the shapes and the kernel's blocking.) The error obeys the same bound as any float32 dot.
-    Pairs go ~CANON_PAIRS at a time through one small buffer, which stays in the core's cache
-    (0.28 → 0.22 s for 10,000 × 10 pairs at d = 1600, against (128 × K)-pair copies).
+    Pairs go ~CANON_PAIRS at a time through one small buffer, which stays in the core's cache:
+    faster than copying a larger block of pairs per step.
     """
     b, kk = rows.shape
     out = np.empty(rows.shape, np.float32)

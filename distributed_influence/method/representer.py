@@ -103,8 +103,7 @@ class RowTargets:
     labels or the logits the worker keeps anyway.
 
     Kept whole they would be an (n, C) float64 matrix: with 100 classes and d = 128 that is
-    1.5 × the shard's features (the million-row scale run's workers peaked at 2.37 GiB with
-    them kept, 1.82 GiB without).
+    1.5 × the shard's features, a large share of a worker's peak memory.
     """
 
     def __init__(self, labels: np.ndarray, logits: np.ndarray, target: str):
@@ -178,7 +177,7 @@ def objective_sums(x, targets, theta: np.ndarray, precision: str = "float64") ->
         targets: (n, C) target distributions (one-hot labels or model softmax).
         theta: (d+1, C) head.
         precision: ``float64`` (the fit's final, exact evaluations) or ``float32`` (its cheap
-            first phase: about 4× faster, accurate to ~1e-6 relative).
+            first phase: several times faster, accurate to ~1e-6 relative).
 
     Returns:
         (loss sum as float, gradient sum (d+1, C) float64).
@@ -320,11 +319,10 @@ def alpha_pass(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: float
     All three need the shard's features in float64: each row block is cast (into one reused
     buffer, :func:`float64_blocks`) and one NumPy product gives the block's logits and its
     x_i·S_c together; only the (rows, C) logits go through TensorFlow's tape, ROW_BLOCK rows
-    per tape; a second cast pass gives Σ_i x_iᵀα_i. Why two passes: a tape has a fixed cost
-    (~4 ms), so one per cast block took 0.13 s per 30,000-row Fashion-MNIST shard, against 0.02 s
-    for the logits of ROW_BLOCK rows at a time; the second cast costs less than that (paired runs
-    on one core: 0.33 s against 0.43 s for the whole pass, median of 8). (Casting each block to a
-    float64 tensor and taking three TensorFlow products took 0.6 to 0.75 s.)
+    per tape; a second cast pass gives Σ_i x_iᵀα_i. Why two passes: a tape has a fixed cost,
+    so one tape per (small) cast block would cost far more than a tape per ROW_BLOCK rows, and
+    the second cast costs less than the tapes it saves. NumPy products on the reused buffer are
+    also cheaper than casting each block to a float64 tensor for TensorFlow's products.
 
     Args:
         x: (n, d+1) float32 augmented features.

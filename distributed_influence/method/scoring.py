@@ -9,8 +9,8 @@ Two paths give the same tables:
   the shard's rows are scanned in decreasing key |α_{i,j}|·‖x_i‖, block by block, against all
   test rows explaining j; a test row stops as soon as the next row's bound is strictly below both
   its k-th proponent value and its k-th opponent magnitude, because then no unscanned row can
-  enter either list. Most training rows are fit well (tiny |α|), so a test row stops after a few
-  percent of the shard.
+  enter either list. Most training rows are fit well (tiny |α|), so a test row usually stops
+  after a small fraction of the shard.
 
 Exactness of the pruned path, in detail:
 
@@ -64,6 +64,21 @@ REASON_NEGATIVE = ("features take negative values: influence_abs_sum needs every
 CANDIDATES = 2
 
 
+
+def _train_sums(x: np.ndarray, alpha: np.ndarray, test_x: RowParts, test_pred: np.ndarray, class_sim) -> dict:
+    """The per-train sums that have a closed form: ``influence_sum`` always, and
+    ``influence_abs_sum`` when every feature is non-negative (else it is left out)."""
+    # Σ_t r_ti = Σ_c α_ic (x_i · S_c) by linearity: the per-train sums need no pass over the
+    # (test × train) values. So do the sums of |r_ti| when every similarity is positive
+    # (non-negative features, e.g. after a ReLU: x_i · x_t ≥ 1 with the bias 1), because then
+    # |r_ti| = |α_{i,j_t}| (x_i · x_t).
+    if class_sim is None:
+        class_sim = linear_logits(x, class_sums(test_x, test_pred, alpha.shape[1]).T)  # x_i · S_c
+    out = {"influence_sum": np.sum(alpha * class_sim, axis=1)}
+    if np.min(x) >= 0 and all(len(p) == 0 or np.min(p) >= 0 for p in test_x.parts):
+        out["influence_abs_sum"] = np.sum(np.abs(alpha) * class_sim, axis=1)
+    return out
+
 def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
                 test_pred: np.ndarray, k: int, block: int, x_tf=None, class_sim=None,
                 method: str = "pruned", train_sums: bool = True) -> dict:
@@ -106,19 +121,8 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
     k = min(k, len(ids))
     test_x = test_x if isinstance(test_x, RowParts) else RowParts(test_x)
     m = len(test_x)
-    out = {}
-    abs_closed = True
-    if train_sums:
-        # Σ_t r_ti = Σ_c α_ic (x_i · S_c) by linearity: the per-train sums need no pass over the
-        # (test × train) values. So do the sums of |r_ti| when every similarity is positive
-        # (non-negative features, e.g. after a ReLU: x_i · x_t ≥ 1 with the bias 1), because then
-        # |r_ti| = |α_{i,j_t}| (x_i · x_t).
-        if class_sim is None:
-            class_sim = linear_logits(x, class_sums(test_x, test_pred, alpha.shape[1]).T)  # x_i · S_c
-        out["influence_sum"] = np.sum(alpha * class_sim, axis=1)
-        abs_closed = bool(np.min(x) >= 0 and all(len(p) == 0 or np.min(p) >= 0 for p in test_x.parts))
-        if abs_closed:
-            out["influence_abs_sum"] = np.sum(np.abs(alpha) * class_sim, axis=1)
+    out = _train_sums(x, alpha, test_x, test_pred, class_sim) if train_sums else {}
+    abs_closed = not train_sums or "influence_abs_sum" in out
     reason = None
     if method == "pruned" and not abs_closed:
         method, reason = "dense", REASON_NEGATIVE

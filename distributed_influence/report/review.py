@@ -14,7 +14,7 @@ An audit ends with someone reviewing suspicious training labels. This section gi
 4. ``suspects.csv`` beside the page, for a relabelling tool or a spreadsheet.
 
 Everything is capped (N suspects, a few supporters each, PNG thumbnails at the examples' own
-size), so the page stays small and fast for a 60,000-row audit.
+size), so the page stays small and fast however large the audit.
 """
 
 from __future__ import annotations

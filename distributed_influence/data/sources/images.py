@@ -112,7 +112,7 @@ def decode_many(blobs: Sequence[bytes], where: Callable[[int], str], target: Tar
     """Encoded images as one float32 block, scaled (default 1/255).
 
     The block is decoded by TensorFlow's image decoders in one graph call (no Python per
-    image: 3-4× faster than Pillow on 28×28 PNGs), channels converted with Pillow's formulas.
+    image, so much faster than Pillow on small images), channels converted with Pillow's formulas.
     When that fails or does not fit (a corrupt image, mixed sizes, a size to resize), the
     block is decoded image by image with Pillow, which names the image at fault or resizes.
 
@@ -129,7 +129,7 @@ def decode_many(blobs: Sequence[bytes], where: Callable[[int], str], target: Tar
     if not len(blobs):
         return np.zeros((0, 0), dtype=np.float32)
     # A few images (the driver's check of row 0, a report's pictures) are not worth building the
-    # TensorFlow graph for (about 1 s, once per process).
+    # TensorFlow graph for (a fixed cost, paid once per process).
     block = _decode_block(blobs) if len(blobs) >= SMALL_BLOCK else None
     if block is not None and None not in (target.height, target.width) \
             and block.shape[1:3] != (target.height, target.width):
