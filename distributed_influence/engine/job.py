@@ -9,11 +9,12 @@ that computed them put them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import dataclasses
 import logging
 import os
 import platform
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -22,12 +23,13 @@ from distributed_influence.config import AuditConfig
 from distributed_influence.data.inputs import Inputs, open_inputs, prepare_inputs
 from distributed_influence.data.sources import options_from
 from distributed_influence.engine import reduce as rd
+from distributed_influence.engine.manifest import build_manifest
 from distributed_influence.store import index, storage, tables
 from distributed_influence.store.workstore import WorkStore, run_key
 
-# The modules of the workers' math (shard, scoring, representer) import TensorFlow, which takes
-# seconds of a core: a Ray run's driver never imports them (the workers describe the model), and
-# the in-process engine imports them where needed.
+# The modules of the workers' math (shard, scoring, representer) import TensorFlow, which is slow
+# to import: a Ray run's driver never imports them (the workers describe the model), and the
+# in-process engine imports them where needed.
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +76,8 @@ def _driver_threads(use_ray: bool):
     """One BLAS thread in a driver that only orchestrates Ray workers.
 
     The driver's BLAS (NumPy, and scipy's L-BFGS) is idle between its tiny calls, and idle
-    OpenBLAS threads spin on the cores the workers compute on: with the default thread count
-    a round trip of the head fit took 76 ms instead of 45 ms on the 2-core benchmark.
+    OpenBLAS threads spin on the cores the workers compute on, slowing every round trip of the
+    head fit.
     """
     if not use_ray:
         return contextlib.nullcontext()  # the in-process engine does the math here: keep BLAS
@@ -102,75 +104,91 @@ def run_audit(config: AuditConfig, use_ray: bool = True) -> dict:
     """
     timer = _Timer()
     t_start = time.perf_counter()
-    started = False
-    pool = None
-    gpus = 0.0
+    run = _Run()
     try:
-        if use_ray:
-            opened = open_inputs(config)  # what needs no TensorFlow: a wrong path stops here, before Ray
-        else:
-            with timer.stage("validate"):
-                inputs = prepare_inputs(config)
-            opened = inputs
-        if use_ray:
-            from distributed_influence.cluster.runtime import plan_workers, start_ray
-
-            with timer.stage("ray_start"):
-                started = start_ray(config.address)
-            n_workers, gpus, cpus = plan_workers(config.shards, config.workers, config.gpus_per_worker)
-            n_shards = config.shards or n_workers
-        else:
-            n_workers = 1
-            n_shards = config.shards or 1
-        from distributed_influence.cluster.pool import RayPool
-        from distributed_influence.engine.plan import plan_shards
-        from distributed_influence.engine.pool import InProcessPool
-
-        specs = plan_shards(opened.train.n_rows, n_shards)
-        key = run_key(config.digest(), opened.model_bytes, config.train, config.test,
-                      [(s.start, s.stop) for s in specs])
-        settings = _worker_settings(config, opened, key)
-        if use_ray:
-            # The workers start now and load the model; the first checks it and the sources
-            # against it, so this process never loads TensorFlow (seconds of a core that the
-            # workers, starting at the same time, would otherwise wait for).
-            pool = RayPool(opened.model_bytes, settings, min(n_workers, len(specs)), cpus, gpus)
-            with timer.stage("validate"):
-                described = pool.describe()
-                inputs = prepare_inputs(config, opened, split=described["split"])
-            libraries = described["versions"]
-        else:
-            from distributed_influence.tfimport import versions
-
-            pool = InProcessPool(inputs.model_bytes, settings)
-            libraries = versions()
-        store = WorkStore.open(config.out, key, config.overwrite)  # inputs valid: may clear old work
-        log.info("%d training rows in %d shards on %d workers (%g GPU each)",
-                 inputs.train.n_rows, len(specs), pool.n_workers, gpus)
+        _start(config, use_ray, timer, run)
         # SciPy brings its own BLAS: loaded before the thread limit below applies to it.
         import distributed_influence.method.fit  # noqa: F401
 
         with _driver_threads(use_ray):
-            manifest = _run_stages(config, inputs, pool, specs, store, timer, use_ray)
-        manifest["versions"] = _versions(libraries)
+            manifest = _run_stages(config, run.inputs, run.pool, run.specs, run.store, timer)
+        manifest["versions"] = _versions(run.libraries)
     except Exception as exc:
         from distributed_influence.cluster.pool import unwrap_ray_error
 
         raise unwrap_ray_error(exc) from None
     finally:
-        if pool is not None:
-            pool.shutdown()
-        if started:
+        if run.pool is not None:
+            run.pool.shutdown()
+        if run.started:
             from distributed_influence.cluster.runtime import stop_ray
 
             stop_ray()
-    manifest["run_key"] = key
-    manifest["workers"]["gpus_per_worker"] = gpus
+    manifest["run_key"] = run.key
+    manifest["workers"]["gpus_per_worker"] = run.gpus
     manifest["timings"]["total"] = round(time.perf_counter() - t_start, 4)
-    _publish_index(store, config.out)  # before the manifest: a reader that sees it sees all
-    tables.publish(config.out, storage.join(store.path, "tables"), tables.TABLES, manifest)
-    store.remove()
+    _publish_index(run.store, config.out)  # before the manifest: a reader that sees it sees all
+    tables.publish(config.out, storage.join(run.store.path, "tables"), tables.TABLES, manifest)
+    run.store.remove()
     return manifest
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the start of a run set up, filled in as it goes, so that a failure half-way shuts
+    down exactly what was started."""
+
+    inputs: Optional[Inputs] = None
+    pool: object = None
+    specs: list = dataclasses.field(default_factory=list)
+    key: str = ""
+    store: Optional[WorkStore] = None
+    libraries: dict = dataclasses.field(default_factory=dict)
+    gpus: float = 0.0
+    started: bool = False  # this run started or joined Ray, and stops it
+
+
+def _start(config: AuditConfig, use_ray: bool, timer: "_Timer", run: _Run) -> None:
+    """Checks the inputs, starts the workers (Ray's or this process's), plans the shards and
+    opens the work store."""
+    if use_ray:
+        opened = open_inputs(config)  # what needs no TensorFlow: a wrong path stops here, before Ray
+        from distributed_influence.cluster.runtime import plan_workers, start_ray
+
+        with timer.stage("ray_start"):
+            run.started = start_ray(config.address)
+        n_workers, run.gpus, cpus = plan_workers(config.shards, config.workers, config.gpus_per_worker)
+        n_shards = config.shards or n_workers
+    else:
+        with timer.stage("validate"):
+            opened = run.inputs = prepare_inputs(config)
+        n_shards = config.shards or 1
+    from distributed_influence.engine.plan import plan_shards
+
+    run.specs = plan_shards(opened.train.n_rows, n_shards)
+    run.key = run_key(config.digest(), opened.model_bytes, config.train, config.test,
+                      [(s.start, s.stop) for s in run.specs])
+    settings = _worker_settings(config, opened, run.key)
+    if use_ray:
+        from distributed_influence.cluster.pool import RayPool
+
+        # The workers start now and load the model; the first checks it and the sources
+        # against it, so this process never loads TensorFlow (seconds of a core that the
+        # workers, starting at the same time, would otherwise wait for).
+        run.pool = RayPool(opened.model_bytes, settings, min(n_workers, len(run.specs)), cpus, run.gpus)
+        with timer.stage("validate"):
+            described = run.pool.describe()
+            run.inputs = prepare_inputs(config, opened, split=described["split"])
+        run.libraries = described["versions"]
+    else:
+        from distributed_influence.engine.pool import InProcessPool
+        from distributed_influence.tfimport import versions
+
+        run.pool = InProcessPool(run.inputs.model_bytes, settings)
+        run.libraries = versions()
+    run.store = WorkStore.open(config.out, run.key, config.overwrite)  # inputs valid: may clear old work
+    log.info("%d training rows in %d shards on %d workers (%g GPU each)",
+             run.inputs.train.n_rows, len(run.specs), run.pool.n_workers, run.gpus)
 
 
 def _worker_settings(config: AuditConfig, opened, key: str):
@@ -264,12 +282,10 @@ def _sent(a: np.ndarray, precision: str) -> np.ndarray:
     """An argument of a fit call as the workers use it: they compute in ``precision`` and cast
     their arguments to it first, so a float32 call is sent float32, bit for bit the same work.
 
-    Why: a float64 head of the Fashion-MNIST CNN (1601 × 10) is 128 kB, above the size up to
-    which Ray sends an argument inside the call on a cluster (``max_direct_call_object_size``,
-    100 kB by default; a local instance raises it, see ``runtime.DIRECT_CALL_BYTES``); each
-    larger one goes through the object store.
-    Measured with two actors on this project's 2-core machine: a round trip with two such
-    arguments took 15 ms, with them in float32 (64 kB) 7 ms; a fit makes ~50 of them.
+    Why: a float64 head of d = 1600 and 10 classes is 128 kB, above the size up to which Ray
+    sends an argument inside the call on a cluster (``max_direct_call_object_size``, 100 kB by
+    default; a local instance raises it, see ``runtime.DIRECT_CALL_BYTES``); each larger one
+    goes through the object store, which makes each of the fit's many round trips slower.
     """
     return np.asarray(a, np.float32) if precision == "float32" else a
 
@@ -346,9 +362,13 @@ def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred:
             "reused": reused, "staged": staged}
 
 
-def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore,
-                timer: _Timer, use_ray: bool = False) -> dict:
-    from distributed_influence.method.logits import fidelity_from_moments, predicted_classes
+def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore, timer: _Timer) -> dict:
+    """Featurize, fit, α + score and reduce, each skipped where the work store has its result.
+
+    Returns:
+        The manifest, without what only the caller knows (versions, run key, total time).
+    """
+    from distributed_influence.method.logits import predicted_classes
 
     shard_info = {s.index: {"index": s.index, "start": s.start, "stop": s.stop, "rows": s.rows}
                   for s in specs}
@@ -372,15 +392,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
     theta = fit["theta"]
 
     with timer.stage("score"):
-        partial_dir = storage.join(store.path, rd.PARTIAL_DIR)
-
-        def persist(spec, result):
-            store.save(f"shard-{spec.index}", result)
-
-        shared = (theta, test["x_parts"], pool.put(test_pred), partial_dir)
-        for spec, r in zip(todo, pool.map("score_partial", todo, *shared, desc="alpha + score",
-                                          on_result=persist)):
-            results[spec.index] = r
+        results.update(_score(pool, store, todo, theta, test, test_pred))
     for i, r in results.items():
         shard_info[i].setdefault("node", str(r.get("node", "")) or None)  # reused: node of the first run
         shard_info[i].update(score_seconds=round(float(r["seconds"]), 4), reused=i in reused)
@@ -388,49 +400,33 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
     with timer.stage("reduce"):
         ordered = [results[s.index] for s in specs]
         alpha_head = np.sum([r["alpha_head"] for r in ordered], axis=0)
-        residual = float(np.max(np.abs(theta - alpha_head)) / np.max(np.abs(theta)))
         index.write_head(storage.join(store.path, index.INDEX_DIR), theta, alpha_head)
         devices = pool.devices()
         # The workers drop their shards and run the reduce themselves: they have its libraries
-        # loaded, where fresh task processes took ~1 s to start on the benchmark machine.
+        # loaded already, where fresh task processes would start them again.
         pool.release()
         reduced = _reduce(config, specs, store, test, test_pred, ordered, pool)
         recovery = pool.recovery()
         pool.shutdown()
         del ordered
 
-    nodes = sorted({i["node"] for i in shard_info.values() if i.get("node")})
-    test_summary = reduced["test"]
-    return {
-        "config": {key: storage.redact(val) for key, val in config.to_dict().items()},
-        "config_digest": config.digest(),
-        "model_sha256": hashlib.sha256(inputs.model_bytes).hexdigest(),
-        "index": {"dir": index.INDEX_DIR, "shards": len(specs)},
-        "n_train": int(inputs.train.n_rows),
-        "n_test": int(inputs.test.n_rows),
-        "n_classes": int(inputs.n_classes),
-        "feature_dim": int(inputs.split.feature_dim),
-        "input_shape": [None if d is None else int(d) for d in inputs.input_shape],
-        "sources": {"train": inputs.train.describe(), "test": inputs.test.describe()},
-        "head_layer": inputs.split.head_layer,
-        "lambda": float(config.lam),
-        "target": config.target,
-        "k": int(config.k),
-        "head_fit": {**fit["info"], "grad_tol": config.grad_tol},
-        "fidelity": {"train": fidelity_from_moments(fit["train_moments"]),
-                     "test": fidelity_from_moments(np.sum([r["fidelity"] for r in test_summary], axis=0))},
-        "decomposition": {"max_error": max(r["max_error"] for r in test_summary),
-                          "max_relative_error": max(r["max_relative_error"] for r in test_summary),
-                          "theta_residual": residual},
-        "scoring": _scoring(config, [results[s.index].get("scoring") for s in specs]),
-        "reduce": {"test_parts": len(test_summary), "train_parts": len(reduced["train"]),
-                   "rows_per_test_part": rd.REDUCE_ROWS,
-                   "reused_parts": reduced["reused"],
-                   "seconds": round(float(sum(r["seconds"] for r in test_summary + reduced["train"])), 4)},
-        "shards": [shard_info[s.index] for s in specs],
-        "resume": {"reused_shards": reused, "computed_shards": [s.index for s in todo]},
-        "workers": {"count": pool.n_workers, "nodes": max(1, len(nodes)), "backend": pool.backend,
-                    "devices": devices},
-        "recovery": recovery,
-        "timings": dict(timer.times),
-    }
+    scoring = _scoring(config, [results[s.index].get("scoring") for s in specs])
+    return build_manifest(
+        config, inputs, specs, fit, reduced, scoring, shard_info,
+        resume={"reused_shards": reused, "computed_shards": [s.index for s in todo]},
+        theta_residual=float(np.max(np.abs(theta - alpha_head)) / np.max(np.abs(theta))),
+        workers={"count": pool.n_workers, "backend": pool.backend, "devices": devices},
+        recovery=recovery, timings=dict(timer.times))
+
+
+def _score(pool, store: WorkStore, todo: list, theta: np.ndarray, test: dict, test_pred: np.ndarray) -> dict:
+    """α and the scores of the shards still to do; each result persisted as it arrives, so a
+    crash loses only the shards in flight."""
+    partial_dir = storage.join(store.path, rd.PARTIAL_DIR)
+
+    def persist(spec, result):
+        store.save(f"shard-{spec.index}", result)
+
+    shared = (theta, test["x_parts"], pool.put(test_pred), partial_dir)
+    return {spec.index: r for spec, r in zip(todo, pool.map("score_partial", todo, *shared, desc="alpha + score",
+                                                             on_result=persist))}
