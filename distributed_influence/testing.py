@@ -207,8 +207,9 @@ def _wrapped(original: Callable, before: Optional[Callable] = None, after: Optio
 
 def _targets() -> List[Tuple[object, str, Callable]]:
     """(owner, attribute, wrapper factory) of every point a fault can strike."""
-    from distributed_influence.engine import job, reduce
+    from distributed_influence.engine import reduce
     from distributed_influence.engine.shard import ShardWorker
+    from distributed_influence.store import index
     from distributed_influence.store.workstore import WorkStore
 
     points = [(ShardWorker, name, functools.partial(
@@ -216,7 +217,8 @@ def _targets() -> List[Tuple[object, str, Callable]]:
         name=name)) for name in ("prepare", "objective", "hvp", "score", "score_partial")]
     points.append((reduce, "reduce_test_range",
                    lambda original: _wrapped(original, before=lambda part, *a, **k: _before_reduce_task(part))))
-    points.append((job, "_reduce", lambda original: _wrapped(original, before=lambda *a, **k: _before_reduce_stage())))
+    # The reduce stage's first step: writing the head of the index, before the pool is asked anything.
+    points.append((index, "write_head", lambda original: _wrapped(original, before=lambda *a, **k: _before_reduce_stage())))
     points.append((WorkStore, "save",
                    lambda original: _wrapped(original, after=lambda self, name, *a, **k: _after_save(self, name))))
     return points

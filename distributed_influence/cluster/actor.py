@@ -13,7 +13,6 @@ import logging
 import os
 from typing import Callable
 
-from distributed_influence import faults
 from distributed_influence.engine.plan import ShardSpec, WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -103,31 +102,25 @@ class WorkerActor:
     def featurize_test(self, start: int, stop: int):
         return self.worker.featurize_test(start, stop)
 
-    # The shard methods, behind the test hook that holds a call while a test removes its node.
     def prepare(self, spec: ShardSpec) -> dict:
-        self._hold("prepare", spec)
         return self.worker.prepare(spec)
 
     def objective(self, spec: ShardSpec, *args):
-        self._hold("objective", spec)
         return self.worker.objective(spec, *args)
 
     def hvp(self, spec: ShardSpec, *args):
-        self._hold("hvp", spec)
         return self.worker.hvp(spec, *args)
 
     def summed(self, method: str, specs: list, *args):
-        return self.worker.summed(method, specs, *args, before=self._hold)
+        return self.worker.summed(method, specs, *args)
 
     def fidelity(self, spec: ShardSpec, *args):
         return self.worker.fidelity(spec, *args)
 
     def score(self, spec: ShardSpec, *args) -> dict:
-        self._hold("score", spec)
         return self.worker.score(spec, *args)
 
     def score_partial(self, spec: ShardSpec, *args) -> dict:
-        self._hold("score", spec)
         try:
             return self.worker.score_partial(spec, *args)
         finally:
@@ -145,10 +138,6 @@ class WorkerActor:
             return fn(*args)
         finally:
             _release_free_memory()
-
-    def _hold(self, method: str, spec: ShardSpec) -> None:
-        if self.settings.fault is not None:
-            faults.maybe_hold(self.settings.fault, method, spec.index, self.ping())
 
 
 #: Allocations at least this large get their own pages from the system, given back when freed.

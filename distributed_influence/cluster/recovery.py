@@ -42,8 +42,6 @@ PING_INTERVAL = 0.5
 #: A unit of work (a shard, a part of the test features) whose worker was lost this many times
 #: while on it stops the job: something in its data takes workers down.
 MAX_SHARD_LOSSES = 3
-#: Moving a lost worker's shards to the others; False (for tests only) fails the job instead.
-REASSIGN_LOST_SHARDS = True
 
 #: Kinds of :class:`Failure`: the call's worker went away (its process or its node), ...
 WORKER_LOST = "worker lost"
@@ -293,7 +291,7 @@ class Recovery:
     def _recoverable(failure: Failure) -> bool:
         if failure.kind == WORKER_LOST:
             return True
-        return REASSIGN_LOST_SHARDS and failure.kind == OBJECT_LOST
+        return failure.kind == OBJECT_LOST
 
     def on_failure(self, c: Call, exc: BaseException, pending: dict) -> None:
         """A call failed: its worker is suspect, or a test-feature part it reads was lost;
@@ -421,8 +419,6 @@ class Recovery:
         """Worker ``w`` is gone: its shards move to the survivors and its calls are re-run there."""
         s = self._suspects.pop(w)
         waited = self._clock() - s.since
-        if not REASSIGN_LOST_SHARDS:
-            raise s.error
         node = self._node_of(w)
         node_gone = bool(node) and not self._cluster.node_alive(node)
         self._blame(s, node_gone)

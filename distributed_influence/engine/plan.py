@@ -12,7 +12,6 @@ from typing import Optional
 import numpy as np
 
 from distributed_influence.config import AuditConfig, fields
-from distributed_influence.faults import Fault
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +53,6 @@ class WorkerSettings(WorkerConfig):
     index_dir: Optional[str] = None  # where score() writes the shard's train index
     source_options: Optional[dict] = None  # open_source options besides scale (resize, features)
     layouts: Optional[dict] = None  # {"train"|"test": Source.layout()} found once by the driver
-    fault: Optional[Fault] = None  # test hook, see faults.py
 
     @classmethod
     def from_config(cls, config: AuditConfig, **run) -> "WorkerSettings":

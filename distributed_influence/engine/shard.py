@@ -173,7 +173,7 @@ class ShardWorker:
             self._probs[spec.index] = cached
         return math.hvp_sums(x, theta, v, precision, probs=cached[1])
 
-    def summed(self, method: str, specs: list, *args, before=None):
+    def summed(self, method: str, specs: list, *args):
         """``method`` on each of this worker's shards, the results added up here.
 
         For the fit's sums ((d+1)×C each, or (d+1)×C×l for the sketch): when several shards
@@ -181,8 +181,6 @@ class ShardWorker:
         """
         total = None
         for spec in specs:
-            if before is not None:
-                before(method, spec)
             r = getattr(self, method)(spec, *args)
             if total is None:
                 total = list(r) if isinstance(r, tuple) else r

@@ -5,8 +5,6 @@ runs in this process) and three 1-CPU worker nodes, one worker each, so there is
 slot for a lost worker to restart on. A fault hook holds a chosen call (or the driver's reduce
 stage) until the test has removed the node it runs on; the tables must then equal the
 single-process engine's, and the manifest must say what was lost and where the shards went.
-
-``NODELOSS_REASSIGN=0`` switches the reassignment off: the four node-loss tests must then fail.
 """
 
 import os
@@ -24,7 +22,6 @@ from distributed_influence.testing import HELD, RELEASE
 
 N_NODES = 3
 SHARDS = 9  # shard i starts on worker i mod 3: worker 1 owns shards 1, 4 and 7
-REASSIGN = os.environ.get("NODELOSS_REASSIGN", "1") != "0"
 #: Test rows: enough that each worker's part of the test features (9 float32 a row) is larger
 #: than what Ray returns inline (100 KiB), so it lives in its node's object store, as in a
 #: real audit, and is lost with the node.
@@ -67,7 +64,6 @@ def full_cluster(cluster, monkeypatch):
     cluster.wait_for_nodes()
     assert len([n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]) == N_NODES
     monkeypatch.setattr(recovery_mod, "RESTART_WAIT", WAIT)
-    monkeypatch.setattr(recovery_mod, "REASSIGN_LOST_SHARDS", REASSIGN)
     return cluster
 
 
