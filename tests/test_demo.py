@@ -5,8 +5,11 @@ import os
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from distributed_influence.cli import main
+
+pytestmark = pytest.mark.slow  # trains a CNN and starts Ray: the inner loop skips it
 
 
 def test_demo_finds_flipped_labels(tmp_path, capsys):

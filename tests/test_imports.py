@@ -5,6 +5,8 @@ a Ray run never loads TensorFlow."""
 import ast
 import os
 
+import pytest
+
 import distributed_influence
 
 PACKAGE = os.path.dirname(distributed_influence.__file__)
@@ -96,6 +98,7 @@ def _last_json(proc) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # starts Ray (or a browser)
 def test_a_ray_run_never_loads_tensorflow_in_the_driver(files, tmp_path):
     """The workers describe the model; the driver's process never imports TensorFlow or Keras
     (seconds of a core at start-up), and the manifest still names their versions. And the run
@@ -124,6 +127,7 @@ def test_a_ray_run_never_loads_tensorflow_in_the_driver(files, tmp_path):
     assert res["n_classes"] == 3
 
 
+@pytest.mark.slow  # starts Ray (or a browser)
 def test_a_bad_model_found_by_a_worker_is_one_line_and_no_output(tmp_path):
     """In a Ray run the model is checked by the first worker: the user still gets one line on
     stderr (no notice of Ray's) and exit code 2, and nothing is written."""

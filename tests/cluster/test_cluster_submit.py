@@ -13,6 +13,8 @@ import tempfile
 import pytest
 from conftest import assert_same_results
 
+pytestmark = pytest.mark.slow  # a Ray instance or cluster of its own: the inner loop skips it
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -5,6 +5,8 @@ from conftest import assert_same_results, audit_config, loopback_cluster
 
 from distributed_influence.engine.job import run_audit
 
+pytestmark = pytest.mark.slow  # a Ray instance or cluster of its own: the inner loop skips it
+
 
 @pytest.fixture(scope="module")
 def cluster():

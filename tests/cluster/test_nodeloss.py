@@ -20,6 +20,8 @@ from distributed_influence.engine.job import run_audit
 from distributed_influence.errors import ClusterError
 from distributed_influence.testing import HELD, RELEASE
 
+pytestmark = pytest.mark.slow  # a Ray instance or cluster of its own: the inner loop skips it
+
 N_NODES = 3
 SHARDS = 9  # shard i starts on worker i mod 3: worker 1 owns shards 1, 4 and 7
 #: Test rows: enough that each worker's part of the test features (9 float32 a row) is larger

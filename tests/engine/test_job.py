@@ -7,6 +7,8 @@ from conftest import assert_same_results, audit_config
 from distributed_influence.cluster.runtime import plan_workers, start_ray
 from distributed_influence.engine.job import run_audit
 
+pytestmark = pytest.mark.slow  # a Ray instance or cluster of its own: the inner loop skips it
+
 
 @pytest.fixture(scope="module")
 def ray_local():

@@ -7,6 +7,10 @@ against 1,000 and then 8,000 test examples: the full 8,000 × 20,000 float32 mat
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # large scoring runs in fresh processes: the inner loop skips it
+
 SCRIPT = r"""
 import resource, sys
 import numpy as np

@@ -16,6 +16,8 @@ from distributed_influence.method import representer as rp
 from distributed_influence.store import tables
 from distributed_influence.testing import InjectedFault
 
+pytestmark = pytest.mark.slow  # a Ray instance or cluster of its own: the inner loop skips it
+
 
 @pytest.fixture(scope="module")
 def ray_local():
