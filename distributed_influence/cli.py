@@ -41,9 +41,14 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
 def cmd_audit(args: argparse.Namespace) -> int:
     from distributed_influence.engine.job import run_audit
 
-    manifest = run_audit(config_from_args(args), use_ray=not args.in_process)
+    config = config_from_args(args)
+    manifest = run_audit(config, use_ray=not args.in_process)
     for line in summary_lines(manifest):
         print(line)
+    if config.report:
+        from distributed_influence.report.page import write_report
+
+        print(f"report: {write_report(config.out)}")
     return 0
 
 

@@ -129,6 +129,10 @@ class AuditConfig:
     overwrite: bool = setting(
         False, digest=False,
         help="replace results or partial results of a different job found in --out")
+    # What is done with the results afterwards does not change them.
+    report: bool = setting(
+        False, digest=False,
+        help="when the tables are written, also write the HTML report (OUT/report/index.html, suspects.csv)")
 
     def __post_init__(self) -> None:
         self.validate()
