@@ -86,6 +86,16 @@ def test_test_set_without_labels_gives_null_labels(files, tmp_path):
     assert labels.null_count == len(x)
 
 
+def test_report_flag_writes_the_report_after_the_tables(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["audit", "--model", files["model"], "--train", files["train"], "--test", files["test"],
+                 "--out", str(out), "--k", "2", "--in-process", "--report"]) == 0
+    page = out / "report" / "index.html"
+    assert f"report: {page}" in capsys.readouterr().out
+    assert "<html" in page.read_text() and (out / "report" / "suspects.csv").read_text().startswith("train_id,")
+    assert tables.read_manifest(str(out))["config"]["report"] is True
+
+
 def _bad_cases(files, root):
     x_tr, y_tr = np.load(files["train"])["x"], np.load(files["train"])["y"]
 
