@@ -215,8 +215,10 @@ def import_psutil():
     try:
         import psutil
     except ImportError:
-        import psutil
+        # isort: off
         import ray  # noqa: F401 - adds Ray's third-party directory to sys.path
+        import psutil
+        # isort: on
     return psutil
 
 

@@ -162,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         import ray
         from ray.cluster_utils import Cluster
 
-        from distributed_influence.cluster.runtime import use_loopback
+        from distributed_influence.cluster.compat import use_loopback
 
         use_loopback()
         cluster = Cluster(initialize_head=True, head_node_args={

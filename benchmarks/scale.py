@@ -98,7 +98,7 @@ def start_cluster(nodes: int, cpus_per_node: int):
     """A Ray cluster on loopback whose processes are children of this one."""
     from ray.cluster_utils import Cluster
 
-    from distributed_influence.cluster.runtime import use_loopback
+    from distributed_influence.cluster.compat import use_loopback
 
     use_loopback()
     # A private temp dir and no dashboard: other Ray instances on this machine stay untouched.

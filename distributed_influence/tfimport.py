@@ -30,8 +30,10 @@ def import_tensorflow():
 
 def _import():
     # TensorFlow's own import loads Keras (for tf.keras), so both are imported here.
-    import keras  # noqa: F401
+    # isort: off
     import tensorflow
+    import keras  # noqa: F401
+    # isort: on
 
     return tensorflow
 

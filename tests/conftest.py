@@ -190,7 +190,7 @@ def loopback_cluster(head_cpus: int, worker_nodes: int, **head_args):
     import ray
     from ray.cluster_utils import Cluster
 
-    from distributed_influence.cluster.runtime import use_loopback
+    from distributed_influence.cluster.compat import use_loopback
 
     use_loopback()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, **head_args})

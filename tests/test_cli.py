@@ -96,6 +96,13 @@ def test_report_flag_writes_the_report_after_the_tables(files, tmp_path, capsys)
     assert tables.read_manifest(str(out))["config"]["report"] is True
 
 
+def test_report_flag_with_a_remote_out_is_refused_before_the_run(files, capsys):
+    assert main(["audit", "--model", files["model"], "--train", files["train"], "--test", files["test"],
+                 "--out", "s3://bucket/results", "--report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--report" in err[0] and "s3://bucket/results" in err[0], err
+
+
 def _bad_cases(files, root):
     x_tr, y_tr = np.load(files["train"])["x"], np.load(files["train"])["y"]
 

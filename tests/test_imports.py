@@ -98,14 +98,13 @@ def _last_json(proc) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # starts Ray (or a browser)
+@pytest.mark.slow  # starts Ray
 def test_a_ray_run_never_loads_tensorflow_in_the_driver(files, tmp_path):
     """The workers describe the model; the driver's process never imports TensorFlow or Keras
     (seconds of a core at start-up), and the manifest still names their versions. And the run
     leaves no AutoGraph file in the temporary directory: TensorFlow's AutoGraph writes the code it
     generates for a ``tf.function`` there and removes it at the process's exit, which a Ray
-    worker, stopped by Ray, never reaches (two files per audit, before the project's functions
-    were traced without AutoGraph)."""
+    worker, stopped by Ray, never reaches."""
     code = (
         "import json, sys\n"
         "from distributed_influence.config import AuditConfig\n"
@@ -127,7 +126,7 @@ def test_a_ray_run_never_loads_tensorflow_in_the_driver(files, tmp_path):
     assert res["n_classes"] == 3
 
 
-@pytest.mark.slow  # starts Ray (or a browser)
+@pytest.mark.slow  # starts Ray
 def test_a_bad_model_found_by_a_worker_is_one_line_and_no_output(tmp_path):
     """In a Ray run the model is checked by the first worker: the user still gets one line on
     stderr (no notice of Ray's) and exit code 2, and nothing is written."""

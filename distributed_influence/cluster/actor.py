@@ -81,7 +81,6 @@ class WorkerActor:
         self.devices = configure_devices(num_gpus, num_cpus)
         from distributed_influence.engine.shard import ShardWorker
 
-        self.settings = settings
         self.worker = ShardWorker(model_bytes, settings)
 
     def device_info(self) -> dict:

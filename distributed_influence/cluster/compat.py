@@ -1,9 +1,10 @@
-"""The two things the job needs of Ray that Ray has no public API for, and nothing else.
+"""What the job needs of Ray that Ray has no public API for, and nothing else.
 
-Every touch of Ray's private modules in the package lives here. None of Ray's functions is
-replaced: one constant is set and one client is used, each for a behaviour that the job
-promises and that Ray's public API cannot give today. The tests in
-``tests/cluster/test_compat.py`` fail loudly, not vacuously, when Ray moves either.
+Every touch of Ray's internals in the package lives here. None of Ray's functions is replaced:
+one constant is set, one client is used, and a new local instance gets three of Ray's internal
+settings, each for a behaviour that the job promises or relies on and that Ray's public API
+cannot give today. The tests in ``tests/cluster/test_compat.py`` fail loudly, not vacuously,
+when Ray moves any of them (Ray refuses to start with a setting it does not know).
 """
 
 from __future__ import annotations
@@ -14,6 +15,20 @@ import threading
 
 log = logging.getLogger(__name__)
 
+#: Largest call argument or result a local instance sends inside the call rather than through
+#: its object store (Ray's ``max_direct_call_object_size``, 100 kB by default; set through
+#: ``ray.init``'s ``_system_config``, which Ray documents as experimental). The head fit's sums
+#: come back as (d+1) × C float64 many times per fit, and a round trip inside the call is about
+#: half that of one through the object store. A cluster keeps the setting its head was started
+#: with.
+DIRECT_CALL_BYTES = 256 * 1024
+#: Ray's settings for a new local instance (missing public API: ``ray.init``'s ``_system_config``
+#: is documented as experimental, and its keys are Ray's internal config names): large results
+#: inline (DIRECT_CALL_BYTES), and neither task events nor metrics, which feed the dashboard, the
+#: state API and Prometheus, none of which a local run serves, and whose last reports the
+#: driver's shutdown would wait for. A cluster keeps the settings its head was started with.
+LOCAL_SYSTEM_CONFIG = {"max_direct_call_object_size": DIRECT_CALL_BYTES,
+                       "task_events_report_interval_ms": 0, "enable_metrics_collection": False}
 #: Read by Ray once, when ``ray._private.ray_constants`` is imported.
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 #: A live node's state in the GCS's node table (Ray's ``GcsNodeInfo.GcsNodeState.ALIVE``).

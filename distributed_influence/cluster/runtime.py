@@ -6,25 +6,12 @@ import logging
 import os
 from typing import Optional, Tuple
 
-from distributed_influence.cluster.compat import live_node_addresses, use_loopback
+from distributed_influence.cluster.compat import LOCAL_SYSTEM_CONFIG, live_node_addresses, use_loopback
 
 log = logging.getLogger(__name__)
 
 #: The logger of Ray's notice "Token authentication is enabled for this Ray cluster".
 _TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
-#: Largest call argument or result a local instance sends inside the call rather than through
-#: its object store (Ray's ``max_direct_call_object_size``, 100 kB by default; set through
-#: ``ray.init``'s ``_system_config``, which Ray documents as experimental). The head fit's sums
-#: come back as (d+1) × C float64 many times per fit, and a round trip inside the call is about
-#: half that of one through the object store. A cluster keeps the setting its head was started
-#: with.
-DIRECT_CALL_BYTES = 256 * 1024
-#: Ray's settings for a new local instance (``_system_config``): large results inline
-#: (DIRECT_CALL_BYTES), and neither task events nor metrics, which feed the dashboard, the
-#: state API and Prometheus, none of which a local run serves, and whose last reports the
-#: driver's shutdown would wait for. A cluster keeps the settings its head was started with.
-LOCAL_SYSTEM_CONFIG = {"max_direct_call_object_size": DIRECT_CALL_BYTES,
-                       "task_events_report_interval_ms": 0, "enable_metrics_collection": False}
 #: Bound on finding out that a cluster address does not answer (TCP, then one GCS request).
 PROBE_SECONDS = 15.0
 

@@ -28,9 +28,11 @@ from distributed_influence.config.fields import (
     names,
     setting,
 )
+from distributed_influence.errors import ConfigError
+from distributed_influence.store import storage
 
 TARGETS = ("labels", "predictions")
-#: Scoring paths (see scoring.py): the same tables, pruned skips most (test, train) pairs.
+#: Scoring paths (see method/scoring.py): the same tables, pruned skips most (test, train) pairs.
 SCORING = ("pruned", "dense")
 
 
@@ -131,7 +133,7 @@ class AuditConfig:
         help="replace results or partial results of a different job found in --out")
     # What is done with the results afterwards does not change them.
     report: bool = setting(
-        False, digest=False,
+        False, check=BOOLEAN, digest=False,
         help="when the tables are written, also write the HTML report (OUT/report/index.html, suspects.csv)")
 
     def __post_init__(self) -> None:
@@ -143,9 +145,15 @@ class AuditConfig:
         """Refuses values that cannot give a meaningful result, with one clear line.
 
         Raises:
-            ConfigError: a setting breaks its field's check (the first one, in field order).
+            ConfigError: a setting breaks its field's check (the first one, in field order), or
+                asks for the report of an output on remote storage, which the report's page
+                cannot be written beside.
         """
         check_all(self)
+        if self.report and storage.is_uri(self.out):
+            raise ConfigError(f"--report writes its page beside the tables on this machine, and --out "
+                              f"{storage.redact(self.out)} is remote storage: run `distributed-influence "
+                              f"report` on a local copy instead")
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict (for the manifest and for shipping to workers)."""

@@ -35,7 +35,7 @@ def run_explain(index_out: str, model: str, test: str, out: str, k: Optional[int
         k: proponents/opponents per test example (default: the audit's k).
         batch_size: rows per forward pass; None picks it from the input size.
         test_block: test examples scored at once.
-        scoring: ``pruned`` (default) or ``dense``: the same tables (see :mod:`.scoring`). No
+        scoring: ``pruned`` (default) or ``dense``: the same tables (see :mod:`distributed_influence.method.scoring`). No
             per-train sums are written here, so pruning never has to fall back.
 
     Returns:

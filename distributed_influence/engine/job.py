@@ -284,7 +284,7 @@ def _sent(a: np.ndarray, precision: str) -> np.ndarray:
 
     Why: a float64 head of d = 1600 and 10 classes is 128 kB, above the size up to which Ray
     sends an argument inside the call on a cluster (``max_direct_call_object_size``, 100 kB by
-    default; a local instance raises it, see ``runtime.DIRECT_CALL_BYTES``); each larger one
+    default; a local instance raises it, see ``cluster.compat.DIRECT_CALL_BYTES``); each larger one
     goes through the object store, which makes each of the fit's many round trips slower.
     """
     return np.asarray(a, np.float32) if precision == "float32" else a

@@ -1,6 +1,6 @@
 """The plan of a run, in plain Python: shards of the training rows and what a worker is told.
 
-Kept apart from the workers' math (:mod:`shard`, which loads TensorFlow) so that the driver can
+Kept apart from the workers' math (:mod:`distributed_influence.engine.shard`, which loads TensorFlow) so that the driver can
 plan the run and start the workers without loading TensorFlow itself.
 """
 

@@ -345,9 +345,6 @@ def _newton_pcg(fun32, fun64, hessp, sketch, mu, x, j64, g, tol, max_iter, callb
     Returns:
         (x, J(x), ∇J(x)) in float64 at the last accepted point.
     """
-    # One function, longer than the house's 80 lines: the loop's state (x, J, ∇J, the precision
-    # they were computed in, the preconditioner, the line search's J) changes together at every
-    # step, and split up, every piece would take and return all of it.
     size = x.size
     near = max(tol, FLOAT32_NEWTON_GTOL)  # below this, steps are judged on the float64 |∇J|
     # The sketch is sized to what it saves: its pass costs about as many flops as ``rank``

@@ -9,7 +9,7 @@ Binary classifiers (one sigmoid output, Θ of shape (d+1)×1) use the same funct
 the link is the sigmoid instead of the softmax and the loss the sigmoid cross-entropy, and the
 gradient Xᵀ(p − t) and the Hessian product Xᵀ(P∘U − P∘rowsum(P∘U)) = Xᵀ(p(1−p)∘U) keep their
 form. A test row then explains the logit of its predicted class: z for class 1, −z for class 0,
-which :func:`per_class` writes as two columns so that scoring works as for C classes.
+which :func:`~distributed_influence.method.logits.per_class` writes as two columns so that scoring works as for C classes.
 
 Precision: features stay float32 (they are what the model computed); the head fit, α and the
 decomposition run in float64 because the fit's residual gradient is exactly the error a user
@@ -288,7 +288,7 @@ def alpha_by_tape(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: fl
         n_total: the number of training examples in the *whole* training set (the n of J).
 
     Returns:
-        (n, C) float64 α; (n, 1) for a binary head, which :func:`per_class` turns into the α
+        (n, C) float64 α; (n, 1) for a binary head, which :func:`~distributed_influence.method.logits.per_class` turns into the α
         of classes 0 and 1.
     """
     return _alpha_block(tf.cast(tf.constant(x), tf.float64), theta, targets, lam, n_total).numpy()
@@ -358,7 +358,7 @@ def row_blocks(n: int, size: int = ROW_BLOCK):
 def float64_blocks(x: np.ndarray, size: Optional[int] = None):
     """(start, stop, rows [start, stop) of x in float64) for all rows, ``size`` (default
     CAST_BLOCK) at a time, cast into one reused buffer: workers map every allocation above a few
-    MB afresh (``worker.MMAP_THRESHOLD``), so a new float64 block per step would cost fresh
+    MB afresh (``cluster.actor.MMAP_THRESHOLD``), so a new float64 block per step would cost fresh
     zeroed pages each time."""
     size = size or CAST_BLOCK
     buf = np.empty((min(size, len(x)), x.shape[1]))

@@ -317,7 +317,7 @@ def test_jpeg_within_its_decoding_tolerance(formats, reference, digits, tmp_path
     assert np.corrcoef(s1, s2)[0, 1] > 0.95
 
 
-@pytest.mark.slow  # starts Ray (or a browser)
+@pytest.mark.slow  # starts Ray
 def test_ray_workers_read_tfrecord_and_folder(formats, reference, tmp_path):
     """Through Ray actors: the TFRecord layout found by the driver and the keys come back."""
     import ray

@@ -334,7 +334,7 @@ window.addEventListener('load', () => {
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
-@pytest.mark.slow  # starts Ray (or a browser)
+@pytest.mark.slow  # starts a browser
 def test_report_loads_in_headless_chromium(demo_out, tmp_path):
     """A real browser renders the page and every image it references loads."""
     import subprocess

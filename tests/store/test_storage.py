@@ -281,7 +281,7 @@ def ray_local(s3, empty_cwd):
     ray.shutdown()
 
 
-@pytest.mark.slow  # starts Ray (or a browser)
+@pytest.mark.slow  # starts Ray
 def test_ray_workers_read_their_rows_from_s3(ray_local, s3, inputs_local_and_on_s3, local_reference,
                                              empty_cwd, tmp_path):
     """Workers get only the spec strings: the URIs' options are all they need to reach the server."""
