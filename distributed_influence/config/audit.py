@@ -100,8 +100,8 @@ class AuditConfig:
                               help="the head fit stops when max |grad J| <= this (default 1e-10)")
     max_iter: int = setting(
         1000, check=INTEGER_AT_LEAST_1,
-        help="iteration cap of the head fit's L-BFGS fallback and of one Newton step's CG (CG at most 300; "
-             "default 1000)")
+        help="iteration cap of the head fit's L-BFGS fallback and of one Newton step's CG (at least 50; at most "
+             "300 in the main Newton phase; default 1000)")
     input_shape: Optional[tuple] = setting(
         None, check=POSITIVE_INTEGERS, parse=parse_shape, worker=True,
         help="shape of one example for flat Parquet rows, e.g. 28,28,1 (default: the model's)")

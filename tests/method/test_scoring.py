@@ -12,7 +12,6 @@ import oracle
 import pytest
 
 from distributed_influence.config import AuditConfig
-from distributed_influence.engine.reduce import summarize_scoring
 from distributed_influence.errors import ConfigError
 from distributed_influence.method import pruning, scoring
 from distributed_influence.method.representer import tf
@@ -236,17 +235,6 @@ def test_config_validates_scoring_and_keeps_it_out_of_the_digest():
     assert AuditConfig(**kw, scoring="dense").digest() == AuditConfig(**kw).digest()
     with pytest.raises(ConfigError, match="--scoring"):
         AuditConfig(**kw, scoring="fast")
-
-
-def test_summary_reports_fractions_and_the_fallback():
-    recs = [{"method": np.asarray("pruned"), "pairs_scored": np.asarray(10), "pairs_total": 100, "reason": ""},
-            {"method": "dense", "pairs_scored": 300, "pairs_total": 300, "reason": scoring.REASON_NEGATIVE}]
-    s = summarize_scoring(recs, "pruned")
-    assert s["method"] == "dense" and s["reason"] == scoring.REASON_NEGATIVE
-    assert s["pairs_scored_fraction"] == pytest.approx(310 / 400)
-    assert [sh["pairs_scored_fraction"] for sh in s["shards"]] == [0.1, 1.0]
-    assert summarize_scoring(recs[:1], "pruned")["method"] == "pruned"
-    assert summarize_scoring(recs[:1], "pruned")["reason"] is None
 
 
 def test_audit_tables_pruned_equal_dense(files, reference, tmp_path):
