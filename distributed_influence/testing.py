@@ -212,9 +212,10 @@ def _targets() -> List[Tuple[object, str, Callable]]:
     from distributed_influence.store import index
     from distributed_influence.store.workstore import WorkStore
 
-    points = [(ShardWorker, name, functools.partial(
-        lambda original, name: _wrapped(original, before=lambda self, spec, *a, **k: _before_shard_method(name, spec)),
-        name=name)) for name in ("prepare", "objective", "hvp", "score", "score_partial")]
+    def shard_method(name):
+        return lambda original: _wrapped(original, before=lambda self, spec, *a, **k: _before_shard_method(name, spec))
+
+    points = [(ShardWorker, name, shard_method(name)) for name in ("prepare", "objective", "hvp", "score", "score_partial")]
     points.append((reduce, "reduce_test_range",
                    lambda original: _wrapped(original, before=lambda part, *a, **k: _before_reduce_task(part))))
     # The reduce stage's first step: writing the head of the index, before the pool is asked anything.

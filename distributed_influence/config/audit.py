@@ -29,7 +29,6 @@ from distributed_influence.config.fields import (
     setting,
 )
 from distributed_influence.errors import ConfigError
-from distributed_influence.store import storage
 
 TARGETS = ("labels", "predictions")
 #: Scoring paths (see method/scoring.py): the same tables, pruned skips most (test, train) pairs.
@@ -150,7 +149,14 @@ class AuditConfig:
                 cannot be written beside.
         """
         check_all(self)
-        if self.report and storage.is_uri(self.out):
+        if self.report:
+            self._check_report()
+
+    def _check_report(self) -> None:
+        # Imported here: the storage helpers load pyarrow, which `--help` and a bad flag need not wait for.
+        from distributed_influence.store import storage
+
+        if storage.is_uri(self.out):
             raise ConfigError(f"--report writes its page beside the tables on this machine, and --out "
                               f"{storage.redact(self.out)} is remote storage: run `distributed-influence "
                               f"report` on a local copy instead")
