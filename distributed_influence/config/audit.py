@@ -23,16 +23,19 @@ from distributed_influence.config.fields import (
     NOT_NEGATIVE,
     POSITIVE,
     POSITIVE_INTEGERS,
+    UNLESS_DEFAULT,
     check_all,
     documented,
     names,
+    select,
     setting,
 )
 from distributed_influence.errors import ConfigError
+from distributed_influence.method.records import METHODS
 
 TARGETS = ("labels", "predictions")
 #: Scoring paths (see method/scoring.py): the same tables, pruned skips most (test, train) pairs.
-SCORING = ("pruned", "dense")
+SCORING = METHODS
 
 
 def parse_shape(text: str) -> tuple:
@@ -126,6 +129,13 @@ class AuditConfig:
         "pruned", choices=SCORING, digest=False, worker=True,
         help="pruned (default): exact top-k from the few training rows whose bound |alpha|*|x_i|*|x_t| can "
              "reach it; dense: every (test, train) pair. Same tables")
+    # Changes train_scores.influence_abs_sum (null or values) for signed features; hashed only when set,
+    # so that runs from before the flag keep their run keys.
+    abs_sums: bool = setting(
+        False, check=BOOLEAN, worker=True, digest=UNLESS_DEFAULT,
+        help="compute train_scores.influence_abs_sum even when features take negative values (then it needs "
+             "every (test, train) pair: dense scoring). Default: with signed features it is left null and "
+             "scoring stays pruned; with non-negative features it is always computed, in closed form")
     # Whether old results may be replaced is not a property of the new ones.
     overwrite: bool = setting(
         False, digest=False,
@@ -172,9 +182,12 @@ class AuditConfig:
         """Hash of the settings that change the numbers (not where they are written).
 
         Resumed runs find their work by it (``OUT/_work/<run key>``), so it must not change for
-        the same settings: the fields marked ``digest=False`` are left out, and the rest hashed
+        the same settings: the fields marked ``digest=False`` are left out, those marked
+        ``UNLESS_DEFAULT`` kept only when set, and the rest hashed
         as sorted JSON, exactly as before the settings were declared as fields.
         """
         d = self.to_dict()
         kept = {name: d[name] for name in names(type(self), digest=True)}
+        kept.update({f.name: d[f.name] for f in select(type(self), digest=UNLESS_DEFAULT)
+                     if getattr(self, f.name) != f.default})
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]

@@ -58,7 +58,7 @@ def one_of(choices: Sequence[str]) -> Check:
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, check: Optional[Check] = None,
             choices: Optional[Sequence[str]] = None, parse: Optional[Callable[[str], Any]] = None,
-            digest: bool = True, worker: bool = False, source_option: bool = False) -> Any:
+            digest: Any = True, worker: bool = False, source_option: bool = False) -> Any:
     """A dataclass field that is a setting of the command line.
 
     Args:
@@ -71,7 +71,9 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, check: Optional[Ch
         parse: turns the flag's text into the value; default: the field's type (text stays text).
         digest: False for a setting that cannot change the numbers of a result (where it is
             written, where it runs, how fast): a run that changes only such settings resumes the
-            work of the first.
+            work of the first. ``"unless default"`` for a setting added after work directories
+            existed: it enters the digest only when set, so the digests of runs that leave it
+            alone stay what they were.
         worker: True for a setting the workers need: it becomes a field of ``WorkerSettings``.
         source_option: True for an option of ``open_source`` (how the rows of a source are read).
 
@@ -90,7 +92,11 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def select(cls: type, **marks: bool) -> List[dataclasses.Field]:
+#: The ``digest`` mark of a setting hashed only when it differs from its default.
+UNLESS_DEFAULT = "unless default"
+
+
+def select(cls: type, **marks: Any) -> List[dataclasses.Field]:
     """The fields of ``cls`` whose metadata has every given mark, e.g. ``select(cls, worker=True)``."""
     return [f for f in dataclasses.fields(cls) if all(f.metadata.get(k) == v for k, v in marks.items())]
 
@@ -203,6 +209,8 @@ def documented(cls: type) -> type:
         text = f"{f.name}: {f.metadata['help']}"
         if not f.metadata.get("digest", True):
             text += " (not in the digest)"
+        elif f.metadata.get("digest") == UNLESS_DEFAULT:
+            text += " (in the digest when set)"
         lines += textwrap.wrap(text, width=100, initial_indent=" " * 8, subsequent_indent=" " * 12,
                                break_on_hyphens=False)
     cls.__doc__ = (cls.__doc__ or cls.__name__).rstrip() + "\n" + "\n".join(lines) + "\n"

@@ -299,6 +299,8 @@ def _scoring(config: AuditConfig, records: list) -> dict:
         log.warning("--scoring %s: scored densely instead (%s)", config.scoring, summary["reason"])
     log.info("scoring (%s): %.2f%% of the (test, train) pairs scored", summary["method"],
              100 * summary["pairs_scored_fraction"])
+    if summary["influence_abs_sum"]["reason"]:
+        log.warning("train_scores.influence_abs_sum left null: %s", summary["influence_abs_sum"]["reason"])
     return summary
 
 

@@ -23,6 +23,7 @@ from distributed_influence.method.logits import (  # NumPy only, like everything
     fidelity_moments,
     per_class,
 )
+from distributed_influence.method.records import ABS_SKIPPED, ABS_SUM_SKIPPED
 from distributed_influence.method.topk import merge_topk
 from distributed_influence.store import storage, tables
 from distributed_influence.store.columns import fixed_list, matrix
@@ -307,21 +308,25 @@ def summarize_scoring(records: list, requested: str) -> dict:
     """The manifest's ``scoring`` section from the shards' ``scoring`` records (in shard order).
 
     ``method`` is ``pruned`` only when every shard was pruned; a shard scored densely because
-    of negative features makes it ``dense``, with the reason.
+    ``--abs-sums`` met negative features makes it ``dense``, with the reason.
+    ``influence_abs_sum`` says how that column was obtained (``how``: one of the
+    :mod:`~distributed_influence.method.records` modes, or ``mixed``) and, when some of it is
+    null, why (``reason``).
     """
     # Records of resumed shards come back from the work area as NumPy scalars: made plain here.
     # None: a shard resumed from a run that did not record it.
     records = [{"method": str(r["method"]), "pairs_scored": int(r["pairs_scored"]),
                 "pairs_total": int(r["pairs_total"]), "reason": str(r.get("reason", "")),
                 "rows_finished_densely": int(r.get("rows_finished_densely", 0)),
-                "rows_rescored": int(r.get("rows_rescored", 0)),
+                "rows_rescored": int(r.get("rows_rescored", 0)), "abs_sum": str(r.get("abs_sum", "")),
                 "seconds": float(r.get("seconds", 0.0))} if r else
-               {"method": "unknown", "pairs_scored": 0, "pairs_total": 0, "reason": "",
+               {"method": "unknown", "pairs_scored": 0, "pairs_total": 0, "reason": "", "abs_sum": "",
                 "rows_finished_densely": 0, "rows_rescored": 0, "seconds": 0.0} for r in records]
     scored = sum(r["pairs_scored"] for r in records)
     total = sum(r["pairs_total"] for r in records)
     methods = {r["method"] for r in records}
     reasons = sorted({r["reason"] for r in records if r.get("reason")})
+    hows = {r["abs_sum"] for r in records if r["abs_sum"]}
     return {
         "requested": requested,
         "method": "dense" if "dense" in methods else "pruned",
@@ -331,9 +336,11 @@ def summarize_scoring(records: list, requested: str) -> dict:
         "pairs_scored_fraction": scored / total if total else 0.0,
         "rows_finished_densely": sum(r["rows_finished_densely"] for r in records),
         "rows_rescored": sum(r["rows_rescored"] for r in records),
+        "influence_abs_sum": {"how": hows.pop() if len(hows) == 1 else "mixed" if hows else None,
+                              "reason": ABS_SUM_SKIPPED if ABS_SKIPPED in {r["abs_sum"] for r in records} else None},
         "shards": [{"method": r["method"], "pairs_scored": r["pairs_scored"],
                     "rows_finished_densely": r["rows_finished_densely"],
-                    "rows_rescored": r["rows_rescored"],
+                    "rows_rescored": r["rows_rescored"], "influence_abs_sum": r["abs_sum"] or None,
                     "seconds": round(r["seconds"], 4),
                     "pairs_scored_fraction": r["pairs_scored"] / r["pairs_total"] if r["pairs_total"] else 0.0}
                    for r in records],

@@ -232,7 +232,7 @@ class ShardWorker:
                                                      rp.class_sums(test_x, test_pred, n_classes))
         alpha = logits_mod.per_class(alpha)  # a binary head's α as [−α, α]: classes 0 and 1
         scored = scoring.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block, x_tf=d.x_tf,
-                                     class_sim=class_sim, method=s.scoring)
+                                     class_sim=class_sim, method=s.scoring, abs_sums=s.abs_sums)
         if s.index_dir:
             index.write_shard(index.shard_file(s.index_dir, spec.index), d.ids, d.labels, d.x, alpha,
                               keys=d.keys)
@@ -250,7 +250,8 @@ class ShardWorker:
                 "label": d.labels,
                 "alpha_label": alpha[rows, d.labels],
                 "influence_sum": scored["influence_sum"],
-                "influence_abs_sum": scored["influence_abs_sum"],
+                # NaN where not computed (signed features without --abs-sums): null in the table.
+                "influence_abs_sum": scored.get("influence_abs_sum", np.full(len(d.ids), np.nan)),
                 "predicted_class": d.predicted,
                 "label_probability": d.label_probability,
             },

@@ -10,9 +10,11 @@ Why the result equals the dense path's, rounding included, is argued in the modu
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import numpy as np
 
+from distributed_influence.method.finish import TWICE, finish_all, select
 from distributed_influence.method.representer import RowParts, row_blocks, tf
 
 log = logging.getLogger(__name__)
@@ -25,11 +27,19 @@ TINY32 = 2.0 ** -149
 TF32_EXTRA = 2.0 ** -9
 
 #: Candidate rows of the pruned path's first block per class, and the largest block. Blocks
-#: double in between, so a test row that needs many rows costs few steps.
+#: double in between, so a test row that needs many rows costs few steps. Read at call time:
+#: tests lower them to scan small shards in many steps.
 FIRST_BLOCK = 256
 MAX_BLOCK = 4096
-#: (test, train) pairs per step of the exact finish: its float32 buffer of (pairs × (d+1)).
-CANON_PAIRS = 40
+#: A shard of at most this many first blocks is scored densely, once (:func:`finish_all`): the
+#: scan would cover most of it anyway, and then pay the exact finish on top.
+DENSE_BLOCKS = 4
+#: The per-class order is computed for a prefix of the rows, grown by this factor when a scan
+#: needs more: a partition costs O(rows), a full sort O(rows·log rows) per class.
+PREFIX_GROWTH = 4
+#: Test rows gathered (over classes) before one call of the exact finish: classes with few test
+#: rows share its fixed costs.
+FINISH_ROWS = 512
 
 
 def row_norms(x, factor: float) -> np.ndarray:
@@ -110,7 +120,7 @@ def _merge_numpy(xt, x, alpha_c, cand, pv, pr, ov, orow, k2):
     def merge(values, rows, pos, largest):
         v = np.concatenate([values, np.take_along_axis(r, pos, 1)], axis=1)
         w_rows = np.concatenate([rows, cand[pos]], axis=1)
-        pick = _select(v, w_rows, k2, largest)
+        pick = select(v, w_rows, k2, largest)
         return np.take_along_axis(v, pick, 1), np.take_along_axis(w_rows, pick, 1)
 
     pv, pr = merge(pv, pr, high, True)
@@ -118,7 +128,43 @@ def _merge_numpy(xt, x, alpha_c, cand, pv, pr, ov, orow, k2):
     return pv, pr, ov, orow
 
 
-def _pruned_class(xt_b, tnorm, rel, eabs, x, alpha_c, order, skey, k, k2, factor, eta):
+class ScanOrder:
+    """A class's shard rows by decreasing key |α_ij|·‖x_i‖, computed only as far as a scan reads.
+
+    A scan usually stops after a small fraction of the shard, so the order is built by prefixes:
+    each extension takes the next rows by one partition of the keys not yet taken (O(rows)) and
+    sorts only those. The prefix only ever grows at its end, so rows already scanned keep their
+    places, and every key after the prefix is at most :meth:`bound_at` of its end.
+    """
+
+    def __init__(self, key: np.ndarray):
+        self.rest = np.array(key, np.float64)  # keys of rows not yet in the prefix; −inf once taken
+        self.rows = np.zeros(0, np.int64)
+        self.keys = np.zeros(0, np.float64)
+        self.next_key = float(self.rest.max()) if len(self.rest) else 0.0
+
+    def extend(self, end: int) -> None:
+        """Makes the prefix hold at least ``end`` rows (all of them, at most)."""
+        s, have = len(self.rest), len(self.rows)
+        if end <= have:
+            return
+        want = min(s - have, max(end, PREFIX_GROWTH * have, 1) - have)
+        if want < s - have:
+            part = np.argpartition(-self.rest, want)
+            new, self.next_key = part[:want], float(self.rest[part[want]])
+        else:
+            new, self.next_key = np.flatnonzero(self.rest > -np.inf), 0.0
+        new = new[np.lexsort((new, -self.rest[new]))]  # decreasing key, ties to the smaller row
+        self.rows = np.concatenate([self.rows, new])
+        self.keys = np.concatenate([self.keys, self.rest[new]])
+        self.rest[new] = -np.inf
+
+    def bound_at(self, pos: int) -> float:
+        """The largest key of the rows at positions ≥ ``pos`` (within or just past the prefix)."""
+        return float(self.keys[pos]) if pos < len(self.rows) else self.next_key
+
+
+def _pruned_class(xt_b, tnorm, rel, eabs, x, alpha_c, order: ScanOrder, k, k2, factor, eta):
     """Candidates of one class's test rows (a block) by the pruned scan of the shard's rows.
 
     Args:
@@ -129,8 +175,7 @@ def _pruned_class(xt_b, tnorm, rel, eabs, x, alpha_c, order, skey, k, k2, factor
         x: (s, d+1) shard features: a resident tensor (then the scan runs in TensorFlow, on
             the tensor's device) or a float32 array (then in NumPy).
         alpha_c: (s,) float32 α of this class (a tensor with a tensor ``x``).
-        order: (s,) int32 shard rows by decreasing key |α|·‖x_i‖.
-        skey: (s,) float64 the keys in that order.
+        order: the shard rows by decreasing key |α|·‖x_i‖ (extended here as far as needed).
         k: entries per kind; k2 (≥ k) candidates kept per kind for the exact finish.
         factor, eta: the float32 safety margin (:func:`bound_factor`) and absolute term.
 
@@ -138,7 +183,7 @@ def _pruned_class(xt_b, tnorm, rel, eabs, x, alpha_c, order, skey, k, k2, factor
         (proponent values, rows, opponent values, rows) each (b, k2) by float32 products, best
         first, and the pairs scored. Every row of the exact top-k is among the scanned rows.
     """
-    b, s = len(xt_b), len(order)
+    b, s = len(xt_b), len(order.rest)
     on_device = not isinstance(x, np.ndarray)
     out = [np.empty((b, k2), np.float32), np.empty((b, k2), np.int64),
            np.empty((b, k2), np.float32), np.empty((b, k2), np.int64)]
@@ -160,9 +205,11 @@ def _pruned_class(xt_b, tnorm, rel, eabs, x, alpha_c, order, skey, k, k2, factor
 
     while True:
         end = min(s, pos + width)
-        cand = np.sort(order[pos:end])  # ascending rows: a friendlier gather
+        order.extend(end)
+        cand = np.sort(order.rows[pos:end])  # ascending rows: a friendlier gather
         if on_device:
-            pv, pr, ov, orow = _merge_candidates(xt, x, alpha_c, tf.constant(cand), pv, pr, ov, orow, kk)
+            pv, pr, ov, orow = _merge_candidates(xt, x, alpha_c, tf.constant(cand.astype(np.int32)), pv, pr, ov,
+                                                 orow, kk)
             state = [pv.numpy(), pr.numpy(), ov.numpy(), orow.numpy()]
         else:
             pv, pr, ov, orow = state = _merge_numpy(xt, x, alpha_c, cand, pv, pr, ov, orow, k2)
@@ -173,15 +220,15 @@ def _pruned_class(xt_b, tnorm, rel, eabs, x, alpha_c, order, skey, k, k2, factor
             return out, pairs
         # The next row's bound on any computed value (every later row's is no larger), against
         # the k-th values lowered by what float32 products may be off from the exact finish.
-        bound = skey[pos] * tnorm[active] * factor + eta
+        bound = order.bound_at(pos) * tnorm[active] * factor + eta
         r, e = rel[active], eabs[active]
         top_k = state[0][:, k - 1].astype(np.float64)
         bottom_k = state[2][:, k - 1].astype(np.float64)
         # The finished k-th values (float32 dot products again) are at least
         # top_k − 2(r|top_k| + e) (at most bottom_k + ...); every unscanned row's finished value
         # is within its bound, so it stays strictly below (above) them.
-        stop = ((bound < top_k - 2.01 * (r * np.abs(top_k) + e))
-                & (bound < -bottom_k - 2.01 * (r * np.abs(bottom_k) + e)))
+        stop = ((bound < top_k - TWICE * (r * np.abs(top_k) + e))
+                & (bound < -bottom_k - TWICE * (r * np.abs(bottom_k) + e)))
         if stop.any():
             emit(stop, state)
             keep = np.flatnonzero(~stop)
@@ -205,19 +252,49 @@ def _take(test_x: RowParts, rows: np.ndarray) -> np.ndarray:
     return np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
 
 
-def score_pruned(x_t, geo: "Geometry", test_x: RowParts, test_pred, k, k2, block, finish):
-    """The pruned path: per class, blocks of that class's test rows against the scan order."""
+class _Pending:
+    """Scanned test rows waiting for the exact finish, gathered over classes: one call of the
+    finish per FINISH_ROWS rows instead of one per class (many classes have a few rows each)."""
+
+    def __init__(self, finish):
+        self.finish, self.items, self.rows = finish, [], 0
+
+    def add(self, *item) -> None:
+        self.items.append(item)
+        self.rows += len(item[0])
+        if self.rows >= FINISH_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.items:
+            self.finish(*(np.concatenate(parts) for parts in zip(*self.items)))
+        self.items, self.rows = [], 0
+
+
+def score_pruned(x_scan, x, geo: "Geometry", test_x: RowParts, test_pred, k, k2, block, finish, put):
+    """The pruned path: per class, blocks of that class's test rows against the scan order.
+
+    Args:
+        x_scan: what the scan reads (a resident tensor, or ``x`` itself).
+        x: (s, d+1) float32 shard features.
+        finish: (rows, test features, classes, proponent values, rows, opponent values, rows)
+            ↦ None: the exact finish of scanned rows' candidates (:func:`~.finish.finish_exact`).
+        put: (rows, classes, finished lists) ↦ None: stores rows finished here directly.
+
+    Returns:
+        The (test, train) pairs scored.
+    """
     s = geo.rows
+    if s <= DENSE_BLOCKS * max(FIRST_BLOCK, k2):
+        return _score_all(x, geo, test_x, test_pred, k, block, put)
     pairs = 0
-    for c in range(geo.alpha32.shape[1]):
-        rows_c = np.flatnonzero(test_pred == c)
-        if not len(rows_c):
-            continue
-        key = np.abs(geo.alpha32[:, c]).astype(np.float64) * geo.xnorm
-        order = np.argsort(-key, kind="stable").astype(np.int32)  # the only per-class array
-        skey = key[order]
-        alpha_c = np.ascontiguousarray(geo.alpha32[:, c])
-        alpha_c = alpha_c if isinstance(x_t, np.ndarray) else tf.constant(alpha_c)
+    pending = _Pending(finish)
+    by_class = np.argsort(test_pred, kind="stable")
+    bounds = np.searchsorted(test_pred[by_class], np.arange(geo.alpha_t.shape[0] + 1))
+    for c in np.flatnonzero(np.diff(bounds)):
+        rows_c = by_class[bounds[c]:bounds[c + 1]]  # ascending: a stable sort of the classes
+        order = ScanOrder(np.abs(geo.alpha_t[c]).astype(np.float64) * geo.xnorm)
+        alpha_c = geo.alpha_t[c] if isinstance(x_scan, np.ndarray) else tf.constant(geo.alpha_t[c])
         b0 = 0
         while b0 < len(rows_c):
             sel = rows_c[b0:b0 + block]
@@ -225,7 +302,7 @@ def score_pruned(x_t, geo: "Geometry", test_x: RowParts, test_pred, k, k2, block
             tnorm = row_norms(xt, geo.factor)
             rel, eabs = geo.error(xt, test_pred[sel], tnorm)
             try:
-                (pv, pr, ov, orow), n = _pruned_class(xt, tnorm, rel, eabs, x_t, alpha_c, order, skey, k, k2,
+                (pv, pr, ov, orow), n = _pruned_class(xt, tnorm, rel, eabs, x_scan, alpha_c, order, k, k2,
                                                       geo.factor, geo.eta[c])
             except tf.errors.ResourceExhaustedError:
                 if block == 1:
@@ -234,29 +311,43 @@ def score_pruned(x_t, geo: "Geometry", test_x: RowParts, test_pred, k, k2, block
                 log.warning("out of memory while scoring: test block now %d", block)
                 continue
             pairs += n
-            finish(sel, xt, test_pred[sel], pv, pr, ov, orow, s <= k2)
+            pending.add(sel, xt, test_pred[sel], pv, pr, ov, orow)
             b0 += len(sel)
+    pending.flush()
     return pairs
 
 
+def _score_all(x, geo: "Geometry", test_x: RowParts, test_pred, k, block, put):
+    """A shard the scan would cover anyway: every pair once, and the exact finish from them."""
+    m = len(test_x)
+    for b0 in range(0, m, block):
+        b1 = min(m, b0 + block)
+        put(np.arange(b0, b1), test_pred[b0:b1], finish_all(x, geo, test_x.rows(b0, b1), test_pred[b0:b1], k))
+    return m * geo.rows
+
+
 class Geometry:
-    """Per-shard quantities of the bounds: norms, float32 α, the margin, per-class maxima."""
+    """Per-shard quantities of the bounds: norms, float32 α by class, the margin, per-class maxima."""
 
     def __init__(self, x, alpha):
         self.rows, dim = x.shape
-        self.alpha32 = np.asarray(alpha, np.float32)
+        # αᵀ (C, s) float32: a class's α is one contiguous row, read once per class by the scan
+        # and gathered by (class, row) in the finish.
+        self.alpha_t = np.ascontiguousarray(np.asarray(alpha).T, dtype=np.float32)
         self.factor = bound_factor(dim, tf32_possible())
         self.xnorm = row_norms(x, self.factor)
         self.nonneg = bool(self.rows == 0 or np.min(x) >= 0)
-        n_classes = self.alpha32.shape[1]
+        n_classes = self.alpha_t.shape[0]
         self.maxkey, a_max = np.zeros(n_classes), np.zeros(n_classes)
-        for a, b in row_blocks(self.rows):  # float64 by blocks: no (rows × C) float64 copy
-            a_abs = np.abs(self.alpha32[a:b]).astype(np.float64)
-            self.maxkey = np.maximum(self.maxkey, (a_abs * self.xnorm[a:b, None]).max(axis=0))
-            a_max = np.maximum(a_max, a_abs.max(axis=0))
+        step = max(1, (1 << 22) // max(1, self.rows))  # classes per float64 block: no (C × s) float64 copy
+        for a, b in row_blocks(n_classes, step):
+            a_abs = np.abs(self.alpha_t[a:b]).astype(np.float64)
+            if self.rows:
+                self.maxkey[a:b] = (a_abs * self.xnorm[None, :]).max(axis=1)
+                a_max[a:b] = a_abs.max(axis=1)
         self.eta = (a_max * dim + 1.0) * TINY32
 
-    def error(self, xt: np.ndarray, pred: np.ndarray, tnorm: np.ndarray):
+    def error(self, xt: np.ndarray, pred: np.ndarray, tnorm: Optional[np.ndarray] = None):
         """(rel, abs) per test row: every float32 product g of the row, in any summation order,
         is within rel·|g| + abs of its exact value.
 
@@ -264,6 +355,8 @@ class Geometry:
         product itself (γ·Σ|x_ik x_tk| = γ·x_i·x_t): rel = (f−1)/(2−f). Otherwise it is relative
         to the Cauchy–Schwarz bound: abs = (f−1)·max_i |α_ij|‖x_i‖·‖x_t‖.
         """
+        if tnorm is None:
+            tnorm = row_norms(xt, self.factor)
         f1 = self.factor - 1.0
         eta = self.eta[pred]
         if self.nonneg:
@@ -273,112 +366,3 @@ class Geometry:
         rel = np.where(pos, f1 / (1.0 - f1), 0.0)
         eabs = np.where(pos, eta, f1 * self.maxkey[pred] * tnorm + eta)
         return rel, eabs
-
-
-def _canonical_dots(x: np.ndarray, rows: np.ndarray, xt: np.ndarray) -> np.ndarray:
-    """x_i·x_t in float32 for the rows (b, K) of each test row, each by NumPy's pairwise sum of
-    its d+1 products.
-
-    The summation order of each dot product depends only on d, not on where the pair sits in a
-    matrix product, its block, or the array's alignment: both paths (and every shard) get the
-    same bits for the same pair. (A float32 matrix product does not: its summation order follows
-    the shapes and the kernel's blocking.) The error obeys the same bound as any float32 dot.
-    Pairs go ~CANON_PAIRS at a time through one small buffer, which stays in the core's cache:
-    faster than copying a larger block of pairs per step.
-    """
-    b, kk = rows.shape
-    out = np.empty(rows.shape, np.float32)
-    if not b or not kk:
-        return out
-    step = max(1, CANON_PAIRS // max(1, kk))
-    buf = np.empty((step * kk, x.shape[1]), np.float32)
-    for a in range(0, b, step):
-        e = min(b, a + step)
-        g = np.take(x, rows[a:e].ravel(), axis=0, out=buf[:(e - a) * kk]).reshape(e - a, kk, -1)
-        np.multiply(g, xt[a:e, None, :], out=g)
-        np.add.reduce(g, axis=-1, out=out[a:e])
-    return out
-
-
-def _select(val: np.ndarray, rows: np.ndarray, k: int, largest: bool) -> np.ndarray:
-    """Positions of the top-k of each row by (value, row): ties to the smaller row (id)."""
-    return np.lexsort((rows, -val if largest else val), axis=-1)[:, :k]
-
-
-def _full_rows(x: np.ndarray, xt: np.ndarray, a32: np.ndarray, k: int):
-    """The exact finish over every shard row, for the few test rows the candidates cannot
-    certify (an exact tie across the k-th place, say): the same per-pair dot products."""
-    s = len(x)
-    out = [[], []]
-    for t in range(len(xt)):
-        dots = np.concatenate([_canonical_dots(x, np.arange(a, b)[None, :], xt[t:t + 1])[0]
-                               for a, b in row_blocks(s, 4096)])[None, :]
-        val = dots * a32[t:t + 1]
-        rows = np.arange(s)[None, :]
-        for kind, largest in enumerate((True, False)):
-            pick = _select(val, rows, k, largest)
-            out[kind].append((np.take_along_axis(val, pick, 1), np.take_along_axis(rows, pick, 1),
-                              np.take_along_axis(dots, pick, 1)))
-    return [tuple(np.concatenate([o[f] for o in out[kind]]) for f in range(3)) for kind in range(2)]
-
-
-def finish_exact(x, geo: Geometry, xt, pred, cands, k: int, complete: bool):
-    """The exact top-k from each path's float32 candidates, with values both paths agree on.
-
-    Both paths keep k2 > k candidates per kind, best first by their float32 products g. Each g
-    is within rel·|g| + abs of its exact value (:meth:`Geometry.error`).
-
-    - Membership: when the intervals of the k-th and (k+1)-th candidates are disjoint, even
-      doubled (the finish's own float32 values may be off as much again), the first k
-      candidates are the top-k by exact and by finished values alike. Otherwise (ties or near-ties across the k-th place) all
-      k2 candidates are kept for the next step, and the result is certain when the k2-th
-      candidate's interval lies below the new k-th value; a row where even that fails is scored
-      against the whole shard (an exact tie across the k-th place, say).
-    - Values and order: the kept rows are scored again pair by pair (:func:`_canonical_dots`,
-      then the float32 product with α) and ordered by (value, id). That does not depend on
-      either path's matrix products, so both paths, and the merge of shards, compare the same
-      numbers: the tables are equal bit for bit.
-
-    Returns:
-        ([(values, rows, similarity) for proponents, for opponents] each (b, k), rows finished
-        against the whole shard, rows whose k2 candidates were re-scored).
-    """
-    b = len(xt)
-    tnorm = row_norms(xt, geo.factor)
-    rel, eabs = geo.error(xt, pred, tnorm)
-    out, full, wide = [], np.zeros(b, bool), np.zeros(b, bool)
-    for (gv, gr), largest in zip(cands, (True, False)):
-        vals = np.empty((b, k), np.float32)
-        rows = np.empty((b, k), np.int64)
-        sims = np.empty((b, k), np.float32)
-        g = gv.astype(np.float64)
-        # Twice the interval (and a little): finished values are float32 dot products too.
-        hi = g + 2.01 * (rel[:, None] * np.abs(g) + eabs[:, None])
-        lo = g - 2.01 * (rel[:, None] * np.abs(g) + eabs[:, None])
-        if gv.shape[1] > k:
-            certain = (lo[:, k - 1] > hi[:, k]) if largest else (hi[:, k - 1] < lo[:, k])
-        else:
-            certain = np.ones(b, bool)
-        wide |= ~certain
-        for sel, width in ((np.flatnonzero(certain), k), (np.flatnonzero(~certain), gv.shape[1])):
-            if not len(sel):
-                continue
-            cand = gr[sel, :width]
-            dots = _canonical_dots(x, cand, xt[sel])
-            val = geo.alpha32[cand, pred[sel, None]] * dots
-            pick = _select(val, cand, k, largest)
-            vals[sel] = np.take_along_axis(val, pick, 1)
-            rows[sel] = np.take_along_axis(cand, pick, 1)
-            sims[sel] = np.take_along_axis(dots, pick, 1)
-            if width > k and not complete:
-                ck = vals[sel, -1].astype(np.float64)
-                ok = (hi[sel, -1] < ck) if largest else (lo[sel, -1] > ck)
-                full[sel[~ok]] = True
-        out.append([vals, rows, sims])
-    redo = np.flatnonzero(full)
-    if len(redo):
-        whole = _full_rows(x, xt[redo], geo.alpha32[:, pred[redo]].T, k)
-        for kind in range(2):
-            for field in range(3):
-                out[kind][field][redo] = whole[kind][field]
-    return out, len(redo), int(wide.sum())

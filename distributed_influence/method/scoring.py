@@ -50,19 +50,28 @@ import time
 import numpy as np
 
 from distributed_influence.method.dense import score_dense
-from distributed_influence.method.pruning import Geometry, finish_exact, score_pruned
-from distributed_influence.method.representer import RowParts, class_sums, linear_logits, tf
+from distributed_influence.method.finish import finish_exact
+from distributed_influence.method.pruning import Geometry, score_pruned
+from distributed_influence.method.records import (  # noqa: F401 - re-exported: the record's vocabulary
+    ABS_CLOSED,
+    ABS_NOT_ASKED,
+    ABS_PAIRS,
+    ABS_SKIPPED,
+    ABS_SUM_SKIPPED,
+    METHODS,
+    REASON_NEGATIVE,
+)
+from distributed_influence.method.representer import RowParts, class_sums, linear_logits, row_blocks, tf
 
 log = logging.getLogger(__name__)
 
-METHODS = ("pruned", "dense")
-#: Why a pruned request ran dense: Σ_t |r| needs every pair when a feature is negative.
-REASON_NEGATIVE = ("features take negative values: influence_abs_sum needs every (test, train) "
-                   "pair, so this shard was scored densely")
+KINDS = ("proponent", "opponent")
 
-#: Candidates kept per kind, as a multiple of k, for the exact finish (see :func:`~distributed_influence.method.pruning.finish_exact`).
+#: Rows per block of the per-train sums: a block's (rows × C) float64 products stay in cache.
+SUM_ROWS = 256
+
+#: Candidates kept per kind, as a multiple of k, for the exact finish (see :func:`~distributed_influence.method.finish.finish_exact`).
 CANDIDATES = 2
-
 
 
 def _train_sums(x: np.ndarray, alpha: np.ndarray, test_x: RowParts, test_pred: np.ndarray, class_sim) -> dict:
@@ -74,14 +83,21 @@ def _train_sums(x: np.ndarray, alpha: np.ndarray, test_x: RowParts, test_pred: n
     # |r_ti| = |α_{i,j_t}| (x_i · x_t).
     if class_sim is None:
         class_sim = linear_logits(x, class_sums(test_x, test_pred, alpha.shape[1]).T)  # x_i · S_c
-    out = {"influence_sum": np.sum(alpha * class_sim, axis=1)}
-    if np.min(x) >= 0 and all(len(p) == 0 or np.min(p) >= 0 for p in test_x.parts):
-        out["influence_abs_sum"] = np.sum(np.abs(alpha) * class_sim, axis=1)
+    # By row blocks: no (s × C) temporary, which at C = 1,000 is the size of the shard's α again.
+    nonneg = np.min(x) >= 0 and all(len(p) == 0 or np.min(p) >= 0 for p in test_x.parts)
+    out = {"influence_sum": np.empty(len(x))}
+    if nonneg:
+        out["influence_abs_sum"] = np.empty(len(x))
+    for a, b in row_blocks(len(x), SUM_ROWS):
+        out["influence_sum"][a:b] = np.sum(alpha[a:b] * class_sim[a:b], axis=1)
+        if nonneg:
+            out["influence_abs_sum"][a:b] = np.sum(np.abs(alpha[a:b]) * class_sim[a:b], axis=1)
     return out
+
 
 def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
                 test_pred: np.ndarray, k: int, block: int, x_tf=None, class_sim=None,
-                method: str = "pruned", train_sums: bool = True) -> dict:
+                method: str = "pruned", train_sums: bool = True, abs_sums: bool = False) -> dict:
     """Scores one shard against all test examples: per-test top-k and per-train sums.
 
     Nothing of size (test × shard) is kept: the dense path holds one (block × shard) matrix at a
@@ -100,18 +116,24 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
         x_tf: ``x`` as a resident tensor, if the caller keeps one (saves a copy per call).
         class_sim: (s, C) x_i·S_c if already computed (``alpha_pass``), else computed here.
         method: ``pruned`` (default) or ``dense``; both give the same tables.
-        train_sums: also compute ``influence_sum``/``influence_abs_sum`` (``explain`` does not
-            need them). With negative features the abs sum needs every pair: then a ``pruned``
-            request is scored densely, and the ``scoring`` record says so.
+        train_sums: also compute ``influence_sum`` and, when it has a closed form (features ≥ 0),
+            ``influence_abs_sum`` (``explain`` needs neither).
+        abs_sums: with negative features, compute ``influence_abs_sum`` anyway, from every pair:
+            a ``pruned`` request is then scored densely, and the ``scoring`` record says so.
+            Without it the sum is left out (a null column), never approximated.
 
     Returns:
         dict with ``topk[kind]`` arrays ``values``, ``ids``, ``alpha``, ``similarity`` of shape
         (m, min(k, s)) for kind in proponent/opponent; with ``train_sums``, per-train
-        ``influence_sum`` and ``influence_abs_sum`` (s,) float64; and ``scoring``: the method
-        used, ``pairs_scored``, ``pairs_total`` (m·s), ``rows_rescored`` (test rows whose
-        2k candidates were re-scored, near-ties at the k-th place), ``rows_finished_densely`` (of those,
-        the rows scored against the whole shard, see :func:`finish_exact`), ``reason`` (why dense, or "") and
-        ``seconds`` (of this call: the top-k scoring without α or the index).
+        ``influence_sum`` and (when computed) ``influence_abs_sum`` (s,) float64; and
+        ``scoring``: the method used, ``pairs_scored`` (pairs whose value a matrix product
+        computed, at most once per pair and pass), ``pairs_total`` (m·s), ``rows_rescored``
+        (test rows whose 2k candidates were re-scored, near-ties at the k-th place),
+        ``rows_finished_densely`` (of those, the rows scored against the whole shard, see
+        :func:`~distributed_influence.method.finish.finish_exact`), ``reason`` (why dense, or
+        ""), ``abs_sum`` (how ``influence_abs_sum`` was obtained: ABS_CLOSED, ABS_PAIRS,
+        ABS_SKIPPED or ABS_NOT_ASKED) and ``seconds`` (of this call: the top-k scoring
+        without α or the index).
     """
     if method not in METHODS:
         raise ValueError(f"scoring method must be one of {METHODS}, got {method!r}")
@@ -122,47 +144,51 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
     test_x = test_x if isinstance(test_x, RowParts) else RowParts(test_x)
     m = len(test_x)
     out = _train_sums(x, alpha, test_x, test_pred, class_sim) if train_sums else {}
-    abs_closed = not train_sums or "influence_abs_sum" in out
+    abs_how = ABS_NOT_ASKED if not train_sums else ABS_CLOSED if "influence_abs_sum" in out else \
+        ABS_PAIRS if abs_sums else ABS_SKIPPED
     reason = None
-    if method == "pruned" and not abs_closed:
+    if method == "pruned" and abs_how == ABS_PAIRS:
         method, reason = "dense", REASON_NEGATIVE
         log.info("scoring densely: %s", REASON_NEGATIVE)
 
     topk = {kind: {"values": np.empty((m, k), np.float32), "ids": np.empty((m, k), np.int64),
                    "alpha": np.empty((m, k), np.float32), "similarity": np.empty((m, k), np.float32)}
-            for kind in ("proponent", "opponent")}
+            for kind in KINDS}
     s = len(ids)
     k2 = min(s, CANDIDATES * k)  # candidates per kind for the exact finish
     geo = Geometry(x, alpha)
     redone = [0, 0]  # test rows finished against the whole shard; whose 2k candidates were re-scored
 
-    def finish(rows, xt, pred, top_v, top_i, bottom_v, bottom_i, complete):
-        done, n_redo, n_rescored = finish_exact(x, geo, xt, pred, [(top_v, top_i), (bottom_v, bottom_i)], k,
-                                           complete)
-        redone[0] += n_redo
-        redone[1] += n_rescored
-        for kind, (vals, idx, dots) in zip(("proponent", "opponent"), done):
+    def put(rows, pred, done):
+        for kind, (vals, idx, dots) in zip(KINDS, done):
             o = topk[kind]
             o["values"][rows] = vals
             o["ids"][rows] = ids[idx]
             o["alpha"][rows] = alpha[idx, pred[:, None]]
             o["similarity"][rows] = dots
 
+    def finish(rows, xt, pred, top_v, top_i, bottom_v, bottom_i, complete=s <= k2):
+        done, n_redo, n_rescored = finish_exact(x, geo, xt, pred, [(top_v, top_i), (bottom_v, bottom_i)], k,
+                                                complete)
+        redone[0] += n_redo
+        redone[1] += n_rescored
+        put(rows, pred, done)
+
     if method == "dense":
         x_t = tf.convert_to_tensor(x if x_tf is None else x_tf, tf.float32)
-        alpha_t = tf.constant(np.ascontiguousarray(alpha.T, np.float32))  # (C, s): rows gathered per test row
-        col_abs, pairs = score_dense(x_t, alpha_t, test_x, test_pred, k2, block, train_sums and not abs_closed,
-                                lambda *a: finish(*a, s <= k2))
-        if train_sums and not abs_closed:
+        alpha_t = tf.constant(geo.alpha_t)  # (C, s): rows gathered per test row
+        col_abs, pairs = score_dense(x_t, alpha_t, test_x, test_pred, k2, block, abs_how == ABS_PAIRS, finish)
+        if abs_how == ABS_PAIRS:
             out["influence_abs_sum"] = col_abs
     else:
         # A resident tensor (a GPU worker's) is scanned where it lives; else the scan runs in
         # NumPy on the array itself, with no TensorFlow copy of the shard.
         x_scan = np.asarray(x, np.float32) if x_tf is None else x_tf
-        pairs = score_pruned(x_scan, geo, test_x, test_pred, k, k2, block, finish)
+        pairs = score_pruned(x_scan, np.asarray(x, np.float32), geo, test_x, test_pred, k, k2, block, finish, put)
+        # Rows finished against the whole shard were scored once more by a matrix product.
+        pairs += redone[0] * s
     out["topk"] = topk
-    out["scoring"] = {"method": method, "pairs_scored": int(pairs + (method == "pruned") * redone[0] * s),
-                      "pairs_total": int(m * s), "rows_finished_densely": int(redone[0]),
-                      "rows_rescored": int(redone[1]), "reason": reason or "",
-                      "seconds": time.perf_counter() - t0}
+    out["scoring"] = {"method": method, "pairs_scored": int(pairs), "pairs_total": int(m * s),
+                      "rows_finished_densely": int(redone[0]), "rows_rescored": int(redone[1]),
+                      "reason": reason or "", "abs_sum": abs_how, "seconds": time.perf_counter() - t0}
     return out

@@ -120,7 +120,7 @@ def test_out_of_memory_while_scoring_halves_the_test_block(monkeypatch, caplog):
     ids = np.arange(30)
     from distributed_influence.method import dense, scoring
 
-    expected = scoring.score_shard(x, ids, alpha, xt, pred, 4, 25, method="dense")
+    expected = scoring.score_shard(x, ids, alpha, xt, pred, 4, 25, method="dense", abs_sums=True)
     real = dense.score_block
 
     def score_block_with_small_memory(xt_block, *args, **kwargs):
@@ -130,7 +130,7 @@ def test_out_of_memory_while_scoring_halves_the_test_block(monkeypatch, caplog):
 
     monkeypatch.setattr(dense, "score_block", score_block_with_small_memory)
     with caplog.at_level(logging.WARNING):
-        got = scoring.score_shard(x, ids, alpha, xt, pred, 4, 25, method="dense")
+        got = scoring.score_shard(x, ids, alpha, xt, pred, 4, 25, method="dense", abs_sums=True)
     assert "test block now 6" in caplog.text
     for kind in ("proponent", "opponent"):
         np.testing.assert_array_equal(got["topk"][kind]["ids"], expected["topk"][kind]["ids"])

@@ -20,6 +20,20 @@ from distributed_influence.method.topk import merge_topk
 KINDS = (("proponent", True), ("opponent", False))
 
 
+@pytest.fixture(autouse=True, params=["default blocks", "small blocks"])
+def scan(request, monkeypatch):
+    """Every case twice: with the shipped block sizes (these small shards are then scored
+    densely once, as :data:`pruning.DENSE_BLOCKS` says) and with tiny scan blocks, so the scan
+    runs many steps, extends its order prefix and stops rows mid-shard."""
+    if request.param == "small blocks":
+        monkeypatch.setattr(pruning, "FIRST_BLOCK", 3)
+        monkeypatch.setattr(pruning, "MAX_BLOCK", 12)
+        monkeypatch.setattr(pruning, "DENSE_BLOCKS", 0)
+        monkeypatch.setattr(pruning, "PREFIX_GROWTH", 2)
+        monkeypatch.setattr(pruning, "FINISH_ROWS", 7)
+    return request.param
+
+
 def _problem(seed, n=60, m=14, d=3, C=3, lo=-2, hi=3, dup=0):
     """Integer features (exact float32 products), α in eighths, ids not in row order."""
     rng = np.random.default_rng(seed)
@@ -75,24 +89,32 @@ def _check(x, alpha, xt, pred, ids, k, block=5, exact=True, **kw):
     return res, r
 
 
-def test_heavy_ties_from_duplicated_rows_and_alpha():
+def test_heavy_ties_from_duplicated_rows_and_alpha(scan):
     x, alpha, xt, pred, ids = _problem(1, n=80, dup=30)
     r = oracle.representer_matrix(x.astype(np.float64), alpha, xt.astype(np.float64), pred)
     assert len(np.unique(r)) < r.size / 8
     res, _ = _check(x, alpha, xt, pred, ids, k=6)
     # Exact ties across the k-th place cannot be certified from candidates: finished densely.
-    for method in ("pruned", "dense"):
+    # (A small shard with the shipped blocks is scored once, densely, and finished from all pairs.)
+    for method in ("pruned", "dense") if scan == "small blocks" else ("dense",):
         rec = res[method]["scoring"]
         assert rec["rows_rescored"] >= rec["rows_finished_densely"] > 0, rec
+    for method in ("pruned", "dense"):
+        rec = res[method]["scoring"]
+        assert rec["pairs_scored"] <= rec["pairs_total"] + rec["rows_finished_densely"] * len(ids), rec
+    if scan == "default blocks":
+        assert res["pruned"]["scoring"]["pairs_scored"] == res["pruned"]["scoring"]["pairs_total"]
 
 
 def test_k_larger_than_the_positive_values_scans_on():
-    x, alpha, xt, pred, ids = _problem(2, n=50)
+    x, alpha, xt, pred, ids = _problem(2, n=50, lo=0)  # features ≥ 0: every similarity ≥ 1
     alpha[:] = -np.abs(alpha) - 1 / 8  # every α negative ...
     alpha[[3, 17], :] = 2 / 8  # ... but two: only two rows can be proponents with r > 0
     res, r = _check(x, alpha, xt, pred, ids, k=5)
-    # Rank 3-5 proponents are ≤ 0 values: the row had to scan everything (nothing pruned).
-    assert res["pruned"]["scoring"]["pairs_scored"] == res["pruned"]["scoring"]["pairs_total"]
+    # Rank 3-5 proponents are ≤ 0 values: the row had to scan everything (nothing pruned), plus
+    # the rows whose ties at the k-th place needed the whole shard once more.
+    rec = res["pruned"]["scoring"]
+    assert rec["pairs_scored"] - rec["rows_finished_densely"] * len(ids) == rec["pairs_total"], rec
 
 
 def test_a_class_without_test_rows_and_several_test_blocks():
@@ -126,25 +148,35 @@ def test_test_rows_with_zero_features():
     _check(x, alpha, xt, pred, ids, k=4)
 
 
-def test_negative_features_fall_back_to_dense_for_the_abs_sums():
+def test_negative_features_keep_pruning_and_leave_the_abs_sums_out():
+    """Signed features: Σ_t |r| has no closed form. By default it is not computed (never
+    guessed) and the shard is pruned; with ``abs_sums`` it comes from every pair, densely."""
     x, alpha, xt, pred, ids = _problem(8, n=50)
     assert x.min() < 0
-    res = _both(x, alpha, xt, pred, ids, 4)
-    rec = res["pruned"]["scoring"]
-    assert rec["method"] == "dense" and "negative" in rec["reason"]
     r = oracle.representer_matrix(x.astype(np.float64), alpha, xt.astype(np.float64), pred)
+    res, _ = _check(x, alpha, xt, pred, ids, k=4, train_sums=True)
+    for method in ("pruned", "dense"):
+        assert "influence_abs_sum" not in res[method]
+        assert res[method]["scoring"]["abs_sum"] == scoring.ABS_SKIPPED
+        np.testing.assert_allclose(res[method]["influence_sum"], r.sum(axis=0), rtol=1e-9, atol=1e-12)
+    assert res["pruned"]["scoring"]["method"] == "pruned" and res["pruned"]["scoring"]["reason"] == ""
+
+    res = _both(x, alpha, xt, pred, ids, 4, abs_sums=True)
+    rec = res["pruned"]["scoring"]
+    assert rec["method"] == "dense" and rec["reason"] == scoring.REASON_NEGATIVE and rec["abs_sum"] == scoring.ABS_PAIRS
     for method in ("pruned", "dense"):
         np.testing.assert_allclose(res[method]["influence_abs_sum"], np.abs(r).sum(axis=0), rtol=1e-6)
         np.testing.assert_allclose(res[method]["influence_sum"], r.sum(axis=0), rtol=1e-9, atol=1e-12)
     # Without per-train sums (explain) nothing needs every pair: pruned stays pruned, and exact.
-    res, _ = _check(x, alpha, xt, pred, ids, k=4, train_sums=False)
-    assert "influence_abs_sum" not in res["pruned"]
+    res, _ = _check(x, alpha, xt, pred, ids, k=4, train_sums=False, abs_sums=True)
+    assert "influence_abs_sum" not in res["pruned"] and res["pruned"]["scoring"]["abs_sum"] == scoring.ABS_NOT_ASKED
 
 
 def test_nonnegative_features_keep_pruning_with_closed_form_abs_sums():
     x, alpha, xt, pred, ids = _problem(9, n=50, lo=0, hi=3)
     res, r = _check(x, alpha, xt, pred, ids, k=4, train_sums=True)
     np.testing.assert_allclose(res["pruned"]["influence_abs_sum"], np.abs(r).sum(axis=0), rtol=1e-9)
+    assert res["pruned"]["scoring"]["abs_sum"] == scoring.ABS_CLOSED
 
 
 def test_pruning_skips_rows_and_stays_exact_when_few_rows_are_hard():

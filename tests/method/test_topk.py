@@ -25,7 +25,7 @@ def _sharded(x, alpha, xt, pred, ids, bounds, k, block, method="pruned"):
     for a, b in zip(bounds[:-1], bounds[1:]):
         order = np.argsort(ids[a:b])
         parts.append(score_shard(x[a:b][order], ids[a:b][order], alpha[a:b][order], xt, pred, k, block,
-                                 method=method))
+                                 method=method, abs_sums=True))
     return parts
 
 
@@ -135,9 +135,9 @@ def test_test_features_in_parts_score_like_one_array(nonneg):
     if nonneg:
         x, xt = np.abs(x), np.abs(xt)
     order = np.argsort(ids)
-    whole = score_shard(x[order], ids[order], alpha[order], xt, pred, 4, 3)
+    whole = score_shard(x[order], ids[order], alpha[order], xt, pred, 4, 3, abs_sums=True)
     pieces = [xt[:2], xt[2:2], xt[2:7], xt[7:]]
-    parted = score_shard(x[order], ids[order], alpha[order], pieces, pred, 4, 3)
+    parted = score_shard(x[order], ids[order], alpha[order], pieces, pred, 4, 3, abs_sums=True)
     for kind in ("proponent", "opponent"):
         for field in ("values", "ids", "alpha", "similarity"):
             np.testing.assert_array_equal(parted["topk"][kind][field], whole["topk"][kind][field])

@@ -1,0 +1,162 @@
+"""The exact finish shared by both scoring paths: from float32 candidates to the exact top-k.
+
+Both paths find candidates with float32 matrix products, whose summation order follows the
+shapes, so the same pair may differ in the last bits between them. The finish proves which
+candidates belong to the top-k from intervals around each product (:meth:`~.pruning.Geometry.error`),
+then scores the kept pairs again one by one with a summation order that depends only on d
+(:func:`canonical_dots`) and orders them by (value, id). Why that is exact is argued in
+:mod:`distributed_influence.method.scoring` and ``docs/method.md``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: (test, train) pairs per step of the canonical re-scoring: its float32 buffer of (pairs × (d+1)).
+CANON_PAIRS = 40
+#: Values per step of :func:`finish_all`: the (test rows × shard rows) float32 block it holds.
+FINISH_ELEMENTS = 1 << 22
+#: Intervals are doubled (and a little) where computed values meet finished ones: the finished
+#: values are float32 dot products too, within the same interval of the exact value.
+TWICE = 2.01
+
+
+def canonical_dots(x: np.ndarray, rows: np.ndarray, xt: np.ndarray) -> np.ndarray:
+    """x_i·x_t in float32 for the rows (b, K) of each test row, each by NumPy's pairwise sum of
+    its d+1 products.
+
+    The summation order of each dot product depends only on d, not on where the pair sits in a
+    matrix product, its block, or the array's alignment: both paths (and every shard) get the
+    same bits for the same pair. (A float32 matrix product does not: its summation order follows
+    the shapes and the kernel's blocking.) The error obeys the same bound as any float32 dot.
+    Pairs go ~CANON_PAIRS at a time through one small buffer, which stays in the core's cache:
+    faster than copying a larger block of pairs per step.
+    """
+    b, kk = rows.shape
+    out = np.empty(rows.shape, np.float32)
+    if not b or not kk:
+        return out
+    step = max(1, CANON_PAIRS // max(1, kk))
+    buf = np.empty((step * kk, x.shape[1]), np.float32)
+    for a in range(0, b, step):
+        e = min(b, a + step)
+        g = np.take(x, rows[a:e].ravel(), axis=0, out=buf[:(e - a) * kk]).reshape(e - a, kk, -1)
+        np.multiply(g, xt[a:e, None, :], out=g)
+        np.add.reduce(g, axis=-1, out=out[a:e])
+    return out
+
+
+def select(val: np.ndarray, rows: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    """Positions of the top-k of each row by (value, row): ties to the smaller row (id)."""
+    return np.lexsort((rows, -val if largest else val), axis=-1)[:, :k]
+
+
+def _finished(x, alpha_t, xt, pred, cand, k, largest):
+    """The kept candidates (b, K) re-scored canonically and ordered: (values, rows, dots) (b, k)."""
+    dots = canonical_dots(x, cand, xt)
+    val = alpha_t[pred[:, None], cand] * dots
+    pick = select(val, cand, k, largest)
+    return (np.take_along_axis(val, pick, 1), np.take_along_axis(cand, pick, 1),
+            np.take_along_axis(dots, pick, 1))
+
+
+def finish_exact(x, geo, xt, pred, cands, k: int, complete: bool):
+    """The exact top-k from a path's float32 candidates, with values both paths agree on.
+
+    Both paths keep k2 > k candidates per kind, best first by their float32 products g. Each g
+    is within rel·|g| + abs of its exact value (:meth:`~.pruning.Geometry.error`).
+
+    - Membership: when the intervals of the k-th and (k+1)-th candidates are disjoint, even
+      doubled (the finish's own float32 values may be off as much again), the first k
+      candidates are the top-k by exact and by finished values alike. Otherwise (ties or
+      near-ties across the k-th place) all k2 candidates are kept, and the result is certain
+      when the k2-th candidate's interval lies below the new k-th value; a row where even that
+      fails (more than k2 rows within reach of the k-th place: an exact tie, say) is finished
+      by :func:`finish_all`, against the whole shard.
+    - Values and order: the kept rows are scored again pair by pair (:func:`canonical_dots`,
+      then the float32 product with α) and ordered by (value, id). That does not depend on
+      either path's matrix products, so both paths, and the merge of shards, compare the same
+      numbers: the tables are equal bit for bit.
+
+    Args:
+        complete: the candidates are every row of the shard (it holds at most k2 rows): then
+            nothing can be missing from them.
+
+    Returns:
+        ([(values, rows, similarity) for proponents, for opponents] each (b, k), rows finished
+        against the whole shard, rows whose k2 candidates were re-scored).
+    """
+    b = len(xt)
+    rel, eabs = geo.error(xt, pred)
+    out, full, wide = [], np.zeros(b, bool), np.zeros(b, bool)
+    for (gv, gr), largest in zip(cands, (True, False)):
+        vals = np.empty((b, k), np.float32)
+        rows = np.empty((b, k), np.int64)
+        sims = np.empty((b, k), np.float32)
+        g = gv.astype(np.float64)
+        half = TWICE * (rel[:, None] * np.abs(g) + eabs[:, None])
+        hi, lo = g + half, g - half
+        if gv.shape[1] > k:
+            certain = (lo[:, k - 1] > hi[:, k]) if largest else (hi[:, k - 1] < lo[:, k])
+        else:
+            certain = np.ones(b, bool)
+        wide |= ~certain
+        for sel, width in ((np.flatnonzero(certain), k), (np.flatnonzero(~certain), gv.shape[1])):
+            if not len(sel):
+                continue
+            vals[sel], rows[sel], sims[sel] = _finished(x, geo.alpha_t, xt[sel], pred[sel], gr[sel, :width], k,
+                                                        largest)
+            if width > k and not complete:
+                ck = vals[sel, -1].astype(np.float64)
+                ok = (hi[sel, -1] < ck) if largest else (lo[sel, -1] > ck)
+                full[sel[~ok]] = True
+        out.append([vals, rows, sims])
+    redo = np.flatnonzero(full)
+    if len(redo):
+        whole = finish_all(x, geo, xt[redo], pred[redo], k)
+        for kind in range(2):
+            for field in range(3):
+                out[kind][field][redo] = whole[kind][field]
+    return out, len(redo), int(wide.sum())
+
+
+def finish_all(x, geo, xt, pred, k: int):
+    """The exact top-k of test rows against every row of the shard, in one pass over it.
+
+    For test rows whose candidates cannot certify the k-th place (an exact tie across it, say),
+    and for blocks the bound cannot prune (a shard the first scan block covers anyway). Each
+    block of (test rows × shard) float32 values is computed once; a training row can only enter
+    the top-k when the top of its interval reaches the k-th largest bottom (for proponents; the
+    mirror for opponents): every other row has k rows whose finished values are certainly
+    larger, strictly. Only those rows are re-scored canonically, so the cost is one matrix
+    product per pair plus the re-scoring of the few rows within reach of the k-th place (all of
+    them, if they are all tied).
+
+    Returns:
+        [(values, rows, similarity) for proponents, for opponents], each (b, k).
+    """
+    b, s = len(xt), len(x)
+    rel, eabs = geo.error(xt, pred)
+    out = [[np.empty((b, k), np.float32), np.empty((b, k), np.int64), np.empty((b, k), np.float32)]
+           for _ in range(2)]
+    x32 = np.asarray(x, np.float32)
+    step = max(1, FINISH_ELEMENTS // max(1, s))
+    for a in range(0, b, step):
+        e = min(b, a + step)
+        g = np.matmul(xt[a:e], x32.T)
+        g *= geo.alpha_t[pred[a:e]]
+        half = TWICE * (rel[a:e, None] * np.abs(g) + eabs[a:e, None])
+        lo, hi = g - half, g + half
+        for kind, largest in enumerate((True, False)):
+            # In the kind's own direction (opponents negated): the worst and best each value can be.
+            worst, best = (lo, hi) if largest else (-hi, -lo)
+            kth_worst = np.partition(worst, s - k, axis=1)[:, s - k]
+            width = int(np.count_nonzero(best >= kth_worst[:, None], axis=1).max())
+            if width < s:
+                cand = np.argpartition(-best, width - 1, axis=1)[:, :width]
+            else:
+                cand = np.broadcast_to(np.arange(s), (e - a, s))
+            got = _finished(x, geo.alpha_t, xt[a:e], pred[a:e], np.ascontiguousarray(cand), k, largest)
+            for field in range(3):
+                out[kind][field][a:e] = got[field]
+    return [tuple(o) for o in out]
