@@ -218,9 +218,10 @@ def _publish_index(store: WorkStore, out: str) -> None:
 
 
 def _featurize(pool, inputs: Inputs, specs) -> tuple:
-    """The training shards ``specs`` featurized and kept by their workers, and the test features,
-    computed by the workers in parallel and left where they are (in Ray's object store): the
-    driver keeps only references, logits, ids and labels.
+    """The training shards ``specs`` featurized and kept by their workers, and the test set's
+    features and logits, computed by the workers in parallel and left where they are (in Ray's
+    object store): the driver keeps only references and per-row integers (explained classes,
+    ids, labels), never an (m × C) or (m × d) array.
 
     Returns:
         (``prepare``'s results, the test set as :func:`_run_stages` uses it).
@@ -228,9 +229,9 @@ def _featurize(pool, inputs: Inputs, specs) -> tuple:
     from distributed_influence.engine.plan import plan_shards
 
     parts = plan_shards(inputs.test.n_rows, pool.n_workers)
-    prepared, x_parts, metas = pool.featurize(specs, [(p.start, p.stop) for p in parts], desc="featurize")
-    test = {"x_parts": x_parts,
-            "logits": np.concatenate([m["logits"] for m in metas]),
+    prepared, test_parts, metas = pool.featurize(specs, [(p.start, p.stop) for p in parts], desc="featurize")
+    test = {"parts": test_parts,
+            "pred": np.concatenate([m["pred"] for m in metas]),
             "ids": np.concatenate([m["ids"] for m in metas])}
     if metas[0]["labels"] is not None:
         test["labels"] = np.concatenate([m["labels"] for m in metas])
@@ -310,7 +311,8 @@ def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred:
 
     Parts are written to ``_work/<key>/tables/`` and their summaries persisted, so a resumed run
     redoes only the ranges that had not finished. The driver passes each task its slice of the
-    per-row vectors it holds (ids, labels, logits, audit scores); the partials stay on storage.
+    per-row vectors it holds (ids, labels, explained classes, audit scores); the partials, and the
+    model's test logits among them, stay on storage.
     """
     staged = storage.join(store.path, "tables")
     out_dirs = {name: storage.join(staged, name) for name in tables.TABLES}
@@ -334,7 +336,7 @@ def _reduce(config: AuditConfig, specs, store: WorkStore, test: dict, test_pred:
             reused.append(f"test-{part}")
             continue
         rows = {"ids": test["ids"][a:b], "labels": None if test.get("labels") is None else test["labels"][a:b],
-                "pred": test_pred[a:b], "logits": test["logits"][a:b]}
+                "pred": test_pred[a:b]}
         if "keys" in test:
             rows["keys"] = test["keys"][a:b]
         calls["test"].append((part, a, b, topk_files, test_files, config.k, rows, out_dirs, train_keys))
@@ -370,8 +372,6 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
     Returns:
         The manifest, without what only the caller knows (versions, run key, total time).
     """
-    from distributed_influence.method.logits import predicted_classes
-
     shard_info = {s.index: {"index": s.index, "start": s.start, "stop": s.stop, "rows": s.rows}
                   for s in specs}
     results = {s.index: store.load(f"shard-{s.index}") for s in specs}
@@ -386,7 +386,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         prepared, test = _featurize(pool, inputs, specs if fit is None else todo)
         for p in prepared:
             shard_info[p["shard"]].update(node=p["node"] or None, featurize_seconds=round(p["seconds"], 4))
-        test_pred = predicted_classes(test["logits"])
+        test_pred = test["pred"]
 
     with timer.stage("fit"):
         if fit is None:  # else resumed: the saved fit loaded above
@@ -429,6 +429,6 @@ def _score(pool, store: WorkStore, todo: list, theta: np.ndarray, test: dict, te
     def persist(spec, result):
         store.save(f"shard-{spec.index}", result)
 
-    shared = (theta, test["x_parts"], pool.put(test_pred), partial_dir)
+    shared = (theta, test["parts"], pool.put(test_pred), partial_dir)
     return {spec.index: r for spec, r in zip(todo, pool.map("score_partial", todo, *shared, desc="alpha + score",
                                                              on_result=persist))}

@@ -65,6 +65,7 @@ def write_partial(partial_dir: str, shard: int, result: dict) -> None:
     test = {"rep_sum": pa.array(np.asarray(result["test"]["rep_sum"], np.float64))}
     if "surrogate" in result["test"]:
         test["surrogate"] = fixed_list(np.asarray(result["test"]["surrogate"], np.float64))
+        test["model"] = fixed_list(np.asarray(result["test"]["model"], np.float32))
     storage.write_atomic(test_file(partial_dir, shard), lambda fh: pq.write_table(
         pa.table(test), fh, row_group_size=PARTIAL_GROUP, compression="none", use_dictionary=False))
     train = pa.table({name: np.asarray(col) for name, col in result["train"].items()})
@@ -82,11 +83,12 @@ def read_partial_topk(path: str, start: int, stop: int) -> dict:
 
 def read_partial_test(path: str, start: int, stop: int) -> dict:
     """Test rows [start, stop) of one shard's decomposition pieces (``rep_sum``, and
-    ``surrogate`` from shard 0)."""
+    ``surrogate`` and the ``model``'s logits from shard 0)."""
     t = _read_range(path, start, stop)
     out = {"rep_sum": t.column("rep_sum").to_numpy()}
     if "surrogate" in t.column_names:
         out["surrogate"] = matrix(t.column("surrogate"), np.float64)
+        out["model"] = matrix(t.column("model"), np.float32)
     return out
 
 
@@ -127,9 +129,9 @@ def reduce_test_range(part: int, start: int, stop: int, topk_files: List[str], t
         topk_files: every shard's partial top-k file.
         test_files: every shard's decomposition pieces, shard 0's first (it holds x_t Θ).
         k: entries kept per test row and kind.
-        test: this range's per-row vectors: ``ids``, ``labels`` (or None), ``pred`` and the
-            model's ``logits`` (rows, C; one column for a binary model, whose class 0 is
-            explained by −z); ``keys`` too when the test source has string keys.
+        test: this range's per-row vectors: ``ids``, ``labels`` (or None) and ``pred``;
+            ``keys`` too when the test source has string keys. (The model's logits, one column
+            for a binary model whose class 0 is explained by −z, come from shard 0's partial.)
         out_dirs: where the parts of ``influence_topk`` and ``test_scores`` go.
         train_keys: (train ids, their string keys) when the training source has keys.
 
@@ -146,10 +148,10 @@ def reduce_test_range(part: int, start: int, stop: int, topk_files: List[str], t
         topk = tables.add_key_column(topk, "test_id", tables.TEST_KEY, test["ids"], test["keys"])
     tables.write_part(out_dirs[tables.INFLUENCE_TOPK], part, topk)
     pieces = [read_partial_test(f, start, stop) for f in test_files]
-    surrogate = pieces[0]["surrogate"]
+    surrogate, model = pieces[0]["surrogate"], pieces[0]["model"]
     # Σ over shards of x_t Σ_(i in shard) x_iᵀα_i = x_t Σ_i x_iᵀα_i, added in float64.
     rep_sum = np.sum([p["rep_sum"] for p in pieces], axis=0)
-    dec = test_table(test["ids"], test.get("labels"), test["pred"], per_class(test["logits"]),
+    dec = test_table(test["ids"], test.get("labels"), test["pred"], per_class(model),
                      per_class(surrogate), rep_sum)
     table = dec["table"]
     if test.get("keys") is not None:
@@ -157,7 +159,7 @@ def reduce_test_range(part: int, start: int, stop: int, topk_files: List[str], t
     tables.write_part(out_dirs[tables.TEST_SCORES], part, table)
     return {"part": part, "rows": stop - start, "max_error": dec["max_error"],
             "max_relative_error": dec["max_relative_error"],
-            "fidelity": fidelity_moments(surrogate, test["logits"]), "seconds": time.perf_counter() - t0}
+            "fidelity": fidelity_moments(surrogate, model), "seconds": time.perf_counter() - t0}
 
 
 def reduce_train_range(part: int, sources: List[tuple], positions: np.ndarray, ranks: np.ndarray,

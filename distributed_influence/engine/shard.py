@@ -102,16 +102,17 @@ class ShardWorker:
         return featurize(self._source(which), self.featurizer(), self._input_shape(), start, stop)
 
     def featurize_test(self, start: int, stop: int):
-        """Test rows [start, stop): (augmented features, {logits, ids, labels}).
+        """Test rows [start, stop): ({x: augmented features, logits: the model's}, {pred, ids, labels}).
 
-        Two return values, so that under Ray the features can stay in the object store (the
-        driver passes them on to the scoring calls without ever holding them).
+        Two return values, so that under Ray the part (features and logits, rows × (d+1+C))
+        can stay in the object store: the driver passes it on to the scoring calls without ever
+        holding it, and keeps only per-row integers (the explained class, ids, labels).
         """
         x, logits, ids, labels, keys = self.featurize_rows("test", start, stop)
-        meta = {"logits": logits, "ids": ids, "labels": labels}
+        meta = {"pred": logits_mod.predicted_classes(logits), "ids": ids, "labels": labels}
         if keys is not None:
             meta["keys"] = keys
-        return x, meta
+        return {"x": x, "logits": logits}, meta
 
     def prepare(self, spec: ShardSpec) -> dict:
         """Featurizes a training shard and keeps it; returns its size and where it ran."""
@@ -226,7 +227,8 @@ class ShardWorker:
         d = self._data(spec)
         self._probs.clear()  # the fit's softmax blocks: the fit is over once scoring starts
         t0 = time.perf_counter()
-        test_x = _fetch_parts(test_parts)
+        parts = _fetch_parts(test_parts)
+        test_x = [p["x"] for p in parts]
         n_classes = max(2, d.targets.shape[1])  # a binary model explains classes 0 and 1
         alpha, alpha_head, class_sim = rp.alpha_pass(d.x, theta, d.targets, s.lam, s.n_train,
                                                      rp.class_sums(test_x, test_pred, n_classes))
@@ -243,8 +245,11 @@ class ShardWorker:
             # For the decomposition, without test features in the reduce: x_t Σ_(i in shard)
             # x_iᵀα_i at each test row's explained class (the reduce adds these over shards),
             # and from one shard x_t Θ (the surrogate's logits; raw, one column if binary).
-            "test": {"rep_sum": logits_mod.per_class(_logits(test_x, alpha_head))[np.arange(len(test_pred)), test_pred],
-                     **({"surrogate": _logits(test_x, theta)} if spec.index == 0 else {})},
+            "test": {"rep_sum": _explained(test_x, logits_mod.per_class(alpha_head), test_pred),
+                     # and the model's logits, so that the reduce reads them from storage and the
+                     # driver never holds an (m × C) array.
+                     **({"surrogate": _logits(test_x, theta),
+                         "model": np.concatenate([p["logits"] for p in parts])} if spec.index == 0 else {})},
             "train": {
                 "train_id": d.ids,
                 "label": d.labels,
@@ -294,9 +299,9 @@ def _probs_key(theta: np.ndarray, precision: str) -> tuple:
 
 
 def _fetch_parts(parts: list) -> list:
-    """The test features' parts as arrays: references into Ray's object store come back as
+    """The test parts ({x, logits}) as arrays: references into Ray's object store come back as
     zero-copy views of shared memory, and are scored in place, never concatenated."""
-    if any(not isinstance(p, np.ndarray) for p in parts):
+    if any(not isinstance(p, dict) for p in parts):
         import ray
 
         parts = ray.get(list(parts))
@@ -305,6 +310,18 @@ def _fetch_parts(parts: list) -> list:
 
 def _logits(parts: list, theta: np.ndarray) -> np.ndarray:
     return np.concatenate([rp.linear_logits(p, theta) for p in parts])
+
+
+def _explained(parts: list, head: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """x_t · head[:, j_t] for every test row, in float64: one column per row rather than the
+    (m × C) logits of which only that column is kept."""
+    out, start = np.empty(len(pred)), 0
+    for p in parts:
+        for a, b in rp.row_blocks(len(p), rp.CAST_BLOCK):
+            cols = head[:, pred[start + a:start + b]]  # (d+1, rows) float64
+            out[start + a:start + b] = np.einsum("ij,ji->i", np.asarray(p[a:b], np.float64), cols)
+        start += len(p)
+    return out
 
 
 def _has_gpu() -> bool:

@@ -124,39 +124,59 @@ def finish_all(x, geo, xt, pred, k: int):
     """The exact top-k of test rows against every row of the shard, in one pass over it.
 
     For test rows whose candidates cannot certify the k-th place (an exact tie across it, say),
-    and for blocks the bound cannot prune (a shard the first scan block covers anyway). Each
-    block of (test rows × shard) float32 values is computed once; a training row can only enter
-    the top-k when the top of its interval reaches the k-th largest bottom (for proponents; the
-    mirror for opponents): every other row has k rows whose finished values are certainly
-    larger, strictly. Only those rows are re-scored canonically, so the cost is one matrix
-    product per pair plus the re-scoring of the few rows within reach of the k-th place (all of
-    them, if they are all tied).
+    and for shards the bound cannot prune (one the first scan blocks cover anyway). Each block
+    of (test rows × shard) float32 values is computed once, by one matrix product, and finished
+    by :func:`finish_values`.
 
     Returns:
         [(values, rows, similarity) for proponents, for opponents], each (b, k).
     """
     b, s = len(xt), len(x)
-    rel, eabs = geo.error(xt, pred)
     out = [[np.empty((b, k), np.float32), np.empty((b, k), np.int64), np.empty((b, k), np.float32)]
            for _ in range(2)]
     x32 = np.asarray(x, np.float32)
-    step = max(1, FINISH_ELEMENTS // max(1, s))
-    for a in range(0, b, step):
-        e = min(b, a + step)
+    cols = np.arange(s)
+    for a, e in value_blocks(b, s):
         g = np.matmul(xt[a:e], x32.T)
         g *= geo.alpha_t[pred[a:e]]
-        half = TWICE * (rel[a:e, None] * np.abs(g) + eabs[a:e, None])
-        lo, hi = g - half, g + half
-        for kind, largest in enumerate((True, False)):
-            # In the kind's own direction (opponents negated): the worst and best each value can be.
-            worst, best = (lo, hi) if largest else (-hi, -lo)
-            kth_worst = np.partition(worst, s - k, axis=1)[:, s - k]
-            width = int(np.count_nonzero(best >= kth_worst[:, None], axis=1).max())
-            if width < s:
-                cand = np.argpartition(-best, width - 1, axis=1)[:, :width]
-            else:
-                cand = np.broadcast_to(np.arange(s), (e - a, s))
-            got = _finished(x, geo.alpha_t, xt[a:e], pred[a:e], np.ascontiguousarray(cand), k, largest)
+        for kind, got in enumerate(finish_values(x, geo, xt[a:e], pred[a:e], g, cols, k)):
             for field in range(3):
                 out[kind][field][a:e] = got[field]
     return [tuple(o) for o in out]
+
+
+def value_blocks(b: int, s: int):
+    """[start, stop) ranges of test rows whose (rows × s) values fit FINISH_ELEMENTS."""
+    step = max(1, FINISH_ELEMENTS // max(1, s))
+    return [(a, min(b, a + step)) for a in range(0, b, step)]
+
+
+def finish_values(x, geo, xt, pred, g: np.ndarray, cols: np.ndarray, k: int):
+    """The exact top-k from float32 values ``g`` (b, c) of every shard row, rows ``cols`` (c,).
+
+    A training row can only enter the top-k when the top of its interval reaches the k-th
+    largest bottom (for proponents; the mirror for opponents): every other row has k rows whose
+    finished values are certainly larger, strictly. Only those rows are re-scored canonically,
+    so the cost is the re-scoring of the few rows within reach of the k-th place (all of them,
+    if they are all tied).
+
+    Returns:
+        [(values, rows, similarity) for proponents, for opponents], each (b, k).
+    """
+    c = g.shape[1]
+    rel, eabs = geo.error(xt, pred)
+    half = TWICE * (rel[:, None] * np.abs(g) + eabs[:, None])
+    lo, hi = g - half, g + half
+    del half
+    done = []
+    for largest in (True, False):
+        # In the kind's own direction (opponents negated): the worst and best each value can be.
+        worst, best = (lo, hi) if largest else (-hi, -lo)
+        kth_worst = np.partition(worst, c - k, axis=1)[:, c - k]
+        width = int(np.count_nonzero(best >= kth_worst[:, None], axis=1).max())
+        if width < c:
+            pos = np.argpartition(-best, width - 1, axis=1)[:, :width]
+        else:
+            pos = np.broadcast_to(np.arange(c), (len(g), c))
+        done.append(_finished(x, geo.alpha_t, xt, pred, np.ascontiguousarray(cols[pos]), k, largest))
+    return done

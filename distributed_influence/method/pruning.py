@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from distributed_influence.method.finish import TWICE, finish_all, select
+from distributed_influence.method.finish import TWICE, finish_all, finish_values, select, value_blocks
 from distributed_influence.method.representer import RowParts, row_blocks, tf
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,42 @@ def _merge_numpy(xt, x, alpha_c, cand, pv, pr, ov, orow, k2):
 
     pv, pr = merge(pv, pr, high, True)
     ov, orow = merge(ov, orow, low, False)
-    return pv, pr, ov, orow
+    return pv, pr, ov, orow, r
+
+
+def _tied(state, rel, eabs, k: int) -> np.ndarray:
+    """Rows whose k2 candidates already lie within reach of their k-th (either kind): many rows
+    tie at the top (duplicated examples, or the near-identical features of an untrained
+    backbone). Their scan would rarely stop, and their finish would need the whole shard again."""
+    tied = np.zeros(len(rel), bool)
+    for values, sign in ((state[0], 1.0), (state[2], -1.0)):
+        v = sign * values.astype(np.float64)
+        spread = TWICE * (rel[:, None] * np.abs(v) + eabs[:, None])
+        tied |= v[:, -1] + spread[:, -1] >= v[:, k - 1] - spread[:, k - 1]
+    return tied
+
+
+def _finish_tied(x, geo, alpha_c, xt, pred, r_first, cand, k):
+    """Tied rows (:func:`_tied`) finished against the whole shard, scoring only the rows their
+    first block did not: each pair is scored once, as on the dense path."""
+    s = len(x)
+    rest = np.ones(s, bool)
+    rest[cand] = False
+    rest = np.flatnonzero(rest)
+    cols = np.concatenate([cand, rest])
+    out = [[np.empty((len(xt), k), t) for t in (np.float32, np.int64, np.float32)] for _ in range(2)]
+    for a, e in value_blocks(len(xt), s):
+        g = np.empty((e - a, s), np.float32)
+        g[:, :len(cand)] = r_first[a:e]
+        for c0 in range(0, len(rest), MAX_BLOCK):  # gathered by blocks: no copy of the shard
+            rows = rest[c0:c0 + MAX_BLOCK]
+            block = g[:, len(cand) + c0:len(cand) + c0 + len(rows)]
+            np.matmul(xt[a:e], np.take(x, rows, axis=0).T, out=block)
+            block *= alpha_c[rows]
+        for kind, got in enumerate(finish_values(x, geo, xt[a:e], pred[a:e], g, cols, k)):
+            for field in range(3):
+                out[kind][field][a:e] = got[field]
+    return [tuple(o) for o in out]
 
 
 class ScanOrder:
@@ -164,7 +199,7 @@ class ScanOrder:
         return float(self.keys[pos]) if pos < len(self.rows) else self.next_key
 
 
-def _pruned_class(xt_b, tnorm, rel, eabs, x, alpha_c, order: ScanOrder, k, k2, factor, eta):
+def _pruned_class(xt_b, tnorm, rel, eabs, x, alpha_c, order: ScanOrder, k, k2, factor, eta, geo, cls):
     """Candidates of one class's test rows (a block) by the pruned scan of the shard's rows.
 
     Args:
@@ -178,10 +213,14 @@ def _pruned_class(xt_b, tnorm, rel, eabs, x, alpha_c, order: ScanOrder, k, k2, f
         order: the shard rows by decreasing key |α|·‖x_i‖ (extended here as far as needed).
         k: entries per kind; k2 (≥ k) candidates kept per kind for the exact finish.
         factor, eta: the float32 safety margin (:func:`bound_factor`) and absolute term.
+        geo, cls: the shard's :class:`Geometry` and this class (to finish tied rows here).
 
     Returns:
         (proponent values, rows, opponent values, rows) each (b, k2) by float32 products, best
-        first, and the pairs scored. Every row of the exact top-k is among the scanned rows.
+        first, the pairs scored, and the rows tied at the top after the first block (NumPy
+        scan only) with their finished lists, or None: those were scored against the whole
+        shard and finished here (:func:`_finish_tied`), and their candidate rows are unset.
+        Every row of the exact top-k is among a row's scanned rows.
     """
     b, s = len(xt_b), len(order.rest)
     on_device = not isinstance(x, np.ndarray)
@@ -198,6 +237,7 @@ def _pruned_class(xt_b, tnorm, rel, eabs, x, alpha_c, order: ScanOrder, k, k2, f
         xt = xt_b
     # The first block holds at least k2 rows, so no sentinel survives into a finished list.
     pos, width, pairs = 0, max(FIRST_BLOCK, k2), 0
+    finished = None  # (rows, their finished lists): rows tied at the top, finished densely
 
     def emit(which, state):
         for slot, arr in zip(out, state):
@@ -212,12 +252,24 @@ def _pruned_class(xt_b, tnorm, rel, eabs, x, alpha_c, order: ScanOrder, k, k2, f
                                                  orow, kk)
             state = [pv.numpy(), pr.numpy(), ov.numpy(), orow.numpy()]
         else:
-            pv, pr, ov, orow = state = _merge_numpy(xt, x, alpha_c, cand, pv, pr, ov, orow, k2)
+            pv, pr, ov, orow, r = _merge_numpy(xt, x, alpha_c, cand, pv, pr, ov, orow, k2)
+            state = [pv, pr, ov, orow]
         pairs += len(active) * (end - pos)
+        if pos == 0 and not on_device and end < s and k2 > k:
+            tied = np.flatnonzero(_tied(state, rel, eabs, k))
+            if len(tied):
+                finished = (tied, _finish_tied(x, geo, alpha_c, xt[tied], np.full(len(tied), cls), r[tied], cand, k))
+                pairs += len(tied) * (s - end)
+                keep = np.setdiff1d(np.arange(b), tied)
+                if not len(keep):
+                    return out, pairs, finished
+                active = keep
+                pv, pr, ov, orow, xt = (a[keep] for a in (pv, pr, ov, orow, xt))
+                state = [pv, pr, ov, orow]
         pos, width = end, min(2 * width, MAX_BLOCK)
         if pos >= s:
             emit(slice(None), state)
-            return out, pairs
+            return out, pairs, finished
         # The next row's bound on any computed value (every later row's is no larger), against
         # the k-th values lowered by what float32 products may be off from the exact finish.
         bound = order.bound_at(pos) * tnorm[active] * factor + eta
@@ -233,7 +285,7 @@ def _pruned_class(xt_b, tnorm, rel, eabs, x, alpha_c, order: ScanOrder, k, k2, f
             emit(stop, state)
             keep = np.flatnonzero(~stop)
             if not len(keep):
-                return out, pairs
+                return out, pairs, finished
             active = active[keep]
             if on_device:
                 keep_t = tf.constant(keep)
@@ -302,8 +354,8 @@ def score_pruned(x_scan, x, geo: "Geometry", test_x: RowParts, test_pred, k, k2,
             tnorm = row_norms(xt, geo.factor)
             rel, eabs = geo.error(xt, test_pred[sel], tnorm)
             try:
-                (pv, pr, ov, orow), n = _pruned_class(xt, tnorm, rel, eabs, x_scan, alpha_c, order, k, k2,
-                                                      geo.factor, geo.eta[c])
+                (pv, pr, ov, orow), n, tied = _pruned_class(xt, tnorm, rel, eabs, x_scan, alpha_c, order, k, k2,
+                                                            geo.factor, geo.eta[c], geo, c)
             except tf.errors.ResourceExhaustedError:
                 if block == 1:
                     raise
@@ -311,7 +363,12 @@ def score_pruned(x_scan, x, geo: "Geometry", test_x: RowParts, test_pred, k, k2,
                 log.warning("out of memory while scoring: test block now %d", block)
                 continue
             pairs += n
-            pending.add(sel, xt, test_pred[sel], pv, pr, ov, orow)
+            scanned = np.ones(len(sel), bool)
+            if tied is not None:
+                put(sel[tied[0]], test_pred[sel[tied[0]]], tied[1])
+                scanned[tied[0]] = False
+            if scanned.any():
+                pending.add(*(a[scanned] for a in (sel, xt, test_pred[sel], pv, pr, ov, orow)))
             b0 += len(sel)
     pending.flush()
     return pairs

@@ -99,3 +99,57 @@ def test_in_process_audit_matches_oracle(files, tmp_path, monkeypatch, target, s
     np.testing.assert_allclose(train["label_probability"], oracle.softmax(z_tr)[np.arange(n), ref["y"]],
                                rtol=1e-5, atol=1e-7)
 
+
+
+@pytest.fixture(scope="module")
+def signed_files(data, tmp_path_factory):
+    """A model whose penultimate features are tanh outputs: signed, like GELU or LayerNorm ones."""
+    from conftest import sequential_activation_model
+
+    x_tr, y_tr, x_te, y_te = data
+    root = tmp_path_factory.mktemp("signed")
+    model = sequential_activation_model(x_tr, y_tr)
+    model.save(str(root / "model.keras"))
+    np.savez(root / "train.npz", x=x_tr, y=y_tr)
+    np.savez(root / "test.npz", x=x_te, y=y_te)
+    return {"model": str(root / "model.keras"), "train": str(root / "train.npz"), "test": str(root / "test.npz")}
+
+
+def test_signed_features_prune_and_leave_abs_sums_null_unless_asked(signed_files, tmp_path):
+    """Signed features: by default influence_abs_sum is null (with the reason in the manifest)
+    and scoring stays pruned; --abs-sums fills it from every pair. Both against brute force
+    over the train index the audit wrote, and the top-k tables equal either way."""
+    from distributed_influence.method import records
+    from distributed_influence.store import index
+
+    runs = {}
+    for abs_sums in (False, True):
+        out = str(tmp_path / f"abs{abs_sums}")
+        cfg = AuditConfig(**signed_files, out=out, k=K, lam=LAM, shards=2, abs_sums=abs_sums)
+        runs[abs_sums] = (out, run_audit(cfg, use_ray=False))
+    out, m = runs[False]
+    sc = m["scoring"]
+    assert sc["method"] == "pruned" and sc["reason"] is None
+    assert sc["influence_abs_sum"] == {"how": records.ABS_SKIPPED, "reason": records.ABS_SUM_SKIPPED}
+    train = pq.read_table(f"{out}/train_scores")
+    assert train.column("influence_abs_sum").null_count == train.num_rows
+    assert train.column("influence_sum").null_count == 0
+    out_abs, m_abs = runs[True]
+    assert m_abs["scoring"]["method"] == "dense" and m_abs["scoring"]["reason"] == records.REASON_NEGATIVE
+    assert m_abs["scoring"]["influence_abs_sum"] == {"how": records.ABS_PAIRS, "reason": None}
+    assert m["run_key"] != m_abs["run_key"]  # --abs-sums changes a column: not resumed from the other
+    assert pq.read_table(f"{out}/influence_topk").equals(pq.read_table(f"{out_abs}/influence_topk"))
+
+    shards = [index.read_shard(p) for p in index.shard_files(f"{out}/index")]
+    x = np.concatenate([s["x"] for s in shards]).astype(np.float64)
+    alpha = np.concatenate([s["alpha"] for s in shards])
+    assert x[:, :-1].min() < 0
+    model = keras.models.load_model(signed_files["model"], safe_mode=True, compile=False)
+    features = keras.Model(model.inputs, model.layers[0].output)
+    x_te = oracle.augment(features.predict(np.load(signed_files["test"])["x"], verbose=0))
+    pred = np.asarray(pq.read_table(f"{out}/test_scores").column("predicted_class"))
+    r = oracle.representer_matrix(x, alpha, x_te, pred)
+    got = pq.read_table(f"{out_abs}/train_scores").to_pydict()
+    np.testing.assert_allclose(got["influence_abs_sum"], np.abs(r).sum(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(train.column("influence_sum").to_numpy(), r.sum(axis=0), rtol=1e-4,
+                               atol=1e-5 * np.abs(r).max())

@@ -126,12 +126,13 @@ def test_a_shard_writes_its_train_index_as_scored_and_a_failed_write_fails_the_c
                                   lam=cfg.lam, k=cfg.k, n_train=60, batch_size=16, test_block=8,
                                   index_dir=index_dir)
         worker = ShardWorker(inputs.model_bytes, settings)
-        test_x = worker._data(spec).x[:5].copy()
+        # A test part as the workers' featurize_test leaves it: features and the model's logits.
+        part = {"x": worker._data(spec).x[:5].copy(), "logits": np.zeros((5, 3), np.float32)}
         if fails:
             with pytest.raises(OSError):
-                worker.score(spec, inputs.split.theta(), [test_x], np.zeros(5, np.int64))
+                worker.score(spec, inputs.split.theta(), [part], np.zeros(5, np.int64))
             continue
-        result = worker.score(spec, inputs.split.theta(), [test_x], np.zeros(5, np.int64))
+        result = worker.score(spec, inputs.split.theta(), [part], np.zeros(5, np.int64))
         stored = index.read_shard(index.shard_file(index_dir, spec.index))
         np.testing.assert_array_equal(stored["ids"], result["train"]["train_id"])
         np.testing.assert_array_equal(stored["x"], worker._data(spec).x)

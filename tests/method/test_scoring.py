@@ -106,6 +106,24 @@ def test_heavy_ties_from_duplicated_rows_and_alpha(scan):
         assert res["pruned"]["scoring"]["pairs_scored"] == res["pruned"]["scoring"]["pairs_total"]
 
 
+def test_rows_tied_at_the_top_are_scored_once_not_twice(scan):
+    """An untrained backbone: every training row has (nearly) the same features and, per class,
+    the same α, so thousands of rows tie at every test row's k-th place. Each pair is still
+    scored at most once (no scan plus a second pass), and the lists equal brute force."""
+    rng = np.random.default_rng(21)
+    n, m, d, C = 3000, 12, 5, 3
+    base = rng.integers(0, 3, size=d).astype(np.float32)
+    x = np.hstack([np.tile(base, (n, 1)), np.ones((n, 1), np.float32)])
+    x[::7, 0] += 1  # a few rows differ, so not every value is the same
+    labels = rng.integers(0, C, size=n)
+    alpha = np.where(np.eye(C)[labels] > 0, 2 / 8, -1 / 8)
+    xt = np.hstack([rng.integers(0, 3, size=(m, d)), np.ones((m, 1))]).astype(np.float32)
+    pred = rng.integers(0, C, size=m)
+    res, _ = _check(x, alpha, xt, pred, np.arange(n), k=5, block=5)
+    rec = res["pruned"]["scoring"]
+    assert rec["pairs_scored"] <= rec["pairs_total"], rec
+
+
 def test_k_larger_than_the_positive_values_scans_on():
     x, alpha, xt, pred, ids = _problem(2, n=50, lo=0)  # features ≥ 0: every similarity ≥ 1
     alpha[:] = -np.abs(alpha) - 1 / 8  # every α negative ...
