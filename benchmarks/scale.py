@@ -1,23 +1,40 @@
 """Scale benchmark: a trained MLP on a C-class Gaussian mixture, audited through the CLI on a
-Ray cluster of several nodes on this machine.
+Ray cluster of several nodes on this machine; or, with ``--backbone resnet50``, an ImageNet-shaped
+ResNet-50 on random images.
 
     python benchmarks/scale.py --n 1000000 --m 100000 --classes 100 --dim 128 --shards 16 --nodes 2
+    python benchmarks/scale.py --n 100000 --m 10000 --classes 1000 --compare-classes 100 --dim 2048 \
+        --act gelu --compare-dense --no-variants
+    python benchmarks/scale.py --backbone resnet50 --n 2048 --m 512 --classes 1000
 
 What it does, all in one run so that ratios are fair on a shared machine:
 
 1. makes the data (n train + m test rows of a C-class Gaussian mixture in ``--input-dim``
    dimensions, 10% of the training labels flipped) and trains a small Keras MLP
-   (input → Dense(d, relu) → Dense(C) → softmax) on part of it;
+   (input → Dense(d, ``--act``) → Dense(C) → softmax) on part of it; gelu and tanh give
+   signed features;
 2. starts a Ray cluster of ``--nodes`` nodes on loopback (``ray.cluster_utils.Cluster`` in this
    process, so every Ray process is a child of it and its memory can be sampled);
-3. runs ``distributed-influence audit --address <head>`` and prints per-stage times, the head
-   fit's passes over the training features, the driver's and the workers' peak RSS;
-4. times one float32 objective pass over all n rows in one process, and prints the fit's cost
-   as a multiple of it;
+3. runs ``distributed-influence audit --address <head>`` (plus ``--audit-args``) and prints
+   per-stage times, the head fit's passes over the training features, the driver's and the
+   workers' peak RSS against their budgets;
+4. measures each stage's floor right after the audit, in this process: the faster of a bare Keras
+   ``predict`` and the package's Featurizer over the same rows (featurize), one float32 Hessian
+   product on one shard's rows against the two GEMMs it needs (fit), the GEMMs of the pairs the
+   job scored at this machine's float32 GEMM rate (score), and prints stage, floor and ratio in
+   one table;
 5. checks exactness: the decomposition error from the manifest, and the top-k of sampled test
    rows against a brute-force NumPy computation from the train index the audit wrote;
-6. unless ``--no-variants``: the same at ``--variant-n`` rows with m, m × 4, and shards × 4, to
+6. with ``--compare-classes C2``: the same audit at C2 classes (same n, m, d, shards), and the
+   score stage, the fit's passes and the pairs scored side by side; with ``--compare-dense``: the
+   audit again with ``--scoring dense``, and its tables compared exactly;
+7. a paper estimate for ImageNet-1k from the measured rates, for this machine and one GPU
+   (whose GEMM rate, ``--gpu-tflops``, is an assumption);
+8. unless ``--no-variants``: the same at ``--variant-n`` rows with m, m × 4, and shards × 4, to
    see how the driver's memory grows.
+
+``--backbone resnet50`` replaces 1 and 6: a ResNet-50 with random weights on 64×64×3 random
+images, whose featurize stage is compared with a bare ``predict`` over the same rows.
 
 Timings are noisy when other processes share the machine; the contention line says how much.
 """
@@ -27,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -35,7 +53,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import K, TreeSampler, run_benchmark, run_job  # noqa: E402 - the benchmarks' shared helpers
+import scale_backbone as sb  # noqa: E402 - this benchmark's parts
+import scale_parts as sp  # noqa: E402
+from common import K, TreeSampler, matmul_gflops, run_benchmark, run_job  # noqa: E402 - the benchmarks' shared helpers
+
+#: ResNet-50's input side here: small enough for a few thousand rows on a 2-core machine.
+BACKBONE_SIDE = 64
 
 GiB = 1024.0 ** 3
 NOISE = 0.10
@@ -57,18 +80,20 @@ def mixture(n: int, classes: int, input_dim: int, seed: int, flip: float = 0.0):
 
 
 def write_npz(path: str, x: np.ndarray, y: np.ndarray) -> str:
+    """A job input with ids 0..n-1, uncompressed: the job reads it by byte range."""
     np.savez(path, x=x, y=y, id=np.arange(len(y), dtype=np.int64))  # uncompressed: read by byte range
     return path
 
 
-def train_mlp(x, y, classes: int, dim: int, epochs: int, path: str, seed: int) -> dict:
+def train_mlp(x, y, classes: int, dim: int, epochs: int, path: str, seed: int, act: str = "relu") -> dict:
+    """Trains the MLP whose Dense(d, ``act``) layer gives the features (gelu/tanh: signed ones)."""
     from distributed_influence.tfimport import import_keras
 
     keras = import_keras()
     keras.utils.set_random_seed(seed)
     model = keras.Sequential([
         keras.Input((x.shape[1],)),
-        keras.layers.Dense(dim, activation="relu", name="features"),
+        keras.layers.Dense(dim, activation=act, name="features"),
         keras.layers.Dense(classes, name="logits"),
         keras.layers.Activation("softmax", name="softmax"),
     ])
@@ -81,12 +106,13 @@ def train_mlp(x, y, classes: int, dim: int, epochs: int, path: str, seed: int) -
 
 
 def make_workload(root: str, n: int, m: int, classes: int, input_dim: int, dim: int, epochs: int,
-                  fit_rows: int, seed: int = 0) -> dict:
+                  fit_rows: int, seed: int = 0, act: str = "relu") -> dict:
+    """Train and test .npz files and the MLP trained on the first ``fit_rows`` training rows."""
     os.makedirs(root, exist_ok=True)
     x, y, flipped = mixture(n, classes, input_dim, seed, flip=NOISE)
     train = write_npz(os.path.join(root, "train.npz"), x, y)
     model = os.path.join(root, "mlp.keras")
-    info = train_mlp(x[:fit_rows], y[:fit_rows], classes, dim, epochs, model, seed)
+    info = train_mlp(x[:fit_rows], y[:fit_rows], classes, dim, epochs, model, seed, act)
     del x, y
     xt, yt, _ = mixture(m, classes, input_dim, seed + 1)
     test = write_npz(os.path.join(root, "test.npz"), xt, yt)
@@ -112,13 +138,14 @@ def start_cluster(nodes: int, cpus_per_node: int):
     return cluster
 
 
-def audit(work: dict, out: str, shards: int, address: str, label: str) -> dict:
-    """One CLI run against the cluster, with the driver's and the workers' memory sampled."""
+def audit(work: dict, out: str, shards: int, address: str, label: str, extra=()) -> dict:
+    """One CLI run against the cluster, with the driver's and the workers' memory sampled;
+    ``extra``: more audit flags (``--audit-args``, ``--scoring dense``), after ours so they win."""
     cluster_sampler = TreeSampler(os.getpid())  # the cluster's raylets and workers are our children
     cluster_sampler.start()
     try:
         run = run_job(work["model"], work["train"], work["test"], out, out + ".log",
-                      extra=("--shards", str(shards), "--address", address))
+                      extra=("--shards", str(shards), "--address", address, *extra))
     finally:
         cluster_sampler.stop()
     worker_peak = max((s.peak_rss for s in cluster_sampler.seen.values()
@@ -135,11 +162,12 @@ def audit(work: dict, out: str, shards: int, address: str, label: str) -> dict:
            "driver_rss": run.peaks["driver"], "worker_rss": worker_peak, "worker_budget": budget,
            "decomposition": m["decomposition"], "nodes": m["workers"]["nodes"],
            "workers": m["workers"]["count"], "shards": len(m["shards"]), "reduce": m.get("reduce", {}),
-           "contention": run.contention.text(), "out": out}
+           "contention": run.contention.text(), "out": out, "manifest": m}
     return res
 
 
 def show(res: dict) -> None:
+    """One audit's stage times, fit passes and memory against its budgets, as text lines."""
     t = res["timings"]
     fit = res["head_fit"]
     p = fit.get("passes", {})
@@ -187,12 +215,6 @@ def _pass_seconds(x: np.ndarray, targets: np.ndarray, theta: np.ndarray, repeats
         cpu_sums.objective_sums(x, targets, theta, "float32")
         best = min(best, time.perf_counter() - t0)
     return best
-
-
-def objective_pass_seconds(work: dict, n: int, classes: int) -> float:
-    """Seconds of one float32 objective pass over all n training rows in this process."""
-    x, targets, theta = _features(work, n, classes)
-    return _pass_seconds(x, targets, theta)
 
 
 def _baseline_fit_module():
@@ -267,61 +289,28 @@ def fit_comparison(work: dict, rows: int, classes: int, lam: float = 0.003) -> d
     return out
 
 
-def check_topk(work: dict, out: str, samples: int, k: int, seed: int = 7) -> dict:
-    """Top-k of sampled test rows against brute force over the train index (float64)."""
-    import pyarrow.parquet as pq
-
-    from distributed_influence.data.model import Featurizer, load_model, read_model_bytes, split_model
-    from distributed_influence.method import representer as rp
-    from distributed_influence.store import index
-
-    split = split_model(load_model(read_model_bytes(work["model"]), "mlp.keras"), None, None, "mlp.keras")
-    test = np.load(work["test"])
-    rows = np.sort(np.random.default_rng(seed).choice(len(test["y"]), size=samples, replace=False))
-    feats, logits = Featurizer(split, 1024)(test["x"][rows])
-    xt = rp.augment(feats).astype(np.float64)
-    pred = np.argmax(logits, axis=1)
-    xs, alphas, ids = [], [], []
-    for path in index.shard_files(os.path.join(out, index.INDEX_DIR)):
-        sh = index.read_shard(path)
-        xs.append(sh["x"])
-        alphas.append(sh["alpha"][:, :])
-        ids.append(sh["ids"])
-    x = np.concatenate(xs)
-    alpha = np.concatenate(alphas)
-    tid = np.concatenate(ids)
-    del xs, alphas
-    topk = pq.read_table(os.path.join(out, "influence_topk"), filters=[("test_id", "in", rows.tolist())],
-                         columns=["test_id", "kind", "rank", "train_id", "representer_value"]).to_pydict()
-    got = {}
-    for t, kind, rank, tr, v in zip(topk["test_id"], topk["kind"], topk["rank"], topk["train_id"],
-                                    topk["representer_value"]):
-        got.setdefault((t, kind), {})[rank] = (tr, v)
-    same, close = 0, 0
-    worst = 0.0
-    for j, t in enumerate(rows):
-        r = alpha[:, pred[j]] * (x.astype(np.float64) @ xt[j])
-        for kind, largest in (("proponent", True), ("opponent", False)):
-            order = np.lexsort((tid, -r if largest else r))[:k]
-            mine = got[(int(t), kind)]
-            ids_job = [mine[i + 1][0] for i in range(k)]
-            vals_job = np.array([mine[i + 1][1] for i in range(k)])
-            same += int(ids_job == tid[order].tolist())
-            scale = max(np.abs(r).max(), 1e-30)
-            err = float(np.max(np.abs(vals_job - r[order])) / scale)
-            worst = max(worst, err)
-            close += int(err <= 1e-5)
-    return {"lists": 2 * samples, "identical_ids": same, "values_within_1e-5": close,
-            "max_value_error_rel": worst}
-
-
 # ------------------------------------------------------------------------------------ main
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The benchmark's options (the module docstring is the --help text)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1_000_000, help="training rows")
     ap.add_argument("--m", type=int, default=100_000, help="test rows")
     ap.add_argument("--classes", type=int, default=100, help="C")
     ap.add_argument("--dim", type=int, default=128, help="d, the feature dimension (width of the MLP)")
+    ap.add_argument("--act", choices=("relu", "gelu", "tanh"), default="relu",
+                    help="activation of the MLP's feature layer (gelu, tanh: signed features)")
+    ap.add_argument("--audit-args", default="", help="more audit flags, one string (split like a shell "
+                    "does), e.g. \"--scoring dense\"")
+    ap.add_argument("--compare-classes", type=int, default=0,
+                    help="also run the main audit at this C (same n, m, d, shards) and compare (0: no)")
+    ap.add_argument("--compare-dense", action="store_true",
+                    help="also run the main audit with --scoring dense and compare the tables exactly")
+    ap.add_argument("--backbone", choices=("resnet50",), default=None,
+                    help="instead of the MLP: ResNet-50 (random weights) on 64x64x3 random images")
+    ap.add_argument("--gpu-tflops", type=float, default=20.0,
+                    help="float32 GEMM rate ASSUMED for one GPU in the ImageNet estimate (default 20)")
+    ap.add_argument("--estimate-side", type=int, default=224,
+                    help="image side of the ImageNet estimate's backbone (its featurize scales by pixels)")
     ap.add_argument("--input-dim", type=int, default=32, help="dimension of the mixture's inputs")
     ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--nodes", type=int, default=2, help="Ray nodes on this machine")
@@ -339,59 +328,123 @@ def main(argv=None) -> int:
     ap.add_argument("--no-variants", action="store_true", help="only the main run")
     ap.add_argument("--work-dir", default="/tmp/scale_bench")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def measured_case(work: dict, root: str, args, address: str, label: str, extra: tuple) -> dict:
+    """One audit with its floors, its stage table and the brute-force check of its top-k."""
+    res = audit(work, os.path.join(root, "out"), args.shards, address, label, extra)
+    show(res)
+    floors = sp.measure_floors(work, res)
+    sp.show_stages(res, floors)
+    res["floors"] = {k: v for k, v in floors.items() if k != "featurize"}
+    res["floors"]["featurize"] = {k: v for k, v in floors["featurize"].items() if not isinstance(v, np.ndarray)}
+    res["topk_check"] = sp.check_topk(work, res["out"], args.samples, K)
+    print(f"[{label}] brute-force check of {res['topk_check']['lists'] // 2} test rows: "
+          f"{json.dumps(res['topk_check'])}", flush=True)
+    return res
+
+
+def run_mlp(args, address: str, extra: tuple) -> dict:
+    """The main audit (and the one at --compare-classes, and its dense twin), with floors."""
+    results = {}
+    for classes in [args.classes] + ([args.compare_classes] if args.compare_classes else []):
+        root = os.path.join(args.work_dir, "main" if classes == args.classes else f"main_c{classes}")
+        t0 = time.perf_counter()
+        work = make_workload(root, args.n, args.m, classes, args.input_dim, args.dim, args.epochs,
+                             min(args.fit_rows, args.n), act=args.act)
+        print(f"\ndata + model (C = {classes}, d = {args.dim}, {args.act}): {time.perf_counter() - t0:.1f} s "
+              f"(MLP train accuracy {work['train_accuracy']:.3f} on noisy labels)", flush=True)
+        res = measured_case(work, root, args, address, f"C={classes}", extra)
+        results[res["label"]] = res
+        if classes == args.classes and args.compare_dense:
+            dense = audit(work, os.path.join(root, "out_dense"), args.shards, address, f"C={classes} dense",
+                          extra + ("--scoring", "dense"))
+            show(dense)
+            res["dense_comparison"] = sp.show_dense_comparison(res, dense)
+            results[dense["label"]] = dense
+    if args.compare_classes:
+        main_res = results[f"C={args.classes}"]
+        main_res["class_comparison"] = sp.show_class_comparison(main_res, results[f"C={args.compare_classes}"])
+    return results
+
+
+def run_backbone(args, address: str, extra: tuple, cluster_cpus: int) -> dict:
+    """ResNet-50 through the CLI, its featurize stage against a bare predict, and its floors."""
+    root = os.path.join(args.work_dir, "backbone")
+    work = sb.make_backbone_workload(root, args.n, args.m, args.classes, BACKBONE_SIDE)
+    res = measured_case(work, root, args, address, f"resnet50 C={args.classes}", extra)
+    bare = res["floors"]["featurize"]
+    res["featurize_ratio"] = sb.show_featurize(res, bare, cluster_cpus)
+    return {res["label"]: res}
+
+
+def run_variants(args, address: str, extra: tuple) -> dict:
+    """m, m × 4 and shards × 4 at --variant-n rows: how the driver's memory grows."""
+    results = {}
+    root = os.path.join(args.work_dir, "variants")
+    work = make_workload(root, args.variant_n, 4 * args.variant_m, args.classes, args.input_dim,
+                         args.dim, args.epochs, min(args.fit_rows, args.variant_n), act=args.act)
+    small = dict(work)
+    small["test"] = write_npz(os.path.join(root, "test_small.npz"),
+                              *mixture(args.variant_m, args.classes, args.input_dim, 1)[:2])
+    for label, w, shards in (("base", small, args.shards), ("m x4", work, args.shards),
+                             ("shards x4", small, 4 * args.shards)):
+        res = audit(w, os.path.join(root, "out_" + label.replace(" ", "")), shards, address, label, extra)
+        show(res)
+        results[label] = res
+    base = results["base"]["driver_rss"]
+    for label in ("m x4", "shards x4"):
+        growth = results[label]["driver_rss"] / base - 1
+        print(f"driver peak RSS {label}: {results[label]['driver_rss'] / GiB:.3f} GiB vs "
+              f"{base / GiB:.3f} GiB: {growth:+.1%}", flush=True)
+    return results
+
+
+def imagenet_estimate(args, results: dict) -> None:
+    """The paper estimate from the first measured audit (the main one, or the backbone's)."""
+    res = next(iter(results.values()))
+    d = sb.IMAGENET["d"]
+    gemm = matmul_gflops(1024, d + 1, 4096)  # the scoring GEMM's shape at ImageNet's d
+    backbone = None
+    if args.backbone:
+        m = res["manifest"]
+        backbone = {"rows_per_s": (m["n_train"] + m["n_test"]) / res["timings"]["featurize"],
+                    "side": BACKBONE_SIDE}
+    sb.show_estimate(sb.estimate_inputs(res, res["floors"], gemm, backbone), args.gpu_tflops, args.estimate_side)
+
+
+def main(argv=None) -> int:
+    """Runs the benchmark with one Ray cluster for all its audits, shut down at the end."""
+    args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    extra = tuple(shlex.split(args.audit_args))
     t_all = time.perf_counter()
-    print(f"machine: {os.cpu_count()} cores; k = {K}; noise {NOISE:.0%}", flush=True)
+    print(f"machine: {os.cpu_count()} cores; k = {K}; noise {NOISE:.0%}; extra audit flags: "
+          f"{' '.join(extra) or 'none'}", flush=True)
     results = {}
     if args.fit_compare_rows:
         root = os.path.join(args.work_dir, "fitcmp")
         work = make_workload(root, args.fit_compare_rows, 100, args.classes, args.input_dim, args.dim,
-                             args.epochs, min(args.fit_rows, args.fit_compare_rows))
+                             args.epochs, min(args.fit_rows, args.fit_compare_rows), act=args.act)
         results["fit_comparison"] = fit_comparison(work, args.fit_compare_rows, args.classes)
         if args.fit_compare_only:
             return 0
     cluster = start_cluster(args.nodes, args.cpus_per_node)
     try:
-        if not args.no_main:
-            root = os.path.join(args.work_dir, "main")
-            t0 = time.perf_counter()
-            work = make_workload(root, args.n, args.m, args.classes, args.input_dim, args.dim, args.epochs,
-                                 min(args.fit_rows, args.n))
-            print(f"data + model: {time.perf_counter() - t0:.1f} s (MLP train accuracy "
-                  f"{work['train_accuracy']:.3f} on noisy labels)", flush=True)
-            res = audit(work, os.path.join(root, "out"), args.shards, cluster.address, "main")
-            show(res)
-            t_pass = objective_pass_seconds(work, args.n, args.classes)
-            fit_s = res["timings"]["fit"]
-            res["objective_pass_seconds"] = t_pass
-            res["fit_in_passes"] = fit_s / t_pass
-            print(f"[main] one float32 objective pass over {args.n} rows in one process: {t_pass:.3f} s; "
-                  f"the fit ({fit_s:.1f} s) costs {fit_s / t_pass:.1f} of them; it made "
-                  f"{res['head_fit'].get('passes', {}).get('total')} passes", flush=True)
-            res["topk_check"] = check_topk(work, res["out"], args.samples, K)
-            print(f"[main] brute-force check of {args.samples} test rows: {json.dumps(res['topk_check'])}", flush=True)
-            results["main"] = res
-        if not args.no_variants:
-            root = os.path.join(args.work_dir, "variants")
-            work = make_workload(root, args.variant_n, 4 * args.variant_m, args.classes, args.input_dim,
-                                 args.dim, args.epochs, min(args.fit_rows, args.variant_n))
-            small = dict(work)
-            small["test"] = write_npz(os.path.join(root, "test_small.npz"),
-                                      *mixture(args.variant_m, args.classes, args.input_dim, 1)[:2])
-            for label, w, shards in (("base", small, args.shards), ("m x4", work, args.shards),
-                                     ("shards x4", small, 4 * args.shards)):
-                res = audit(w, os.path.join(root, "out_" + label.replace(" ", "")), shards, cluster.address,
-                            label)
-                show(res)
-                results[label] = res
-            base = results["base"]["driver_rss"]
-            for label in ("m x4", "shards x4"):
-                growth = results[label]["driver_rss"] / base - 1
-                print(f"driver peak RSS {label}: {results[label]['driver_rss'] / GiB:.3f} GiB vs "
-                      f"{base / GiB:.3f} GiB: {growth:+.1%}", flush=True)
+        measured = {}
+        if args.backbone:
+            measured = run_backbone(args, cluster.address, extra, args.nodes * args.cpus_per_node)
+        elif not args.no_main:
+            measured = run_mlp(args, cluster.address, extra)
+        results.update(measured)
+        if not args.no_variants and not args.backbone:
+            results.update(run_variants(args, cluster.address, extra))
     finally:
         cluster.shutdown()
+    sp.show_memory(list(results[k] for k in results if k != "fit_comparison"))
+    if measured:
+        imagenet_estimate(args, measured)
     print(f"benchmark total: {time.perf_counter() - t_all:.0f} s", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
