@@ -106,7 +106,7 @@ def _merge_numpy(xt, x, alpha_c, cand, pv, pr, ov, orow, k2):
     Same float32 expression (matrix product, then the product with α). Each kind keeps the k2
     best of the block, found by one ``argpartition``, merged with the running lists by (value,
     row). Which of several equal values at the k2-th place are kept does not matter: the stop
-    test and :func:`finish_exact` use the values only.
+    test and :func:`~.finish.finish_exact` use the values only.
     """
     r = np.matmul(xt, np.take(x, cand, axis=0).T)
     r *= alpha_c[cand]

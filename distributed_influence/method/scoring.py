@@ -29,17 +29,19 @@ Exactness of the pruned path, in detail:
   than the number of positive values, or than the shard, simply scans further, to the end.
 - Order, ties and values: float32 matrix products of the same pair differ between the paths
   (their summation order follows the shapes), so neither path orders or reports them. Both
-  keep 2k candidates per kind; :func:`~.pruning.finish_exact` proves the membership of the top-k from
-  intervals around each product (or re-scores all 2k, or in the worst case the whole shard),
-  then scores the kept pairs again one by one with a summation order that depends only on d
-  (``pruning._canonical_dots``) and orders them by (value, id): ties go to the smaller id, and both
+  keep 2k candidates per kind; :func:`~.finish.finish_exact` proves the membership of the top-k from
+  intervals around each product (or re-scores all 2k, or in the worst case finishes the row
+  from one more matrix product over the whole shard, :func:`~.finish.finish_all`), then scores
+  the kept pairs again one by one with a summation order that depends only on d
+  (:func:`~.finish.canonical_dots`) and orders them by (value, id): ties go to the smaller id, and both
   paths (and the merge of shards) see the same numbers. The stop test subtracts twice the
   interval from the k-th values, so no unscanned row can reach or tie with them.
 
 ``influence_abs_sum`` (Σ_t |r_i(t)|) needs every pair unless all features are ≥ 0 (then it has a
-closed form, like ``influence_sum`` always has). When features take negative values and the per-
-train sums are wanted, the pruned path would have to guess it, so :func:`score_shard` scores that
-shard densely instead, and says so in its ``scoring`` record (method ``dense`` with the reason).
+closed form, like ``influence_sum`` always has). When features take negative values it is never
+guessed: by default it is not computed (a null column, the reason in the ``scoring`` record) and
+the shard is pruned; with ``abs_sums`` (``--abs-sums``) :func:`score_shard` scores that shard
+densely instead, and says so (method ``dense`` with the reason).
 """
 
 from __future__ import annotations
