@@ -396,11 +396,15 @@ class Geometry:
         self.nonneg = bool(self.rows == 0 or np.min(x) >= 0)
         n_classes = self.alpha_t.shape[0]
         self.maxkey, a_max = np.zeros(n_classes), np.zeros(n_classes)
-        step = max(1, (1 << 22) // max(1, self.rows))  # classes per float64 block: no (C × s) float64 copy
+        # max_i |α_ij|·‖x_i‖ per class in float32, by blocks of classes (no (C × s) float64 copy),
+        # then raised past what rounding took: the norms rounded up to float32, each product
+        # within a factor 1 + 2⁻²³ of exact, plus what a product may lose to underflow.
+        xn32 = np.nextafter(self.xnorm.astype(np.float32), np.float32(np.inf))
+        step = max(1, (1 << 22) // max(1, self.rows))
         for a, b in row_blocks(n_classes, step):
-            a_abs = np.abs(self.alpha_t[a:b]).astype(np.float64)
+            a_abs = np.abs(self.alpha_t[a:b])
             if self.rows:
-                self.maxkey[a:b] = (a_abs * self.xnorm[None, :]).max(axis=1)
+                self.maxkey[a:b] = (a_abs * xn32).max(axis=1) * (1.0 + 2.0 ** -22) + TINY32
                 a_max[a:b] = a_abs.max(axis=1)
         self.eta = (a_max * dim + 1.0) * TINY32
 
