@@ -145,8 +145,11 @@ def fit_head(
         x, j, g = _newton_pcg(fun32, fun64, hessian_product("float32"), sketch_pass,
                               2.0 * lam, x, j, g, tol, max_iter, callback, always_sketch=sketch == "always",
                               n_classes=shape[1], exact=exact)
-        phases.append("Newton-CG (float32 Hessian products; Nyström-preconditioned "
-                      + ("from the first step)" if sketch == "always" else "when CG needs it)"))
+        # The method as it ran: a head with many classes gets no sketch (see sketch_rank), and
+        # an adaptive fit may need none.
+        when = "from the first step" if sketch == "always" else "when CG needs it"
+        phases.append("Newton-CG (float32 Hessian products; "
+                      + (f"Nyström-preconditioned {when})" if counter["sketches"] else "no preconditioner)"))
         log.info("Newton-CG: max|grad J| = %.3g", np.max(np.abs(g)))
     # Fallback, for a Newton phase that stalled: L-BFGS, then Newton steps without sketch.
     plan = (("float32", FLOAT32_GTOL), ("float64", tol))

@@ -34,7 +34,8 @@ def test_many_direction_hvp_equals_explicit_hessian(wide, precision, sums, monke
     monkeypatch.setattr(rp, "MULTI_HVP_COLUMNS", 15)
     monkeypatch.setattr(rp, "MULTI_HVP_ROWS", 70)
     monkeypatch.setattr(cpu_sums, "ROWS", 70)
-    monkeypatch.setattr(cpu_sums, "BLOCK_ELEMENTS", 70 * theta.shape[1] * 3)  # 3 directions at a time
+    # 3 directions at a time:
+    monkeypatch.setattr(cpu_sums, "BLOCK_BYTES", 70 * theta.shape[1] * 3 * np.dtype(precision).itemsize)
     v = np.random.default_rng(2).normal(size=theta.shape + (7,))
     got = sums.hvp_sums(x, theta, v, precision) / len(x)
     h = oracle.data_hessian(x.astype(np.float64), theta)
@@ -175,4 +176,20 @@ def test_fit_with_a_sampled_sketch_reaches_the_explicit_newton_optimum(wide, sum
                    sketch_sums=sketch)
     assert res.converged and res.max_abs_grad <= 1e-10 and "L-BFGS" not in res.method
     assert strides and set(strides) == {6} and res.passes["sketches"] == len(strides)
+    np.testing.assert_allclose(res.theta, oracle.newton_fit(x.astype(np.float64), t, LAM, theta0), atol=1e-7)
+    assert "Nyström-preconditioned from the first step" in res.method
+
+
+def test_a_head_with_too_many_classes_for_a_sketch_is_fitted_and_reported_without_one(wide, monkeypatch):
+    """sketch_rank gives 0 when SKETCH_COLUMNS // C leaves too few directions: the fit still
+    reaches the optimum by plain Newton-CG, and its method says that no preconditioner ran."""
+    x, labels, theta0 = wide
+    monkeypatch.setattr(fitmod, "SKETCH_COLUMNS", 5 * (fitmod.MIN_SKETCH_RANK - 1))
+    assert fitmod.sketch_rank(theta0.size, theta0.shape[1]) == 0
+    t = rp.one_hot(labels, theta0.shape[1])
+    res = fit_head(lambda th, prec: cpu_sums.objective_sums(x, t, th, prec),
+                   lambda th, v, prec: cpu_sums.hvp_sums(x, th, v, prec), len(x), LAM, theta0, tol=1e-10,
+                   sketch_sums=lambda th, v, stride: cpu_sums.hvp_sums(x, th, v, "float32", stride=stride))
+    assert res.converged and res.passes["sketches"] == 0
+    assert res.method == "Newton-CG (float32 Hessian products; no preconditioner)"
     np.testing.assert_allclose(res.theta, oracle.newton_fit(x.astype(np.float64), t, LAM, theta0), atol=1e-7)
