@@ -159,7 +159,7 @@ class RayPool:
         recomputed by a surviving worker (see :class:`~distributed_influence.cluster.recovery.Recovery`).
 
         Returns:
-            (``prepare``'s results in shard order, the test features' references, the small
+            (``prepare``'s results in shard order, the test parts' ({x, logits}) references, the small
             values of ``featurize_test``), ranges in the order given.
         """
         calls = self._shard_calls("prepare", specs, ())

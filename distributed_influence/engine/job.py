@@ -374,7 +374,7 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
     """
     shard_info = {s.index: {"index": s.index, "start": s.start, "stop": s.stop, "rows": s.rows}
                   for s in specs}
-    results = {s.index: store.load(f"shard-{s.index}") for s in specs}
+    results = {s.index: _current(store.load(f"shard-{s.index}"), s.index) for s in specs}
     reused = sorted(i for i, r in results.items() if r is not None)
     todo = [s for s in specs if results[s.index] is None]
     if reused:
@@ -419,6 +419,16 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
         theta_residual=float(np.max(np.abs(theta - alpha_head)) / np.max(np.abs(theta))),
         workers={"count": pool.n_workers, "backend": pool.backend, "devices": devices},
         recovery=recovery, timings=dict(timer.times))
+
+
+def _current(result: Optional[dict], shard: int) -> Optional[dict]:
+    """A saved shard result, or None when an earlier version wrote it: its partials lack what the
+    reduce now reads (shard 0's test logits) and its record says nothing of influence_abs_sum,
+    so the shard is scored again rather than mixed with this version's."""
+    if result is not None and "abs_sum" not in (result.get("scoring") or {}):
+        log.info("shard %d was scored by an earlier version: scoring it again", shard)
+        return None
+    return result
 
 
 def _score(pool, store: WorkStore, todo: list, theta: np.ndarray, test: dict, test_pred: np.ndarray) -> dict:

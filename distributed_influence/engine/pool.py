@@ -47,7 +47,7 @@ class Pool(Protocol):
         """``prepare`` of every shard and ``featurize_test`` of every test range.
 
         Returns:
-            (``prepare``'s results in shard order, the test features (values or references),
+            (``prepare``'s results in shard order, the test parts ({x, logits}: values or references),
             the small values of ``featurize_test``), ranges in the order given.
         """
 

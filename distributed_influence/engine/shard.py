@@ -25,6 +25,10 @@ from distributed_influence.method import logits as logits_mod
 from distributed_influence.method import representer as rp
 from distributed_influence.store import index
 
+#: Rows per block of the fidelity moments: a block's (rows × C) float64 logits and differences
+#: stay a few MB even for a thousand classes.
+FIDELITY_ROWS = 2048
+
 
 @dataclasses.dataclass
 class ShardData:
@@ -197,7 +201,11 @@ class ShardWorker:
         if d.logits is None:  # asked again after they were dropped (a re-run call): read them again
             del self._shards[spec.index]
             d = self._data(spec)
-        moments = logits_mod.fidelity_moments(rp.linear_logits(d.x, theta), d.logits)
+        # By row blocks: the surrogate's float64 logits of a whole shard, and the differences
+        # the moments take, would be several (s × C) float64 arrays at once.
+        moments = np.zeros(7)
+        for a, b in rp.row_blocks(len(d.x), FIDELITY_ROWS):
+            moments += logits_mod.fidelity_moments(rp.linear_logits(d.x[a:b], theta), d.logits[a:b])
         if self.settings.target == "labels":
             # Nothing after the fit needs the logits (n × C: at C = 100, 0.8 × the features),
             # unless the fit's targets are the model's own predictions. A worker that lost them
@@ -215,13 +223,15 @@ class ShardWorker:
         Args:
             spec: the shard.
             theta: the fitted head.
-            test_parts: the test features in parts (arrays or object-store references).
+            test_parts: the test parts, {x: features, logits: the model's} (dicts or object-store
+                references to them).
             test_pred: the class explained for each test example.
 
         Returns:
             dict with the shard's partial top-k (values, ids, α, similarity for each kind),
             its per-train rows, Σ_i x_iᵀα_i, and per test row x_t Σ_i x_iᵀα_i at the explained
-            class (and, from shard 0, the surrogate's logits x_t Θ) for the decomposition.
+            class (and, from shard 0, the surrogate's logits x_t Θ and the model's test logits)
+            for the decomposition and the test table.
         """
         s = self.settings
         d = self._data(spec)

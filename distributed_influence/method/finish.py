@@ -14,8 +14,9 @@ import numpy as np
 
 #: (test, train) pairs per step of the canonical re-scoring: its float32 buffer of (pairs × (d+1)).
 CANON_PAIRS = 40
-#: Values per step of :func:`finish_all`: the (test rows × shard rows) float32 block it holds.
-FINISH_ELEMENTS = 1 << 22
+#: Values per step of :func:`finish_all`: its (test rows × shard rows) block of float32 values,
+#: with a few float64 and int64 arrays of that shape (about 40 MB in all).
+FINISH_ELEMENTS = 1 << 20
 #: Intervals are doubled (and a little) where computed values meet finished ones: the finished
 #: values are float32 dot products too, within the same interval of the exact value.
 TWICE = 2.01
@@ -157,26 +158,50 @@ def finish_values(x, geo, xt, pred, g: np.ndarray, cols: np.ndarray, k: int):
     A training row can only enter the top-k when the top of its interval reaches the k-th
     largest bottom (for proponents; the mirror for opponents): every other row has k rows whose
     finished values are certainly larger, strictly. Only those rows are re-scored canonically,
-    so the cost is the re-scoring of the few rows within reach of the k-th place (all of them,
-    if they are all tied).
+    test rows grouped by how many they have, so that one row with many ties does not make the
+    others re-score as many. Holds about five (b × c) arrays of 8 bytes at once.
 
     Returns:
         [(values, rows, similarity) for proponents, for opponents], each (b, k).
     """
-    c = g.shape[1]
+    b, c = g.shape
     rel, eabs = geo.error(xt, pred)
-    half = TWICE * (rel[:, None] * np.abs(g) + eabs[:, None])
-    lo, hi = g - half, g + half
-    del half
+    hi = np.abs(g, dtype=np.float64)
+    hi *= TWICE * rel[:, None]
+    hi += TWICE * eabs[:, None]  # the interval's half-width, then its top
+    lo = g - hi
+    hi += g
     done = []
     for largest in (True, False):
-        # In the kind's own direction (opponents negated): the worst and best each value can be.
-        worst, best = (lo, hi) if largest else (-hi, -lo)
-        kth_worst = np.partition(worst, c - k, axis=1)[:, c - k]
-        width = int(np.count_nonzero(best >= kth_worst[:, None], axis=1).max())
-        if width < c:
-            pos = np.argpartition(-best, width - 1, axis=1)[:, :width]
+        # Proponents: rows whose top reaches the k-th largest bottom; opponents: rows whose
+        # bottom reaches the k-th smallest top.
+        if largest:
+            kth = np.partition(lo, c - k, axis=1)[:, c - k].copy()
+            reach = np.count_nonzero(hi >= kth[:, None], axis=1)
         else:
-            pos = np.broadcast_to(np.arange(c), (len(g), c))
-        done.append(_finished(x, geo.alpha_t, xt, pred, np.ascontiguousarray(cols[pos]), k, largest))
+            kth = np.partition(hi, k - 1, axis=1)[:, k - 1].copy()
+            reach = np.count_nonzero(lo <= kth[:, None], axis=1)
+        out = [np.empty((b, k), np.float32), np.empty((b, k), np.int64), np.empty((b, k), np.float32)]
+        for rows, width in _by_width(reach):
+            if width >= c:
+                pos = np.broadcast_to(np.arange(c), (len(rows), c))
+            elif largest:
+                pos = np.argpartition(hi[rows], c - width, axis=1)[:, c - width:]
+            else:
+                pos = np.argpartition(lo[rows], width - 1, axis=1)[:, :width]
+            got = _finished(x, geo.alpha_t, xt[rows], pred[rows], np.ascontiguousarray(cols[pos]), k, largest)
+            for field in range(3):
+                out[field][rows] = got[field]
+        done.append(tuple(out))
     return done
+
+
+def _by_width(widths: np.ndarray):
+    """(test rows, width) groups: rows whose widths lie within a factor of two, with the
+    largest width of each group."""
+    order = np.argsort(widths, kind="stable")
+    w = widths[order]
+    edges = np.flatnonzero(np.diff(np.floor(np.log2(np.maximum(w, 1))))) + 1
+    for rows in np.split(order, edges):
+        if len(rows):
+            yield rows, int(widths[rows].max())

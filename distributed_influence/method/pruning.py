@@ -106,7 +106,8 @@ def _merge_numpy(xt, x, alpha_c, cand, pv, pr, ov, orow, k2):
     Same float32 expression (matrix product, then the product with α). Each kind keeps the k2
     best of the block, found by one ``argpartition``, merged with the running lists by (value,
     row). Which of several equal values at the k2-th place are kept does not matter: the stop
-    test and :func:`~.finish.finish_exact` use the values only.
+    test and :func:`~.finish.finish_exact` use the values only. Also returns the block's values
+    (b, candidates), which the first step's tied rows are finished from (:func:`_finish_tied`).
     """
     r = np.matmul(xt, np.take(x, cand, axis=0).T)
     r *= alpha_c[cand]
@@ -273,14 +274,14 @@ def _pruned_class(xt_b, tnorm, rel, eabs, x, alpha_c, order: ScanOrder, k, k2, f
         # The next row's bound on any computed value (every later row's is no larger), against
         # the k-th values lowered by what float32 products may be off from the exact finish.
         bound = order.bound_at(pos) * tnorm[active] * factor + eta
-        r, e = rel[active], eabs[active]
+        rel_a, eabs_a = rel[active], eabs[active]
         top_k = state[0][:, k - 1].astype(np.float64)
         bottom_k = state[2][:, k - 1].astype(np.float64)
         # The finished k-th values (float32 dot products again) are at least
-        # top_k − 2(r|top_k| + e) (at most bottom_k + ...); every unscanned row's finished value
-        # is within its bound, so it stays strictly below (above) them.
-        stop = ((bound < top_k - TWICE * (r * np.abs(top_k) + e))
-                & (bound < -bottom_k - TWICE * (r * np.abs(bottom_k) + e)))
+        # top_k − 2(rel|top_k| + eabs) (at most bottom_k + ...); every unscanned row's finished
+        # value is within its bound, so it stays strictly below (above) them.
+        stop = ((bound < top_k - TWICE * (rel_a * np.abs(top_k) + eabs_a))
+                & (bound < -bottom_k - TWICE * (rel_a * np.abs(bottom_k) + eabs_a)))
         if stop.any():
             emit(stop, state)
             keep = np.flatnonzero(~stop)
@@ -329,9 +330,14 @@ def score_pruned(x_scan, x, geo: "Geometry", test_x: RowParts, test_pred, k, k2,
     Args:
         x_scan: what the scan reads (a resident tensor, or ``x`` itself).
         x: (s, d+1) float32 shard features.
+        geo: the shard's :class:`Geometry`.
+        test_x, test_pred: the test features (in parts) and each row's explained class.
+        k, k2: entries kept per kind, and candidates kept per kind for the exact finish.
+        block: test rows per scan; halved if a device runs out of memory.
         finish: (rows, test features, classes, proponent values, rows, opponent values, rows)
             ↦ None: the exact finish of scanned rows' candidates (:func:`~.finish.finish_exact`).
-        put: (rows, classes, finished lists) ↦ None: stores rows finished here directly.
+        put: (rows, classes, finished lists, dense) ↦ None: stores rows finished here directly
+            (``dense``: against the whole shard, the rows tied at the top).
 
     Returns:
         The (test, train) pairs scored.
@@ -365,7 +371,7 @@ def score_pruned(x_scan, x, geo: "Geometry", test_x: RowParts, test_pred, k, k2,
             pairs += n
             scanned = np.ones(len(sel), bool)
             if tied is not None:
-                put(sel[tied[0]], test_pred[sel[tied[0]]], tied[1])
+                put(sel[tied[0]], test_pred[sel[tied[0]]], tied[1], True)
                 scanned[tied[0]] = False
             if scanned.any():
                 pending.add(*(a[scanned] for a in (sel, xt, test_pred[sel], pv, pr, ov, orow)))
@@ -393,6 +399,9 @@ class Geometry:
         self.alpha_t = np.ascontiguousarray(np.asarray(alpha).T, dtype=np.float32)
         self.factor = bound_factor(dim, tf32_possible())
         self.xnorm = row_norms(x, self.factor)
+        # A NaN or infinite key would order nowhere, and no bound would hold for its row.
+        if not (np.isfinite(self.xnorm).all() and np.isfinite(self.alpha_t).all()):
+            raise ValueError("scoring needs finite features and α: the shard has NaN or infinite values")
         self.nonneg = bool(self.rows == 0 or np.min(x) >= 0)
         n_classes = self.alpha_t.shape[0]
         self.maxkey, a_max = np.zeros(n_classes), np.zeros(n_classes)

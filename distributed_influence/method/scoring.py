@@ -103,8 +103,10 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
     """Scores one shard against all test examples: per-test top-k and per-train sums.
 
     Nothing of size (test × shard) is kept: the dense path holds one (block × shard) matrix at a
-    time, the pruned path one (block × candidate block). Rows must be sorted by id, so that ties
-    go to the smaller id.
+    time, the pruned path one (block × candidate block), and where it scores rows against the
+    whole shard (a shard of a few scan blocks, rows tied at the top, exact ties at the k-th
+    place) blocks of at most ``finish.FINISH_ELEMENTS`` values. Rows must be sorted by id, so
+    that ties go to the smaller id.
 
     Args:
         x: (s, d+1) float32 augmented features of the shard, rows sorted by id.
@@ -159,9 +161,13 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
     s = len(ids)
     k2 = min(s, CANDIDATES * k)  # candidates per kind for the exact finish
     geo = Geometry(x, alpha)
-    redone = [0, 0]  # test rows finished against the whole shard; whose 2k candidates were re-scored
+    # Test rows finished against the whole shard; whose 2k candidates were re-scored; of the
+    # first, those finished so after a scan (a second pass over their pairs).
+    redone = [0, 0, 0]
 
-    def put(rows, pred, done):
+    def put(rows, pred, done, dense=False):
+        if dense:
+            redone[0] += len(rows)
         for kind, (vals, idx, dots) in zip(KINDS, done):
             o = topk[kind]
             o["values"][rows] = vals
@@ -174,9 +180,12 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
                                                 complete)
         redone[0] += n_redo
         redone[1] += n_rescored
+        redone[2] += n_redo
         put(rows, pred, done)
 
-    if method == "dense":
+    if s == 0:  # an empty shard: nothing to find (its lists have no columns)
+        pairs = 0
+    elif method == "dense":
         x_t = tf.convert_to_tensor(x if x_tf is None else x_tf, tf.float32)
         alpha_t = tf.constant(geo.alpha_t)  # (C, s): rows gathered per test row
         col_abs, pairs = score_dense(x_t, alpha_t, test_x, test_pred, k2, block, abs_how == ABS_PAIRS, finish)
@@ -187,8 +196,9 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
         # NumPy on the array itself, with no TensorFlow copy of the shard.
         x_scan = np.asarray(x, np.float32) if x_tf is None else x_tf
         pairs = score_pruned(x_scan, np.asarray(x, np.float32), geo, test_x, test_pred, k, k2, block, finish, put)
-        # Rows finished against the whole shard were scored once more by a matrix product.
-        pairs += redone[0] * s
+        # Rows finished against the whole shard after their scan were scored once more by a
+        # matrix product (score_pruned counts the tied rows' pairs itself: scored once).
+        pairs += redone[2] * s
     out["topk"] = topk
     out["scoring"] = {"method": method, "pairs_scored": int(pairs), "pairs_total": int(m * s),
                       "rows_finished_densely": int(redone[0]), "rows_rescored": int(redone[1]),

@@ -129,10 +129,10 @@ def test_k_larger_than_the_positive_values_scans_on():
     alpha[:] = -np.abs(alpha) - 1 / 8  # every α negative ...
     alpha[[3, 17], :] = 2 / 8  # ... but two: only two rows can be proponents with r > 0
     res, r = _check(x, alpha, xt, pred, ids, k=5)
-    # Rank 3-5 proponents are ≤ 0 values: the row had to scan everything (nothing pruned), plus
-    # the rows whose ties at the k-th place needed the whole shard once more.
+    # Rank 3-5 proponents are ≤ 0 values: the row had to scan everything (nothing pruned), at
+    # most plus the rows whose ties at the k-th place needed the whole shard once more.
     rec = res["pruned"]["scoring"]
-    assert rec["pairs_scored"] - rec["rows_finished_densely"] * len(ids) == rec["pairs_total"], rec
+    assert rec["pairs_total"] <= rec["pairs_scored"] <= rec["pairs_total"] + rec["rows_finished_densely"] * len(ids), rec
 
 
 def test_a_class_without_test_rows_and_several_test_blocks():
