@@ -240,11 +240,12 @@ class ShardWorker:
         parts = _fetch_parts(test_parts)
         test_x = [p["x"] for p in parts]
         n_classes = max(2, d.targets.shape[1])  # a binary model explains classes 0 and 1
-        alpha, alpha_head, class_sim = rp.alpha_pass(d.x, theta, d.targets, s.lam, s.n_train,
-                                                     rp.class_sums(test_x, test_pred, n_classes))
+        closed_abs = scoring.nonnegative(d.x, rp.RowParts(test_x))
+        alpha, alpha_head, sums = rp.alpha_pass(d.x, theta, d.targets, s.lam, s.n_train,
+                                                rp.class_sums(test_x, test_pred, n_classes), abs_sums=closed_abs)
         alpha = logits_mod.per_class(alpha)  # a binary head's α as [−α, α]: classes 0 and 1
         scored = scoring.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block, x_tf=d.x_tf,
-                                     class_sim=class_sim, method=s.scoring, abs_sums=s.abs_sums)
+                                     sums=sums, method=s.scoring, abs_sums=s.abs_sums)
         if s.index_dir:
             index.write_shard(index.shard_file(s.index_dir, spec.index), d.ids, d.labels, d.x, alpha,
                               keys=d.keys)

@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from distributed_influence.method.cpu_sums import rows_times
+from distributed_influence.method.logits import per_class
 from distributed_influence.tfimport import import_tensorflow
 
 tf = import_tensorflow()
@@ -313,40 +314,58 @@ def _alpha_of_logits(logits, targets: np.ndarray, lam: float, n_total: int):
 
 
 def alpha_pass(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: float, n_total: int,
-               class_sums: np.ndarray):
-    """α of a shard (the tape of :func:`alpha_by_tape`), Σ_i x_iᵀα_i and x_i·S_c.
+               class_sums: np.ndarray, abs_sums: bool = False):
+    """α of a shard (the tape of :func:`alpha_by_tape`), Σ_i x_iᵀα_i and the per-train sums.
 
     All three need the shard's features in float64: each row block is cast (into one reused
-    buffer, :func:`float64_blocks`) and one NumPy product gives the block's logits and its
-    x_i·S_c together; only the (rows, C) logits go through TensorFlow's tape, ROW_BLOCK rows
-    per tape; a second cast pass gives Σ_i x_iᵀα_i. Why two passes: a tape has a fixed cost,
-    so one tape per (small) cast block would cost far more than a tape per ROW_BLOCK rows, and
-    the second cast costs less than the tapes it saves. NumPy products on the reused buffer are
-    also cheaper than casting each block to a float64 tensor for TensorFlow's products.
+    buffer, :func:`float64_blocks`) and one NumPy product gives the block's logits; only the
+    (rows, C) logits go through TensorFlow's tape, ROW_BLOCK rows per tape; a second cast pass
+    gives Σ_i x_iᵀα_i and, from each block's x_i·S_c, the per-train sums (:func:`train_sums`).
+    Why two passes: a tape has a fixed cost, so one tape per (small) cast block would cost far
+    more than a tape per ROW_BLOCK rows, and the second cast costs less than the tapes it saves.
+    The similarities x_i·S_c are never kept whole: at C = 1,000 they would be another (n, C)
+    float64 array, the size of α, through the whole scoring.
 
     Args:
         x: (n, d+1) float32 augmented features.
         theta, targets, lam, n_total: as for :func:`alpha_by_tape`.
         class_sums: (C, d+1) float64 S_c, the sums of test features per explained class.
+        abs_sums: also Σ_t |r_ti| by the closed form, valid only when every feature (train and
+            test) is ≥ 0 (the caller knows; see :func:`train_sums`).
 
     Returns:
-        (α (n, C), Σ_i x_iᵀα_i (d+1, C), x_i·S_c (n, C)), all float64.
+        (α (n, C), Σ_i x_iᵀα_i (d+1, C), {"influence_sum": (n,), and "influence_abs_sum": (n,)
+        with ``abs_sums``}), all float64.
     """
-    n_out = theta.shape[1]
-    alpha = np.empty((len(x), n_out))  # the logits first, then α in their place
-    sims = np.empty((len(x), class_sums.shape[0]))
-    head = np.zeros(theta.shape)
-    both = np.hstack([np.asarray(theta, np.float64), np.asarray(class_sums, np.float64).T])
-    both_t = np.ascontiguousarray(both.T)
+    alpha = np.empty((len(x), theta.shape[1]))  # the logits first, then α in their place
+    theta64 = np.asarray(theta, np.float64)
+    theta_t = np.ascontiguousarray(theta64.T)
     for a, b, x64 in float64_blocks(x):
-        z = rows_times(x64, both, both_t)
-        alpha[a:b] = z[:, :n_out]
-        sims[a:b] = z[:, n_out:]
+        alpha[a:b] = rows_times(x64, theta64, theta_t)
     for a, b in row_blocks(len(x), ROW_BLOCK):  # read now: tests split a few rows into tapes
         alpha[a:b] = _alpha_of_logits(alpha[a:b], targets[a:b], lam, n_total).numpy()
+    head = np.zeros(theta.shape)
+    sums = {"influence_sum": np.empty(len(x))}
+    if abs_sums:
+        sums["influence_abs_sum"] = np.empty(len(x))
+    s64 = np.asarray(class_sums, np.float64).T
+    s_t = np.ascontiguousarray(s64.T)
     for a, b, x64 in float64_blocks(x):
         head += (alpha[a:b].T @ x64).T
-    return alpha, head, sims
+        # A binary head's α as [−α, α] (classes 0 and 1), like the class sums.
+        block_train_sums(per_class(alpha[a:b]), rows_times(x64, s64, s_t), sums, a)
+    return alpha, head, sums
+
+
+def block_train_sums(alpha: np.ndarray, sims: np.ndarray, out: dict, start: int) -> None:
+    """The per-train sums of rows [start, start + len(alpha)) from their α and x_i·S_c:
+    Σ_t r_ti = Σ_c α_ic (x_i·S_c) by linearity, and, when every similarity is positive
+    (non-negative features: x_i·x_t ≥ 1 with the bias 1), Σ_t |r_ti| = Σ_c |α_ic| (x_i·S_c).
+    Summed row by row, so the values do not depend on the blocks."""
+    stop = start + len(alpha)
+    out["influence_sum"][start:stop] = np.sum(alpha * sims, axis=1)
+    if "influence_abs_sum" in out:
+        out["influence_abs_sum"][start:stop] = np.sum(np.abs(alpha) * sims, axis=1)
 
 
 def row_blocks(n: int, size: int = ROW_BLOCK):

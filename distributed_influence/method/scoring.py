@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -63,42 +64,51 @@ from distributed_influence.method.records import (  # noqa: F401 - re-exported: 
     METHODS,
     REASON_NEGATIVE,
 )
-from distributed_influence.method.representer import RowParts, class_sums, linear_logits, row_blocks, tf
+from distributed_influence.method.representer import (
+    RowParts,
+    block_train_sums,
+    class_sums,
+    linear_logits,
+    row_blocks,
+    tf,
+)
 
 log = logging.getLogger(__name__)
 
 KINDS = ("proponent", "opponent")
 
-#: Rows per block of the per-train sums: a block's (rows × C) float64 products stay in cache.
-SUM_ROWS = 256
+#: Rows per block of the per-train sums: a block's (rows × C) float64 similarities stay small.
+SUM_ROWS = 1024
 
 #: Candidates kept per kind, as a multiple of k, for the exact finish (see :func:`~distributed_influence.method.finish.finish_exact`).
 CANDIDATES = 2
 
 
-def _train_sums(x: np.ndarray, alpha: np.ndarray, test_x: RowParts, test_pred: np.ndarray, class_sim) -> dict:
+def nonnegative(x: np.ndarray, test_x: RowParts) -> bool:
+    """Whether every training and test feature is ≥ 0: then Σ_t |r| has a closed form."""
+    return bool((len(x) == 0 or np.min(x) >= 0) and all(len(p) == 0 or np.min(p) >= 0 for p in test_x.parts))
+
+
+def _train_sums(x: np.ndarray, alpha: np.ndarray, test_x: RowParts, test_pred: np.ndarray) -> dict:
     """The per-train sums that have a closed form: ``influence_sum`` always, and
-    ``influence_abs_sum`` when every feature is non-negative (else it is left out)."""
-    # Σ_t r_ti = Σ_c α_ic (x_i · S_c) by linearity: the per-train sums need no pass over the
-    # (test × train) values. So do the sums of |r_ti| when every similarity is positive
-    # (non-negative features, e.g. after a ReLU: x_i · x_t ≥ 1 with the bias 1), because then
-    # |r_ti| = |α_{i,j_t}| (x_i · x_t).
-    if class_sim is None:
-        class_sim = linear_logits(x, class_sums(test_x, test_pred, alpha.shape[1]).T)  # x_i · S_c
-    # By row blocks: no (s × C) temporary, which at C = 1,000 is the size of the shard's α again.
-    nonneg = np.min(x) >= 0 and all(len(p) == 0 or np.min(p) >= 0 for p in test_x.parts)
+    ``influence_abs_sum`` when every feature is non-negative (else it is left out).
+
+    Σ_t r_ti = Σ_c α_ic (x_i · S_c) by linearity: the per-train sums need no pass over the
+    (test × train) values (see :func:`~distributed_influence.method.representer.block_train_sums`).
+    Workers get them from the α pass instead (``sums=``); this is the same arithmetic for a
+    caller that has α only.
+    """
     out = {"influence_sum": np.empty(len(x))}
-    if nonneg:
+    if nonnegative(x, test_x):
         out["influence_abs_sum"] = np.empty(len(x))
-    for a, b in row_blocks(len(x), SUM_ROWS):
-        out["influence_sum"][a:b] = np.sum(alpha[a:b] * class_sim[a:b], axis=1)
-        if nonneg:
-            out["influence_abs_sum"][a:b] = np.sum(np.abs(alpha[a:b]) * class_sim[a:b], axis=1)
+    s_t = class_sums(test_x, test_pred, alpha.shape[1]).T
+    for a, b in row_blocks(len(x), SUM_ROWS):  # no (s × C) array of similarities at once
+        block_train_sums(alpha[a:b], linear_logits(x[a:b], s_t), out, a)
     return out
 
 
 def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
-                test_pred: np.ndarray, k: int, block: int, x_tf=None, class_sim=None,
+                test_pred: np.ndarray, k: int, block: int, x_tf=None, sums: Optional[dict] = None,
                 method: str = "pruned", train_sums: bool = True, abs_sums: bool = False) -> dict:
     """Scores one shard against all test examples: per-test top-k and per-train sums.
 
@@ -118,7 +128,8 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
         k: entries kept per test example and kind (capped at the shard size).
         block: test examples per block; halved if a block runs out of device memory.
         x_tf: ``x`` as a resident tensor, if the caller keeps one (saves a copy per call).
-        class_sim: (s, C) x_i·S_c if already computed (``alpha_pass``), else computed here.
+        sums: the per-train sums of the closed form if already computed (``alpha_pass``, with
+            ``influence_abs_sum`` exactly when :func:`nonnegative`), else computed here.
         method: ``pruned`` (default) or ``dense``; both give the same tables.
         train_sums: also compute ``influence_sum`` and, when it has a closed form (features ≥ 0),
             ``influence_abs_sum`` (``explain`` needs neither).
@@ -147,7 +158,7 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
     k = min(k, len(ids))
     test_x = test_x if isinstance(test_x, RowParts) else RowParts(test_x)
     m = len(test_x)
-    out = _train_sums(x, alpha, test_x, test_pred, class_sim) if train_sums else {}
+    out = {} if not train_sums else dict(sums) if sums is not None else _train_sums(x, alpha, test_x, test_pred)
     abs_how = ABS_NOT_ASKED if not train_sums else ABS_CLOSED if "influence_abs_sum" in out else \
         ABS_PAIRS if abs_sums else ABS_SKIPPED
     reason = None

@@ -170,19 +170,23 @@ def test_fidelity_moments_give_pearson_and_mean_abs(problem):
     assert fid["mean_abs_diff"] == pytest.approx(np.mean(np.abs(a - b)), rel=1e-12)
 
 
-def test_alpha_pass_gives_alpha_head_and_class_similarities_in_float64(problem, monkeypatch):
+def test_alpha_pass_gives_alpha_head_and_per_train_sums_in_float64(problem, monkeypatch):
     x, labels, theta = problem
     monkeypatch.setattr(rp, "CAST_BLOCK", 30)  # several row blocks (the pass casts CAST_BLOCK rows at a time)
     monkeypatch.setattr(rp, "ROW_BLOCK", 45)  # and several tapes, across the cast blocks' edges
     C = theta.shape[1]
     t = rp.one_hot(labels, C)
     sums = np.random.default_rng(4).normal(size=(C, x.shape[1]))
-    alpha, head, sims = rp.alpha_pass(x, theta, t, LAM, len(x), sums)
+    alpha, head, train = rp.alpha_pass(x, theta, t, LAM, len(x), sums, abs_sums=True)
     x64 = x.astype(np.float64)
     expected = oracle.closed_form_alpha(x64, t, theta, LAM)
     np.testing.assert_allclose(alpha, expected, rtol=1e-9, atol=1e-15)
     np.testing.assert_allclose(head, x64.T @ expected, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(sims, x64 @ sums.T, rtol=1e-12, atol=1e-12)
+    sims = x64 @ sums.T  # x_i·S_c: Σ_t r_ti = Σ_c α_ic (x_i·S_c), and |α| for the abs form
+    np.testing.assert_allclose(train["influence_sum"], np.sum(expected * sims, axis=1), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(train["influence_abs_sum"], np.sum(np.abs(expected) * sims, axis=1), rtol=1e-9,
+                               atol=1e-12)
+    assert "influence_abs_sum" not in rp.alpha_pass(x, theta, t, LAM, len(x), sums)[2]
 
 
 def test_a_float32_evaluation_serves_the_next_hessian_products_of_its_shard(monkeypatch):
