@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 #: Rows per float64 block in the objective: bounds the float64 copy of a shard's features.
 ROW_BLOCK = 8192
+#: Logits per tape of the α pass at most (rows × C): its float64 tensors (logits, targets,
+#: gradient, α) then hold a few tens of MB whatever the number of classes.
+TAPE_ELEMENTS = 1 << 20
 #: Rows per float64 cast of features (:func:`float64_blocks`): a 13 MB buffer at d = 1600.
 CAST_BLOCK = 1024
 #: Bounds of one step of a many-direction Hessian product: columns of U = XV, and rows.
@@ -342,7 +345,10 @@ def alpha_pass(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: float
     theta_t = np.ascontiguousarray(theta64.T)
     for a, b, x64 in float64_blocks(x):
         alpha[a:b] = rows_times(x64, theta64, theta_t)
-    for a, b in row_blocks(len(x), ROW_BLOCK):  # read now: tests split a few rows into tapes
+    # Rows per tape: ROW_BLOCK (read now: tests split a few rows into tapes), fewer for a wide
+    # head, whose tape holds several (rows × C) float64 tensors at once.
+    tape_rows = max(1, min(ROW_BLOCK, TAPE_ELEMENTS // max(1, theta.shape[1])))
+    for a, b in row_blocks(len(x), tape_rows):
         alpha[a:b] = _alpha_of_logits(alpha[a:b], targets[a:b], lam, n_total).numpy()
     head = np.zeros(theta.shape)
     sums = {"influence_sum": np.empty(len(x))}
