@@ -132,15 +132,29 @@ def finish_all(x, geo, xt, pred, k: int):
     Returns:
         [(values, rows, similarity) for proponents, for opponents], each (b, k).
     """
-    b, s = len(xt), len(x)
-    out = [[np.empty((b, k), np.float32), np.empty((b, k), np.int64), np.empty((b, k), np.float32)]
-           for _ in range(2)]
     x32 = np.asarray(x, np.float32)
-    cols = np.arange(s)
-    for a, e in value_blocks(b, s):
+
+    def values(a, e):
         g = np.matmul(xt[a:e], x32.T)
         g *= geo.alpha_t[pred[a:e]]
-        for kind, got in enumerate(finish_values(x, geo, xt[a:e], pred[a:e], g, cols, k)):
+        return g
+
+    return finish_blocks(x, geo, xt, pred, k, np.arange(len(x)), values)
+
+
+def finish_blocks(x, geo, xt, pred, k: int, cols: np.ndarray, values):
+    """:func:`finish_values` over blocks of test rows (:func:`value_blocks`), the float32 values
+    of rows [a, e) against the shard rows ``cols`` (all of them, any order) made by
+    ``values(a, e)``; the lists put together.
+
+    Returns:
+        [(values, rows, similarity) for proponents, for opponents], each (b, k).
+    """
+    b = len(xt)
+    out = [[np.empty((b, k), np.float32), np.empty((b, k), np.int64), np.empty((b, k), np.float32)]
+           for _ in range(2)]
+    for a, e in value_blocks(b, len(cols)):
+        for kind, got in enumerate(finish_values(x, geo, xt[a:e], pred[a:e], values(a, e), cols, k)):
             for field in range(3):
                 out[kind][field][a:e] = got[field]
     return [tuple(o) for o in out]

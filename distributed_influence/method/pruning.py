@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from distributed_influence.method.finish import TWICE, finish_all, finish_values, select, value_blocks
+from distributed_influence.method.finish import TWICE, finish_all, finish_blocks, select
 from distributed_influence.method.representer import RowParts, row_blocks, tf
 
 log = logging.getLogger(__name__)
@@ -144,24 +144,21 @@ def _tied(state, rel, eabs, k: int) -> np.ndarray:
 def _finish_tied(x, geo, alpha_c, xt, pred, r_first, cand, k):
     """Tied rows (:func:`_tied`) finished against the whole shard, scoring only the rows their
     first block did not: each pair is scored once, as on the dense path."""
-    s = len(x)
-    rest = np.ones(s, bool)
+    rest = np.ones(len(x), bool)
     rest[cand] = False
     rest = np.flatnonzero(rest)
-    cols = np.concatenate([cand, rest])
-    out = [[np.empty((len(xt), k), t) for t in (np.float32, np.int64, np.float32)] for _ in range(2)]
-    for a, e in value_blocks(len(xt), s):
-        g = np.empty((e - a, s), np.float32)
+
+    def values(a, e):
+        g = np.empty((e - a, len(x)), np.float32)
         g[:, :len(cand)] = r_first[a:e]
         for c0 in range(0, len(rest), MAX_BLOCK):  # gathered by blocks: no copy of the shard
             rows = rest[c0:c0 + MAX_BLOCK]
             block = g[:, len(cand) + c0:len(cand) + c0 + len(rows)]
             np.matmul(xt[a:e], np.take(x, rows, axis=0).T, out=block)
             block *= alpha_c[rows]
-        for kind, got in enumerate(finish_values(x, geo, xt[a:e], pred[a:e], g, cols, k)):
-            for field in range(3):
-                out[kind][field][a:e] = got[field]
-    return [tuple(o) for o in out]
+        return g
+
+    return finish_blocks(x, geo, xt, pred, k, np.concatenate([cand, rest]), values)
 
 
 class ScanOrder:
