@@ -24,6 +24,7 @@ from distributed_influence.data.inputs import Inputs, open_inputs, prepare_input
 from distributed_influence.data.sources import options_from
 from distributed_influence.engine import reduce as rd
 from distributed_influence.engine.manifest import build_manifest
+from distributed_influence.method.logits import error_classes
 from distributed_influence.store import index, storage, tables
 from distributed_influence.store.workstore import WorkStore, run_key
 
@@ -300,8 +301,9 @@ def _scoring(config: AuditConfig, records: list) -> dict:
         log.warning("--scoring %s: scored densely instead (%s)", config.scoring, summary["reason"])
     log.info("scoring (%s): %.2f%% of the (test, train) pairs scored", summary["method"],
              100 * summary["pairs_scored_fraction"])
-    if summary["influence_abs_sum"]["reason"]:
-        log.warning("train_scores.influence_abs_sum left null: %s", summary["influence_abs_sum"]["reason"])
+    for column in ("influence_abs_sum", "error_influence"):
+        if summary[column]["reason"]:
+            log.warning("train_scores.%s left null: %s", column, summary[column]["reason"])
     return summary
 
 
@@ -425,7 +427,7 @@ def _current(result: Optional[dict], shard: int) -> Optional[dict]:
     """A saved shard result, or None when an earlier version wrote it: its partials lack what the
     reduce now reads (shard 0's test logits) and its record says nothing of influence_abs_sum,
     so the shard is scored again rather than mixed with this version's."""
-    if result is not None and "abs_sum" not in (result.get("scoring") or {}):
+    if result is not None and not {"abs_sum", "error_sum"} <= set(result.get("scoring") or {}):
         log.info("shard %d was scored by an earlier version: scoring it again", shard)
         return None
     return result
@@ -439,6 +441,7 @@ def _score(pool, store: WorkStore, todo: list, theta: np.ndarray, test: dict, te
     def persist(spec, result):
         store.save(f"shard-{spec.index}", result)
 
-    shared = (theta, test["parts"], pool.put(test_pred), partial_dir)
+    errors = error_classes(test.get("labels"), test_pred)
+    shared = (theta, test["parts"], pool.put(test_pred), partial_dir, None if errors is None else pool.put(errors))
     return {spec.index: r for spec, r in zip(todo, pool.map("score_partial", todo, *shared, desc="alpha + score",
                                                              on_result=persist))}

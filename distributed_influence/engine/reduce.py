@@ -23,7 +23,7 @@ from distributed_influence.method.logits import (  # NumPy only, like everything
     fidelity_moments,
     per_class,
 )
-from distributed_influence.method.records import ABS_SKIPPED, ABS_SUM_SKIPPED
+from distributed_influence.method.records import ABS_SKIPPED, ABS_SUM_SKIPPED, ERR_NO_LABELS, ERR_SKIPPED
 from distributed_influence.method.topk import merge_topk
 from distributed_influence.store import storage, tables
 from distributed_influence.store.columns import fixed_list, matrix
@@ -313,7 +313,7 @@ def summarize_scoring(records: list, requested: str) -> dict:
     ``--abs-sums`` met negative features makes it ``dense``, with the reason.
     ``influence_abs_sum`` says how that column was obtained (``how``: one of the
     :mod:`~distributed_influence.method.records` modes, or ``mixed``) and, when some of it is
-    null, why (``reason``).
+    null, why (``reason``); ``error_influence`` likewise for that column.
     """
     # Records of resumed shards come back from the work area as NumPy scalars: made plain here.
     # None: a shard resumed from a run that did not record it.
@@ -321,14 +321,15 @@ def summarize_scoring(records: list, requested: str) -> dict:
                 "pairs_total": int(r["pairs_total"]), "reason": str(r.get("reason", "")),
                 "rows_finished_densely": int(r.get("rows_finished_densely", 0)),
                 "rows_rescored": int(r.get("rows_rescored", 0)), "abs_sum": str(r.get("abs_sum", "")),
-                "seconds": float(r.get("seconds", 0.0))} if r else
+                "error_sum": str(r.get("error_sum", "")), "seconds": float(r.get("seconds", 0.0))} if r else
                {"method": "unknown", "pairs_scored": 0, "pairs_total": 0, "reason": "", "abs_sum": "",
-                "rows_finished_densely": 0, "rows_rescored": 0, "seconds": 0.0} for r in records]
+                "error_sum": "", "rows_finished_densely": 0, "rows_rescored": 0, "seconds": 0.0} for r in records]
     scored = sum(r["pairs_scored"] for r in records)
     total = sum(r["pairs_total"] for r in records)
     methods = {r["method"] for r in records}
     reasons = sorted({r["reason"] for r in records if r.get("reason")})
     hows = {r["abs_sum"] for r in records if r["abs_sum"]}
+    errs = {r["error_sum"] for r in records if r["error_sum"]}
     return {
         "requested": requested,
         "method": "dense" if "dense" in methods else "pruned",
@@ -340,6 +341,8 @@ def summarize_scoring(records: list, requested: str) -> dict:
         "rows_rescored": sum(r["rows_rescored"] for r in records),
         "influence_abs_sum": {"how": hows.pop() if len(hows) == 1 else "mixed" if hows else None,
                               "reason": ABS_SUM_SKIPPED if ABS_SKIPPED in {r["abs_sum"] for r in records} else None},
+        "error_influence": {"how": errs.pop() if len(errs) == 1 else "mixed" if errs else None,
+                            "reason": ERR_SKIPPED if ERR_NO_LABELS in {r["error_sum"] for r in records} else None},
         "shards": [{"method": r["method"], "pairs_scored": r["pairs_scored"],
                     "rows_finished_densely": r["rows_finished_densely"],
                     "rows_rescored": r["rows_rescored"], "influence_abs_sum": r["abs_sum"] or None,

@@ -20,7 +20,7 @@ from distributed_influence.data.model import Featurizer, load_model, split_model
 from distributed_influence.data.sources import open_source
 from distributed_influence.engine.plan import ShardSpec, WorkerSettings
 from distributed_influence.errors import InputError
-from distributed_influence.method import cpu_sums, scoring
+from distributed_influence.method import cpu_sums, records, scoring
 from distributed_influence.method import logits as logits_mod
 from distributed_influence.method import representer as rp
 from distributed_influence.store import index
@@ -214,7 +214,8 @@ class ShardWorker:
         return moments
 
     # ------------------------------------------------------------------------------ scoring
-    def score(self, spec: ShardSpec, theta: np.ndarray, test_parts: list, test_pred: np.ndarray) -> dict:
+    def score(self, spec: ShardSpec, theta: np.ndarray, test_parts: list, test_pred: np.ndarray,
+              test_errors: Optional[np.ndarray] = None) -> dict:
         """α of the shard, then its representer values against all test examples, reduced.
 
         Test examples are taken ``test_block`` at a time, so the (block × shard) matrix of
@@ -226,6 +227,9 @@ class ShardWorker:
             test_parts: the test parts, {x: features, logits: the model's} (dicts or object-store
                 references to them).
             test_pred: the class explained for each test example.
+            test_errors: the predicted class of each test example the model gets wrong, −1 for
+                the others (:func:`~distributed_influence.method.representer.error_classes`);
+                None without test labels (``error_influence`` is then null).
 
         Returns:
             dict with the shard's partial top-k (values, ids, α, similarity for each kind),
@@ -241,8 +245,10 @@ class ShardWorker:
         test_x = [p["x"] for p in parts]
         n_classes = max(2, d.targets.shape[1])  # a binary model explains classes 0 and 1
         closed_abs = scoring.nonnegative(d.x, rp.RowParts(test_x))
+        errors = None if test_errors is None else rp.class_sums(test_x, test_errors, n_classes)
         alpha, alpha_head, sums = rp.alpha_pass(d.x, theta, d.targets, s.lam, s.n_train,
-                                                rp.class_sums(test_x, test_pred, n_classes), abs_sums=closed_abs)
+                                                rp.class_sums(test_x, test_pred, n_classes), abs_sums=closed_abs,
+                                                error_sums=errors)
         alpha = logits_mod.per_class(alpha)  # a binary head's α as [−α, α]: classes 0 and 1
         scored = scoring.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block, x_tf=d.x_tf,
                                      sums=sums, method=s.scoring, abs_sums=s.abs_sums)
@@ -268,11 +274,14 @@ class ShardWorker:
                 "influence_sum": scored["influence_sum"],
                 # NaN where not computed (signed features without --abs-sums): null in the table.
                 "influence_abs_sum": scored.get("influence_abs_sum", np.full(len(d.ids), np.nan)),
+                # NaN without test labels (no test row is known to be wrong): null in the table.
+                "error_influence": sums.get("error_influence", np.full(len(d.ids), np.nan)),
                 "predicted_class": d.predicted,
                 "label_probability": d.label_probability,
             },
             "alpha_head": alpha_head,
-            "scoring": scored["scoring"],
+            "scoring": {**scored["scoring"],
+                        "error_sum": records.ERR_NO_LABELS if errors is None else records.ERR_CLOSED},
             "seconds": time.perf_counter() - t0,
             "node": _node_id() or "",  # a string even outside Ray: stored without pickling
         }
@@ -281,7 +290,7 @@ class ShardWorker:
         return result
 
     def score_partial(self, spec: ShardSpec, theta: np.ndarray, test_parts: list, test_pred: np.ndarray,
-                      partial_dir: str) -> dict:
+                      partial_dir: str, test_errors: Optional[np.ndarray] = None) -> dict:
         """:meth:`score`, with the big partials written to the run's work area by this worker.
 
         The top-k candidates of every test row and the per-train rows go to ``partial_dir``
@@ -291,7 +300,7 @@ class ShardWorker:
         """
         from distributed_influence.engine import reduce as rd
 
-        result = self.score(spec, theta, test_parts, test_pred)
+        result = self.score(spec, theta, test_parts, test_pred, test_errors)
         rd.write_partial(partial_dir, spec.index, result)
         small = {"shard": spec.index, "alpha_head": result["alpha_head"], "seconds": result["seconds"],
                  "node": result["node"], "train_id": result["train"]["train_id"],

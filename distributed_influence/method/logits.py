@@ -6,6 +6,8 @@ tasks need these and nothing else of the math: neither imports TensorFlow.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 
@@ -49,3 +51,15 @@ def fidelity_from_moments(m: np.ndarray) -> dict:
     vb = sbb - sb * sb / n
     pearson = cov / np.sqrt(va * vb) if va > 0 and vb > 0 else float("nan")
     return {"pearson": float(pearson), "mean_abs_diff": sad / n}
+
+
+def error_classes(labels: Optional[np.ndarray], pred: np.ndarray) -> Optional[np.ndarray]:
+    """The predicted class of each test row the model gets wrong, −1 for the rows it gets right.
+
+    They are the classes of E_c, the sums behind ``error_influence``
+    (:func:`~distributed_influence.method.representer.class_sums` leaves out the −1 rows).
+    None without test labels: no row is then known to be wrong."""
+    if labels is None:
+        return None
+    pred = np.asarray(pred)
+    return np.where(np.asarray(labels) != pred, pred, -1).astype(np.int32)

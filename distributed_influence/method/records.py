@@ -20,3 +20,9 @@ REASON_NEGATIVE = ("--abs-sums with features that take negative values: influenc
 ABS_SUM_SKIPPED = ("features take negative values: influence_abs_sum has no closed form and would need "
                    "every (test, train) pair, so it is not computed (null); --abs-sums computes it by "
                    "scoring every pair")
+
+#: How a shard's ``error_influence`` was obtained (its record's ``error_sum``).
+ERR_CLOSED = "closed form"  # Σ_c α_ic (x_i·E_c), by linearity, like influence_sum
+ERR_NO_LABELS = "not computed"  # the test source has no labels: no test row is known to be wrong
+#: Why ``error_influence`` is null.
+ERR_SKIPPED = "the test source has no labels, so no test prediction is known to be wrong: error_influence is null"

@@ -317,7 +317,7 @@ def _alpha_of_logits(logits, targets: np.ndarray, lam: float, n_total: int):
 
 
 def alpha_pass(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: float, n_total: int,
-               class_sums: np.ndarray, abs_sums: bool = False):
+               class_sums: np.ndarray, abs_sums: bool = False, error_sums: Optional[np.ndarray] = None):
     """α of a shard (the tape of :func:`alpha_by_tape`), Σ_i x_iᵀα_i and the per-train sums.
 
     All three need the shard's features in float64: each row block is cast (into one reused
@@ -335,10 +335,14 @@ def alpha_pass(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: float
         class_sums: (C, d+1) float64 S_c, the sums of test features per explained class.
         abs_sums: also Σ_t |r_ti| by the closed form, valid only when every feature (train and
             test) is ≥ 0 (the caller knows; see :func:`train_sums`).
+        error_sums: (C, d+1) float64 E_c, the sums of the features of the test rows the model
+            gets wrong, per predicted class (:func:`class_sums` with −1 for the right ones), for
+            ``error_influence``. Its similarities come from the same product as S_c's (the two
+            stacked side by side), so the extra sum costs a wider GEMM, not a second pass.
 
     Returns:
-        (α (n, C), Σ_i x_iᵀα_i (d+1, C), {"influence_sum": (n,), and "influence_abs_sum": (n,)
-        with ``abs_sums``}), all float64.
+        (α (n, C), Σ_i x_iᵀα_i (d+1, C), {"influence_sum": (n,), "influence_abs_sum": (n,)
+        with ``abs_sums``, "error_influence": (n,) with ``error_sums``}), all float64.
     """
     alpha = np.empty((len(x), theta.shape[1]))  # the logits first, then α in their place
     theta64 = np.asarray(theta, np.float64)
@@ -354,8 +358,12 @@ def alpha_pass(x: np.ndarray, theta: np.ndarray, targets: np.ndarray, lam: float
     sums = {"influence_sum": np.empty(len(x))}
     if abs_sums:
         sums["influence_abs_sum"] = np.empty(len(x))
-    s64 = np.asarray(class_sums, np.float64).T
-    s_t = np.ascontiguousarray(s64.T)
+    stacked = np.asarray(class_sums, np.float64)
+    if error_sums is not None:
+        sums["error_influence"] = np.empty(len(x))
+        stacked = np.concatenate([stacked, np.asarray(error_sums, np.float64)])
+    s64 = stacked.T
+    s_t = np.ascontiguousarray(stacked)
     for a, b, x64 in float64_blocks(x):
         head += (alpha[a:b].T @ x64).T
         # A binary head's α as [−α, α] (classes 0 and 1), like the class sums.
@@ -367,11 +375,19 @@ def block_train_sums(alpha: np.ndarray, sims: np.ndarray, out: dict, start: int)
     """The per-train sums of rows [start, start + len(alpha)) from their α and x_i·S_c:
     Σ_t r_ti = Σ_c α_ic (x_i·S_c) by linearity, and, when every similarity is positive
     (non-negative features: x_i·x_t ≥ 1 with the bias 1), Σ_t |r_ti| = Σ_c |α_ic| (x_i·S_c).
-    Summed row by row, so the values do not depend on the blocks."""
+    Summed row by row, so the values do not depend on the blocks.
+
+    With ``error_influence`` in ``out``, ``sims`` holds x_i·E_c after the C columns of x_i·S_c
+    (E_c: the wrongly predicted test rows of predicted class c), and Σ_c α_ic (x_i·E_c) is
+    Σ_{t wrong} r_ti toward each such row's (wrong) predicted class."""
     stop = start + len(alpha)
-    out["influence_sum"][start:stop] = np.sum(alpha * sims, axis=1)
+    n_classes = alpha.shape[1]
+    on_explained = sims[:, :n_classes]
+    out["influence_sum"][start:stop] = np.sum(alpha * on_explained, axis=1)
     if "influence_abs_sum" in out:
-        out["influence_abs_sum"][start:stop] = np.sum(np.abs(alpha) * sims, axis=1)
+        out["influence_abs_sum"][start:stop] = np.sum(np.abs(alpha) * on_explained, axis=1)
+    if "error_influence" in out:
+        out["error_influence"][start:stop] = np.sum(alpha * sims[:, n_classes:], axis=1)
 
 
 def row_blocks(n: int, size: int = ROW_BLOCK):
@@ -432,10 +448,16 @@ class RowParts:
 
 def class_sums(test_x, test_pred: np.ndarray, n_classes: int) -> np.ndarray:
     """S_c = Σ_{t: j_t = c} x_t, float64 (C, d+1), as one product with the one-hot of j_t per
-    part of the test features (an array or a :class:`RowParts`)."""
+    part of the test features (an array or a :class:`RowParts`). Rows whose class is negative
+    are left out (the right predictions, for the sums over the wrong ones)."""
     parts = RowParts(test_x) if not isinstance(test_x, RowParts) else test_x
     out = np.zeros((n_classes, parts.parts[0].shape[1] if parts.parts else 0))
     for p, pred in parts.pieces(test_pred):
         for a, b, x64 in float64_blocks(np.asarray(p)):
-            out += one_hot(pred[a:b], n_classes).T @ x64
+            cls = np.asarray(pred[a:b])
+            keep = cls >= 0
+            if not keep.all():
+                x64, cls = x64[keep], cls[keep]
+            out += one_hot(cls, n_classes).T @ x64
     return out
+

@@ -153,3 +153,41 @@ def test_signed_features_prune_and_leave_abs_sums_null_unless_asked(signed_files
     np.testing.assert_allclose(got["influence_abs_sum"], np.abs(r).sum(axis=0), rtol=1e-5)
     np.testing.assert_allclose(train.column("influence_sum").to_numpy(), r.sum(axis=0), rtol=1e-4,
                                atol=1e-5 * np.abs(r).max())
+
+
+def test_error_influence_is_the_sum_over_the_wrong_test_rows(files, tmp_path):
+    """error_influence against a brute-force NumPy sum of r_ti over the test rows the model gets
+    wrong, toward their (wrong) predicted class, from the α and features of the train index the
+    audit wrote; and null, with the reason, when the test source has no labels."""
+    from distributed_influence.method import records
+    from distributed_influence.store import index
+
+    out = str(tmp_path / "out")
+    manifest = run_audit(AuditConfig(model=files["model"], train=files["train"], test=files["test"], out=out,
+                                     k=K, lam=LAM, shards=2), use_ray=False)
+    assert manifest["scoring"]["error_influence"] == {"how": records.ERR_CLOSED, "reason": None}
+    shards = [index.read_shard(p) for p in index.shard_files(f"{out}/index")]
+    x = np.concatenate([s["x"] for s in shards]).astype(np.float64)
+    alpha = np.concatenate([s["alpha"] for s in shards])
+    model = keras.models.load_model(files["model"], safe_mode=True, compile=False)
+    te = np.load(files["test"])
+    f_te, z_te, _ = model.predict(te["x"], verbose=0)
+    pred = np.argmax(z_te, axis=1)
+    wrong = te["y"] != pred
+    assert 0 < wrong.sum() < len(wrong)  # both kinds of test rows: the sum must pick the wrong ones
+    r = oracle.representer_matrix(x, alpha, oracle.augment(f_te), pred)
+    want = r[wrong].sum(axis=0)
+    got = pq.read_table(f"{out}/train_scores").column("error_influence").to_numpy()
+    rel = np.max(np.abs(got - want)) / np.max(np.abs(want))
+    assert rel <= 1e-6
+    assert not np.allclose(got, r.sum(axis=0), rtol=1e-3)  # not influence_sum under another name
+
+    unlabelled = str(tmp_path / "test_unlabelled.npz")
+    np.savez(unlabelled, x=te["x"])
+    out2 = str(tmp_path / "out2")
+    manifest2 = run_audit(AuditConfig(model=files["model"], train=files["train"], test=unlabelled, out=out2,
+                                      k=K, lam=LAM, shards=2), use_ray=False)
+    assert manifest2["scoring"]["error_influence"] == {"how": records.ERR_NO_LABELS, "reason": records.ERR_SKIPPED}
+    train2 = pq.read_table(f"{out2}/train_scores")
+    assert train2.column("error_influence").null_count == train2.num_rows
+    assert train2.column("influence_sum").null_count == 0

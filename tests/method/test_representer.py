@@ -187,6 +187,29 @@ def test_alpha_pass_gives_alpha_head_and_per_train_sums_in_float64(problem, monk
     np.testing.assert_allclose(train["influence_abs_sum"], np.sum(np.abs(expected) * sims, axis=1), rtol=1e-9,
                                atol=1e-12)
     assert "influence_abs_sum" not in rp.alpha_pass(x, theta, t, LAM, len(x), sums)[2]
+    # error_influence: the same closed form on E_c, computed in the same product as S_c's.
+    errors = np.random.default_rng(5).normal(size=(C, x.shape[1]))
+    both = rp.alpha_pass(x, theta, t, LAM, len(x), sums, error_sums=errors)[2]
+    np.testing.assert_allclose(both["error_influence"], np.sum(expected * (x64 @ errors.T), axis=1), rtol=1e-9,
+                               atol=1e-12)
+    np.testing.assert_array_equal(both["influence_sum"], train["influence_sum"])
+
+
+def test_class_sums_leave_out_negative_classes():
+    """E_c sums only the wrongly predicted rows (class ≥ 0); −1 marks the right ones."""
+    from distributed_influence.method.logits import error_classes
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(9, 4)).astype(np.float32)
+    labels, pred = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2]), np.array([0, 2, 2, 1, 1, 0, 1, 1, 2])
+    cls = error_classes(labels, pred)
+    np.testing.assert_array_equal(cls, [-1, 2, -1, 1, -1, 0, 1, -1, -1])
+    assert error_classes(None, pred) is None
+    want = np.zeros((3, 4))
+    for row, c in zip(x.astype(np.float64), cls):
+        if c >= 0:
+            want[c] += row
+    np.testing.assert_allclose(rp.class_sums([x[:4], x[4:]], cls, 3), want, rtol=1e-12)
 
 
 def test_a_float32_evaluation_serves_the_next_hessian_products_of_its_shard(monkeypatch):
