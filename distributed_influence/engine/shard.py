@@ -250,12 +250,17 @@ class ShardWorker:
                                                 rp.class_sums(test_x, test_pred, n_classes), abs_sums=closed_abs,
                                                 error_sums=errors)
         alpha = logits_mod.per_class(alpha)  # a binary head's α as [−α, α]: classes 0 and 1
-        scored = scoring.score_shard(d.x, d.ids, alpha, test_x, test_pred, s.k, s.test_block, x_tf=d.x_tf,
-                                     sums=sums, method=s.scoring, abs_sums=s.abs_sums)
+        # What needs α in float64 is done first; scoring reads only the float32 αᵀ of its
+        # geometry, so the (s × C) float64 α is dropped before it starts.
         if s.index_dir:
             index.write_shard(index.shard_file(s.index_dir, spec.index), d.ids, d.labels, d.x, alpha,
                               keys=d.keys)
-        rows = np.arange(len(d.ids))
+        alpha_label = alpha[np.arange(len(d.ids)), d.labels]
+        geometry = scoring.Geometry(d.x, alpha)
+        del alpha
+        scored = scoring.score_shard(d.x, d.ids, geometry, test_x, test_pred, s.k, s.test_block, x_tf=d.x_tf,
+                                     sums=sums, method=s.scoring, abs_sums=s.abs_sums)
+        del geometry
         result = {
             "shard": spec.index,
             "topk": scored["topk"],
@@ -270,7 +275,7 @@ class ShardWorker:
             "train": {
                 "train_id": d.ids,
                 "label": d.labels,
-                "alpha_label": alpha[rows, d.labels],
+                "alpha_label": alpha_label,
                 "influence_sum": scored["influence_sum"],
                 # NaN where not computed (signed features without --abs-sums): null in the table.
                 "influence_abs_sum": scored.get("influence_abs_sum", np.full(len(d.ids), np.nan)),

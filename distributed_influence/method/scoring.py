@@ -121,7 +121,10 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
     Args:
         x: (s, d+1) float32 augmented features of the shard, rows sorted by id.
         ids: (s,) int64 training ids, ascending.
-        alpha: (s, C) float64 α of the shard.
+        alpha: (s, C) float64 α of the shard, or its :class:`~distributed_influence.method.pruning.Geometry`
+            (then ``sums`` must be given when ``train_sums``): scoring reads α only in float32,
+            so a caller that built the geometry can drop the float64 α (at C = 1,000 twice the
+            size of the shard's features) before the scoring's own temporaries are allocated.
         test_x: (m, d+1) float32 augmented test features, as one array or a list of row parts
             (read in place, see :class:`~distributed_influence.method.representer.RowParts`).
         test_pred: (m,) class explained for each test example.
@@ -158,6 +161,10 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
     k = min(k, len(ids))
     test_x = test_x if isinstance(test_x, RowParts) else RowParts(test_x)
     m = len(test_x)
+    if isinstance(alpha, Geometry):
+        geo, alpha = alpha, None
+        if train_sums and sums is None:
+            raise ValueError("score_shard needs the per-train sums, or α in float64 to compute them")
     out = {} if not train_sums else dict(sums) if sums is not None else _train_sums(x, alpha, test_x, test_pred)
     abs_how = ABS_NOT_ASKED if not train_sums else ABS_CLOSED if "influence_abs_sum" in out else \
         ABS_PAIRS if abs_sums else ABS_SKIPPED
@@ -171,7 +178,9 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
             for kind in KINDS}
     s = len(ids)
     k2 = min(s, CANDIDATES * k)  # candidates per kind for the exact finish
-    geo = Geometry(x, alpha)
+    if alpha is not None:
+        geo = Geometry(x, alpha)
+        del alpha  # the float32 αᵀ of the geometry is all that scoring reads
     # Test rows finished against the whole shard; whose 2k candidates were re-scored; of the
     # first, those finished so after a scan (a second pass over their pairs).
     redone = [0, 0, 0]
@@ -183,7 +192,7 @@ def score_shard(x: np.ndarray, ids: np.ndarray, alpha: np.ndarray, test_x,
             o = topk[kind]
             o["values"][rows] = vals
             o["ids"][rows] = ids[idx]
-            o["alpha"][rows] = alpha[idx, pred[:, None]]
+            o["alpha"][rows] = geo.alpha_t[pred[:, None], idx]  # float32, as the column is
             o["similarity"][rows] = dots
 
     def finish(rows, xt, pred, top_v, top_i, bottom_v, bottom_i, complete=s <= k2):
