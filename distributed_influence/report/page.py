@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from distributed_influence.errors import ConfigError, InputError
+from distributed_influence.report.errors import errors_section
 from distributed_influence.report.pictures import load_pictures
 from distributed_influence.report.review import DEFAULT_REVIEW, REVIEW_STYLE, review_section
 from distributed_influence.report.summary import flagged_fractions
@@ -426,6 +427,10 @@ def write_report(out_dir: str, known_bad: Optional[str] = None, n_examples: int 
                  n_review: int = DEFAULT_REVIEW) -> str:
     """Writes ``out_dir/report/index.html``, its PNG figures and thumbnails, and ``suspects.csv``.
 
+    The sections: the audit's summary, the label-audit curve, the label review (the interactive
+    gallery), the training examples behind the test errors, test examples with their
+    proponents and opponents, and the distributions.
+
     Args:
         out_dir: the ``--out`` directory of an audit.
         known_bad: optional file of training ids whose labels are known to be wrong.
@@ -450,6 +455,9 @@ def write_report(out_dir: str, known_bad: Optional[str] = None, n_examples: int 
     sections.append(_audit_section(output, report_dir, known_bad, bad_ids))
     sections.append(review_section(out_dir, report_dir, output.manifest, output.train, output.train_table,
                                    n_review, bad_ids))
+    test = output.test
+    wrong = int(np.sum(test["label_known"] & (test["label"] != test["predicted_class"]))) if "label_known" in test else None
+    sections.append(errors_section(output.train_table, wrong))
     sections.append(_examples_section(output, report_dir, n_examples))
     sections.append(_distributions_section(output, report_dir))
     path = os.path.join(report_dir, INDEX)

@@ -2,19 +2,22 @@
 
 An audit ends with someone reviewing suspicious training labels. This section gives them:
 
-1. the N most suspicious training examples (``audit_rank`` order) as a gallery of thumbnails
-   for image data, or as a table otherwise: id, given label, the model's class and its
-   probability of the given label, audit score and rank;
+1. the N most suspicious training examples (``audit_rank`` order) as an interactive gallery of
+   thumbnails for image data, or as a table otherwise: id, given label, the model's class and
+   its probability of the given label, audit score and rank. The page filters, sorts and pages
+   them, and records a decision per suspect (keep, relabel, remove, not sure) that it exports
+   as ``decisions.csv`` (:mod:`distributed_influence.report.gallery`);
 2. for each of them, the training examples that support its given label and its predicted
    class most strongly: the suspect is scored against the audit's train index (``OUT/index``)
    exactly as the audit scores a test example, r_j = α_{j,c} (x_j · x_suspect), for c the
    given label and the predicted class;
 3. a per-class table (how many of the top 5% / 10% fall in each given class) and the most
-   common given → predicted pairs among them;
+   common given → predicted pairs among them; a click on a row shows its suspects;
 4. ``suspects.csv`` beside the page, for a relabelling tool or a spreadsheet.
 
-Everything is capped (N suspects, a few supporters each, PNG thumbnails at the examples' own
-size), so the page stays small and fast however large the audit.
+The page holds no suspect itself: they are in ``review-data.js`` beside it, and the script
+draws one page of them at a time, so N can be large while the page stays small. Supporters
+are capped (a few each) and thumbnails are PNGs at the examples' own size.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from distributed_influence.report import gallery
 from distributed_influence.report.pictures import load_role_pictures, write_thumbnail
 from distributed_influence.store import storage
 
-#: Suspects shown by default (``--review``).
-DEFAULT_REVIEW = 100
+#: Suspects offered for review by default (``--review``). The page draws one page of them at a
+#: time, so this bounds the report's run time and its thumbnails folder, not the page.
+DEFAULT_REVIEW = 1000
 #: Supporting training examples shown per suspect and class.
 SUPPORTERS = 3
 #: Shares of the ranking summarised per class.
@@ -157,7 +162,7 @@ def _index_rows(files: List[str], ids: np.ndarray, keep_bytes: int):
         if len(rows):
             if x is None:
                 x = np.zeros((len(ids), shard["x"].shape[1]), dtype=np.float32)
-            where = _positions(ids, shard["ids"][rows])
+            where = gallery.positions(ids, shard["ids"][rows])
             x[where] = shard["x"][rows]
             seen[where] = True
         size += shard["x"].nbytes + shard["alpha"].nbytes
@@ -175,84 +180,37 @@ def _pct(count: int, total: int) -> str:
 
 
 def _class_tables_html(train: Dict[str, np.ndarray]) -> str:
+    """The per-class and pair tables; each row carries its class or pair, so that a click on it
+    shows its suspects in the review (review.js)."""
     n = len(train["label"])
     heads = "".join(f"<th>in the top {p:.0%} ({top_count(n, p)})</th>" for p in TOP_FRACTIONS)
+    hint = 'title="show these suspects in the review above"'
     rows = "".join(
-        f"<tr><td>{c}</td><td>{total}</td>"
+        f'<tr class="rv-link" data-given="{c}" {hint}><td>{c}</td><td>{total}</td>'
         + "".join(f"<td>{k} ({_pct(k, total)} of the class)</td>" for k in counts) + "</tr>"
         for c, total, counts in class_counts(train))
     per_class = f"<table><tr><th>given label</th><th>training examples</th>{heads}</tr>{rows}</table>"
     pair_rows = "".join(
-        f"<tr><td>{a} → {b}{'' if a != b else ' (agrees)'}</td>" + "".join(f"<td>{k}</td>" for k in counts) + "</tr>"
+        f'<tr class="rv-link" data-pair="{a}:{b}" {hint}><td>{a} → {b}{"" if a != b else " (agrees)"}</td>'
+        + "".join(f"<td>{k}</td>" for k in counts) + "</tr>"
         for a, b, counts in pair_counts(train))
     pairs = (f"<table><tr><th>given → predicted</th>{heads}</tr>{pair_rows}</table>")
-    return ("<h3>Suspicious labels per class</h3>\n" + per_class
+    return ("<h3>Suspicious labels per class</h3>\n<p>Click a row to review its suspects.</p>\n" + per_class
             + "\n<h3>Most common given → predicted pairs among them</h3>\n" + pairs)
-
-
-def _supporters_text(items: List[Tuple[int, float]], info: Dict[int, tuple]) -> str:
-    return ", ".join(f"{tid} (label {info[tid][0]}, #{info[tid][1]}, r = {r:.3g})" for tid, r in items) or "none"
-
-
-def _thumb(name: str, alt: str, cls: str = "thumb") -> str:
-    return f'<img class="{cls}" src="{THUMB_DIR}/{html.escape(name)}" alt="{html.escape(alt)}" title="{html.escape(alt)}">'
-
-
-def _support_html(kind: str, title: str, items, info: Dict[int, tuple], thumbs: Dict[int, str]) -> str:
-    """One row of supporters; each captioned with its id, label and own audit rank (a
-    supporter that is itself near the top of the ranking is a suspect too), known-bad ones
-    outlined."""
-    figs = []
-    for tid, r in items:
-        label, rank, bad = info.get(tid, ("?", "?", False))
-        alt = f"train {tid}, label {label}, audit rank {rank}, r = {r:.3g}"
-        figs.append(f'<figure class="{"bad" if bad else ""}" data-train-id="{tid}">'
-                    f'{_thumb(thumbs[tid], alt, "mini") if tid in thumbs else ""}'
-                    f"<figcaption>{tid}<br>label {label} · #{rank}</figcaption></figure>")
-    return (f'<div class="support" data-kind="{kind}"><div class="why">{html.escape(title)}</div>'
-            f'{"".join(figs) or "none"}</div>')
-
-
-def _card_html(s: dict, supporters: Optional[dict], info: Dict[int, tuple], thumbs: Dict[int, str]) -> str:
-    bad = ' <span class="badge">known bad</span>' if s["known_bad"] else ""
-    meta = (f'<div class="meta"><b>#{s["rank"]}</b> · id {s["train_id"]}{bad}<br>'
-            f'label <b>{s["label"]}</b>, model says <b>{s["predicted"]}</b><br>'
-            f'p(label) = {s["probability"]:.3f}<br>audit score {s["score"]:.3g}</div>')
-    parts = [f'<div class="card{" bad" if s["known_bad"] else ""}" data-train-id="{s["train_id"]}" '
-             f'data-rank="{s["rank"]}">',
-             _thumb(thumbs[s["train_id"]], f'train {s["train_id"]}, label {s["label"]}, predicted {s["predicted"]}'),
-             meta]
-    if supporters is not None:
-        sup = supporters[s["train_id"]]
-        parts.append(_support_html("label", f"supports label {s['label']}:", sup["label"], info, thumbs))
-        if s["predicted"] != s["label"]:
-            parts.append(_support_html("predicted", f"supports class {s['predicted']}:", sup["predicted"],
-                                       info, thumbs))
-    parts.append("</div>")
-    return "".join(parts)
-
-
-def _row_html(s: dict, supporters: Optional[dict], info: Dict[int, tuple]) -> str:
-    cells = [str(s["rank"]), str(s["train_id"]) + (" (known bad)" if s["known_bad"] else ""), str(s["label"]),
-             str(s["predicted"]), f"{s['probability']:.3f}", f"{s['score']:.4g}"]
-    if supporters is not None:
-        sup = supporters[s["train_id"]]
-        cells += [_supporters_text(sup["label"], info),
-                  _supporters_text(sup["predicted"], info) if s["predicted"] != s["label"] else "(same class)"]
-    return f'<tr data-train-id="{s["train_id"]}">' + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
 
 
 def review_section(out_dir: str, report_dir: str, manifest: dict, train: Dict[str, np.ndarray], train_table,
                    n_review: int = DEFAULT_REVIEW, bad_ids: Optional[np.ndarray] = None) -> str:
-    """The label-review section's HTML; writes ``suspects.csv`` and the thumbnails beside the page.
+    """The label-review section's HTML; writes ``suspects.csv``, the thumbnails, the review's
+    data and its script beside the page.
 
     Args:
         out_dir: the audit's output directory (for its train index).
         report_dir: where the page is written.
-        manifest: the audit's manifest (sources, input shape).
+        manifest: the audit's manifest (sources, input shape, run key).
         train: ``train_scores`` columns as NumPy arrays.
-        train_table: the same table (pyarrow), for the CSV.
-        n_review: suspects shown.
+        train_table: the same table (pyarrow), for the CSV and the keys.
+        n_review: suspects offered for review.
         bad_ids: training ids known to be mislabelled, marked on the page.
     """
     parts = ["<h2>Label review: the most suspicious training labels</h2>"]
@@ -264,10 +222,6 @@ def review_section(out_dir: str, report_dir: str, manifest: dict, train: Dict[st
                                max(n_review, top_count(n, max(TOP_FRACTIONS))))
     rows = top_rows(train["audit_rank"], n_review)
     is_bad = np.zeros(n, dtype=bool) if bad_ids is None else np.isin(train["train_id"], bad_ids)
-    suspects = [{"train_id": int(train["train_id"][r]), "label": int(train["label"][r]),
-                 "predicted": int(train["predicted_class"][r]), "probability": float(train["label_probability"][r]),
-                 "score": float(train["audit_score"][r]), "rank": int(train["audit_rank"][r]),
-                 "known_bad": bool(is_bad[r])} for r in rows]
     parts.append(
         f"<p>The {len(rows)} training examples with the largest audit score |α<sub>i,y<sub>i</sub></sub>| "
         f"(rank 1 = most suspicious), with the model's class for each and its probability of the given "
@@ -275,7 +229,8 @@ def review_section(out_dir: str, report_dir: str, manifest: dict, train: Dict[st
         f"most strongly (largest representer value r = α<sub>j,c</sub>(x<sub>j</sub>·x<sub>i</sub>), the "
         f"audit's own scoring with the suspect in the place of a test example); each supporter shows "
         f"its label and its own audit rank: a label supported mostly by other suspects is all the "
-        f"more likely wrong. "
+        f"more likely wrong. Decide on each suspect with the buttons or the keys below, then export "
+        f"the decisions. "
         f'<a href="{SUSPECTS_CSV}">{SUSPECTS_CSV}</a> lists the first {n_csv} of the ranking '
         f"({', '.join(CSV_COLUMNS)}).</p>")
     if bad_ids is not None and rows.size:
@@ -287,36 +242,23 @@ def review_section(out_dir: str, report_dir: str, manifest: dict, train: Dict[st
         "predicted_class": train["predicted_class"][rows]})
     if note:
         parts.append(f'<p class="note">{html.escape(note)}</p>')
-    shown = [s["train_id"] for s in suspects]
+    shown = train["train_id"][rows].tolist()
     if supporters:
         shown += [tid for sup in supporters.values() for items in sup.values() for tid, _r in items]
     shown_ids = np.unique(np.array(shown, dtype=np.int64))
-    pos = _positions(train["train_id"], shown_ids)
-    info = {tid: (int(lab), int(rank), bool(bad)) for tid, lab, rank, bad in
-            zip(shown_ids.tolist(), train["label"][pos], train["audit_rank"][pos], is_bad[pos])}
     config = dict(manifest.get("config", {}))
     config["input_shape"] = manifest.get("input_shape") or config.get("input_shape")
     pictures, pic_note = load_role_pictures(config, "train", shown_ids) if len(shown_ids) else (None, None)
     if pictures is not None:
-        thumbs = _write_thumbnails(os.path.join(report_dir, THUMB_DIR), pictures)
-        parts.append('<div class="gallery">' + "".join(_card_html(s, supporters, info, thumbs) for s in suspects)
-                     + "</div>")
-    else:
-        if pic_note:
-            parts.append(f'<p class="note">{html.escape(pic_note)}</p>')
-        heads = ["rank", "train id", "label", "predicted", "p(label)", "audit score"]
-        if supporters is not None:
-            heads += ["supports the label (id, label, audit rank, r)", "supports the predicted class"]
-        parts.append('<table class="suspects"><tr>' + "".join(f"<th>{h}</th>" for h in heads) + "</tr>"
-                     + "".join(_row_html(s, supporters, info) for s in suspects) + "</table>")
+        _write_thumbnails(os.path.join(report_dir, THUMB_DIR), pictures)
+    elif pic_note:
+        parts.append(f'<p class="note">{html.escape(pic_note)}</p>')
+    data = gallery.review_data(manifest, train, train_table, rows, is_bad, supporters, bad_ids is not None,
+                               pictures is not None, THUMB_DIR)
+    gallery.write_review_files(report_dir, data)
+    parts.append(gallery.gallery_html(data))
     parts.append(_class_tables_html(train))
     return "\n".join(parts)
-
-
-def _positions(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Row of each query id in ``keys`` (all present)."""
-    order = np.argsort(keys, kind="stable")
-    return order[np.searchsorted(keys, query, sorter=order)]
 
 
 def _write_thumbnails(folder: str, pictures: Dict[int, np.ndarray]) -> Dict[int, str]:
@@ -326,13 +268,5 @@ def _write_thumbnails(folder: str, pictures: Dict[int, np.ndarray]) -> Dict[int,
     return {tid: write_thumbnail(os.path.join(folder, f"train_{tid}.png"), pic) for tid, pic in pictures.items()}
 
 
-REVIEW_STYLE = (
-    ".gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(15em,1fr));gap:.6em}"
-    ".card{border:1px solid #ccc;padding:.4em;font-size:.85em}.card.bad{border:2px solid #c00;background:#fff3f3}"
-    ".badge{background:#c00;color:#fff;padding:0 .3em;border-radius:.2em;font-size:.85em}"
-    "img.thumb{width:64px;height:64px;float:left;margin-right:.5em;image-rendering:pixelated}"
-    "img.mini{width:36px;height:36px;image-rendering:pixelated}.meta{min-height:64px}"
-    ".support{clear:both;margin-top:.3em}.why{font-size:.85em;color:#555}"
-    "figure{display:inline-block;margin:0 .3em 0 0;text-align:center;font-size:.7em;border:1px solid transparent}"
-    "figure.bad{border-color:#c00}"
-)
+#: The review's style, inlined in the page (the page's other styles are in report/page.py).
+REVIEW_STYLE = gallery.static_text("review.css")

@@ -10,10 +10,12 @@ import shutil
 
 import numpy as np
 import pytest
+import report_audits
 from conftest import audit_config
 from PIL import Image
 
 from distributed_influence.errors import InputError
+from distributed_influence.report import gallery
 from distributed_influence.report import page as report
 from distributed_influence.store import tables
 
@@ -23,31 +25,16 @@ VOID_TAGS = {"meta", "img", "br", "hr", "link", "input"}
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     """A real audit of a tiny CNN on the bundled digits (image sources, known flipped labels)."""
-    from distributed_influence.demo import run_demo
-
-    out = str(tmp_path_factory.mktemp("report_demo") / "out")
-    run_demo(out, n_train=150, epochs=2, use_ray=False, k=3)
-    return out
+    return report_audits.demo_audit(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def flat_out(tmp_path_factory, files):
     """A real audit of a tiny Dense model on flat feature vectors (not images)."""
-    from distributed_influence.engine.job import run_audit
-
-    out = str(tmp_path_factory.mktemp("report_flat") / "out")
-    run_audit(audit_config(files, out, k=3), use_ray=False)
-    return out
+    return report_audits.flat_audit(tmp_path_factory, lambda out: audit_config(files, out, k=3))
 
 
-def _copy_output(src: str, dst) -> str:
-    """The tables, manifest and train index of an audit in a fresh directory, so each test sees
-    only its report (tables may be files or directories of part files)."""
-    os.makedirs(dst)
-    for name in list(tables.OUTPUT_FILES) + ["index"]:
-        path = os.path.join(src, name)
-        (shutil.copytree if os.path.isdir(path) else shutil.copy)(path, os.path.join(dst, name))
-    return str(dst)
+_copy_output = report_audits.copy_output
 
 
 def _images(page: str) -> list:
@@ -211,17 +198,9 @@ def test_audit_curve_counts_known_bad_in_rank_order():
 # ------------------------------------------------------------------------------ label review
 
 
-def _cards(text: str) -> list:
-    """(train id, rank, known bad, {kind: [supporter ids]}) of each gallery card, in page order."""
-    cards = []
-    for m in re.finditer(r'<div class="card( bad)?" data-train-id="(\d+)" data-rank="(\d+)">(.*?)</div></div>'
-                         r'(?=<div class="card|</div>)', text, flags=re.S):
-        support = {}
-        for block in m.group(4).split('data-kind="')[1:]:
-            kind = block.split('"', 1)[0]
-            support[kind] = [int(t) for t in re.findall(r'<figure[^>]*data-train-id="(\d+)"', block)]
-        cards.append((int(m.group(2)), int(m.group(3)), bool(m.group(1)), support))
-    return cards
+def _review(out: str) -> dict:
+    """The review data a report wrote beside its page (review-data.js)."""
+    return gallery.read_review_data(os.path.join(out, "report", gallery.DATA_JS))
 
 
 def _brute_force_supporters(out: str, suspect: int, cls: int, k: int) -> list:
@@ -250,22 +229,34 @@ def test_label_review_gallery_csv_and_class_table(demo_out, tmp_path):
                                n_examples=0, n_review=20)
     text = _assert_well_formed(page)
     srcs = _assert_valid_pngs(page)
-    train = load_results(out).train_scores.to_pydict()
+    res = load_results(out)
+    train = res.train_scores.to_pydict()
     order = np.argsort(train["audit_rank"])
     top_ids = np.asarray(train["train_id"])[order[:20]]
+    # The section on the test errors: the largest error_influence values, in order, and the
+    # number of wrong test predictions counted from the test table.
+    section = text.split("Training examples behind the test errors")[1].split("<h2>")[0]
+    err = np.asarray(train["error_influence"], np.float64)
+    want = np.asarray(train["train_id"])[np.argsort(-err, kind="stable")[:20]]
+    assert [int(i) for i in re.findall(r"<tr><td>(\d+)</td>", section)] == want.tolist()
+    test_t = res.test_scores.to_pydict()
+    n_wrong = sum(a != b for a, b in zip(test_t["label"], test_t["predicted_class"]))
+    assert 0 < n_wrong and f"over the {n_wrong} wrongly predicted test examples" in section
 
-    cards = _cards(text)
-    assert [c[0] for c in cards] == top_ids.tolist() and [c[1] for c in cards] == list(range(1, 21))
-    assert [c[2] for c in cards] == np.isin(top_ids, flipped).tolist()
-    assert {f"thumbs/train_{t}.png" for t in top_ids} <= set(srcs)
+    suspects = _review(out)["suspects"]
+    assert [s["id"] for s in suspects] == top_ids.tolist() and [s["rank"] for s in suspects] == list(range(1, 21))
+    assert [s["bad"] for s in suspects] == np.isin(top_ids, flipped).tolist()
+    assert not [s for s in srcs if s.startswith("thumbs/")]  # thumbnails are drawn by the script
+    for s in suspects:  # every thumbnail the script will ask for exists
+        for tid in [s["id"]] + [j for kind in s["sup"].values() for j, _r in kind]:
+            with Image.open(os.path.join(out, "report", "thumbs", f"train_{tid}.png")) as im:
+                assert im.format == "PNG" and im.size == (8, 8)
     labels = dict(zip(train["train_id"], train["label"]))
     preds = dict(zip(train["train_id"], train["predicted_class"]))
-    for tid, _rank, _bad, support in cards[:5]:  # supporters equal brute force over the index
-        assert support["label"] == _brute_force_supporters(out, tid, labels[tid], 3)
-        if preds[tid] != labels[tid]:
-            assert support["predicted"] == _brute_force_supporters(out, tid, preds[tid], 3)
-        else:
-            assert "predicted" not in support
+    for s in suspects[:5]:  # supporters equal brute force over the index
+        tid = s["id"]
+        assert [j for j, _r in s["sup"]["label"]] == _brute_force_supporters(out, tid, labels[tid], 3)
+        assert [j for j, _r in s["sup"]["pred"]] == _brute_force_supporters(out, tid, preds[tid], 3)
 
     # suspects.csv: the top of the ranking (20 reviewed, or 10% of 150 = 15 rows), as in the table.
     with open(os.path.join(out, "report", "suspects.csv"), encoding="utf-8") as fh:
@@ -284,13 +275,15 @@ def test_label_review_gallery_csv_and_class_table(demo_out, tmp_path):
     for c in range(10):
         five, ten = int(np.sum(lab[:8] == c)), int(np.sum(lab[:15] == c))
         total = int(np.sum(lab == c))
-        assert re.search(rf"<tr><td>{c}</td><td>{total}</td><td>{five} \(", text), c
-        assert re.search(rf"<tr><td>{c}</td><td>{total}</td><td>{five} \([^<]*\)</td><td>{ten} \(", text), c
+        assert re.search(rf'<tr class="rv-link" data-given="{c}"[^>]*><td>{c}</td><td>{total}</td><td>{five} \(',
+                         text), c
+        assert re.search(rf"<td>{c}</td><td>{total}</td><td>{five} \([^<]*\)</td><td>{ten} \(", text), c
     pairs = {}
     for a, b in zip(lab[:15], np.asarray(train["predicted_class"])[order][:15]):
         pairs[(a, b)] = pairs.get((a, b), 0) + 1
     best = max(pairs.values())
-    first = re.search(r"<tr><td>(\d+) → (\d+)[^<]*</td><td>\d+</td><td>(\d+)</td>", text)
+    first = re.search(r'<tr class="rv-link" data-pair="(\d+):(\d+)"[^>]*><td>\1 → \2[^<]*</td><td>\d+</td>'
+                      r"<td>(\d+)</td>", text)
     assert int(first.group(3)) == best and pairs[(int(first.group(1)), int(first.group(2)))] == best
 
 
@@ -300,12 +293,16 @@ def test_label_review_table_for_flat_data(flat_out, tmp_path, monkeypatch):
     out = _copy_output(flat_out, tmp_path / "out")
     page = report.write_report(out, n_examples=0, n_review=5)
     text = _assert_well_formed(page)
+    data = _review(out)
     monkeypatch.setattr(report_review, "INDEX_CACHE_BYTES", 0)  # index shards read twice: same page
     assert _assert_well_formed(report.write_report(out, n_examples=0, n_review=5)) == text
-    assert '<table class="suspects">' in text and 'class="gallery"' not in text
-    rows = re.findall(r'<tr data-train-id="(\d+)">', text)
-    assert len(rows) == 5
-    assert text.count("(label ") >= 5  # supporters listed with their labels
+    assert _review(out) == data
+    assert 'data-mode="table"' in text and 'class="gallery"' not in text
+    assert data["thumbs"] is None and not os.path.exists(os.path.join(out, "report", "thumbs"))
+    assert len(data["suspects"]) == 5
+    for s in data["suspects"]:  # supporters listed, each described for its caption
+        assert len(s["sup"]["label"]) == 3 and len(s["sup"]["pred"]) == 3
+        assert all(str(j) in data["examples"] for kind in s["sup"].values() for j, _r in kind)
     assert os.path.isfile(os.path.join(out, "report", "suspects.csv"))
     with pytest.raises(Exception, match="--review"):
         report.write_report(out, n_review=-1)
@@ -316,15 +313,24 @@ def test_label_review_without_index_says_so(demo_out, tmp_path):
     shutil.rmtree(os.path.join(out, "index"))
     page = report.write_report(out, n_examples=0, n_review=4)
     text = _assert_well_formed(page)
-    assert "train index cannot be read" in text and len(_cards(text)) == 4
+    suspects = _review(out)["suspects"]
+    assert "train index cannot be read" in text and len(suspects) == 4
+    assert not [s for s in suspects if "sup" in s]
     _assert_valid_pngs(page)
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Every image of the page, loaded now: the review's thumbnails are lazy, so a browser would
+# leave those out of sight unloaded. Switched to eager, each loads or fails, then is checked.
 _CHECK = """<script>
-window.addEventListener('load', () => {
+window.addEventListener('load', async () => {
   const imgs = Array.from(document.images);
-  const broken = imgs.filter(i => !i.complete || i.naturalWidth === 0).map(i => i.getAttribute('src'));
+  imgs.forEach(i => { i.loading = 'eager'; });
+  await Promise.all(imgs.map(i => i.complete ? null : new Promise(done => {
+    i.addEventListener('load', done);
+    i.addEventListener('error', done);
+  })));
+  const broken = imgs.filter(i => i.naturalWidth === 0).map(i => i.getAttribute('src'));
   const out = document.createElement('pre');
   out.id = 'image-check';
   out.textContent = JSON.stringify({total: imgs.length, broken: broken});
@@ -353,8 +359,11 @@ def test_report_loads_in_headless_chromium(demo_out, tmp_path):
     found = re.search(r'<pre id="image-check">(.*?)</pre>', dom)
     assert found, dom[-2000:]
     result = json.loads(html.unescape(found.group(1)))
-    assert result == {"total": len(expected), "broken": []}
-    assert len(_cards(dom)) == 30  # the gallery was rendered
+    suspects = _review(out)["suspects"]  # all 30 on the gallery's first page, with their supporters
+    drawn = len(suspects) + sum(len(s["sup"]["label"]) + (len(s["sup"]["pred"]) if s["pred"] != s["label"] else 0)
+                                for s in suspects)
+    assert result == {"total": len(expected) + drawn, "broken": []}
+    assert len(re.findall(r'<div class="suspect card', dom)) == 30  # the gallery was rendered
     shot = tmp_path / "page.png"
     subprocess.run(args + ["--window-size=1200,1600", f"--screenshot={shot}", "file://" + page],
                    capture_output=True, timeout=120)
