@@ -36,6 +36,9 @@ from distributed_influence.method.records import METHODS
 TARGETS = ("labels", "predictions")
 #: Scoring paths (see method/scoring.py): the same tables, pruned skips most (test, train) pairs.
 SCORING = METHODS
+#: Compressions of TFRecord files (see data/sources/records.py, which reads them). Declared here:
+#: the sources' package imports this one, so it cannot be imported from there.
+COMPRESSIONS = ("gzip", "none")
 
 
 def parse_shape(text: str) -> tuple:
@@ -124,6 +127,12 @@ class AuditConfig:
     id_feature: Optional[str] = setting(
         None, check=NAME, source_option=True,
         help="TFRecord feature holding a string key per record (default: 'id' when present)")
+    # How the bytes of a file are read, not which rows they hold; hashed only when set, so that
+    # runs from before the flag keep their run keys.
+    compression: Optional[str] = setting(
+        None, choices=COMPRESSIONS, source_option=True, digest=UNLESS_DEFAULT,
+        help="compression of every TFRecord file: gzip (as written with compression_type='GZIP', e.g. by "
+             "TFDS or Beam) or none (default: by the file name, *.gz is gzip)")
     # Both paths give the same tables (pruning is exact, by a Cauchy–Schwarz bound).
     scoring: str = setting(
         "pruned", choices=SCORING, digest=False, worker=True,

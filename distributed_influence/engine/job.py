@@ -22,11 +22,12 @@ from distributed_influence import __version__
 from distributed_influence.config import AuditConfig
 from distributed_influence.data.inputs import Inputs, open_inputs, prepare_inputs
 from distributed_influence.data.sources import options_from
+from distributed_influence.data.sources.base import check_unique_keys
 from distributed_influence.engine import reduce as rd
-from distributed_influence.engine.manifest import build_manifest
+from distributed_influence.engine.manifest import build_manifest, featurized_record, name_nodes
 from distributed_influence.method.logits import error_classes
 from distributed_influence.store import index, storage, tables
-from distributed_influence.store.workstore import WorkStore, run_key
+from distributed_influence.store.workstore import WorkStore, fingerprint, input_record, run_key
 
 # The modules of the workers' math (shard, scoring, representer) import TensorFlow, which is slow
 # to import: a Ray run's driver never imports them (the workers describe the model), and the
@@ -167,8 +168,10 @@ def _start(config: AuditConfig, use_ray: bool, timer: "_Timer", run: _Run) -> No
     from distributed_influence.engine.plan import plan_shards
 
     run.specs = plan_shards(opened.train.n_rows, n_shards)
-    run.key = run_key(config.digest(), opened.model_bytes, config.train, config.test,
-                      [(s.start, s.stop) for s in run.specs])
+    bounds = [(s.start, s.stop) for s in run.specs]
+    prints = {"train": fingerprint(config.train), "test": fingerprint(config.test)}
+    run.key = run_key(config.digest(), opened.model_bytes, config.train, config.test, bounds, prints)
+    inputs = input_record(config.digest(), opened.model_bytes, prints, bounds)
     settings = _worker_settings(config, opened, run.key)
     if use_ray:
         from distributed_influence.cluster.pool import RayPool
@@ -187,7 +190,7 @@ def _start(config: AuditConfig, use_ray: bool, timer: "_Timer", run: _Run) -> No
 
         run.pool = InProcessPool(run.inputs.model_bytes, settings)
         run.libraries = versions()
-    run.store = WorkStore.open(config.out, run.key, config.overwrite)  # inputs valid: may clear old work
+    run.store = WorkStore.open(config.out, run.key, config.overwrite, inputs)  # inputs valid: may clear old work
     log.info("%d training rows in %d shards on %d workers (%g GPU each)",
              run.inputs.train.n_rows, len(run.specs), run.pool.n_workers, run.gpus)
 
@@ -226,6 +229,10 @@ def _featurize(pool, inputs: Inputs, specs) -> tuple:
 
     Returns:
         (``prepare``'s results, the test set as :func:`_run_stages` uses it).
+
+    Raises:
+        SourceError: two rows of a source share a key that only the workers could read (a
+            TFRecord id feature); raised before anything is saved, so nothing is written.
     """
     from distributed_influence.engine.plan import plan_shards
 
@@ -238,7 +245,21 @@ def _featurize(pool, inputs: Inputs, specs) -> tuple:
         test["labels"] = np.concatenate([m["labels"] for m in metas])
     if "keys" in metas[0]:
         test["keys"] = np.concatenate([m["keys"] for m in metas])
+    _check_worker_keys(inputs, prepared, test)
     return prepared, test
+
+
+def _check_worker_keys(inputs: Inputs, prepared: list, test: dict) -> None:
+    """Refuses a key on two rows, where only the workers saw the keys (the driver checked the
+    others when it opened the sources). A resumed run sees only the shards it featurizes again;
+    the others were checked by the run that featurized them, with the same inputs (the run key
+    fingerprints them)."""
+    keyed = [p for p in prepared if "keys" in p]
+    if keyed:
+        check_unique_keys(inputs.train, np.concatenate([p.pop("ids") for p in keyed]),
+                          np.concatenate([p.pop("keys") for p in keyed]))  # dropped: only this needs them
+    if "keys" in test and not inputs.test.keys_listed():
+        check_unique_keys(inputs.test, test["ids"], test["keys"])
 
 
 def _fit(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkStore) -> dict:
@@ -376,30 +397,33 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
     """
     shard_info = {s.index: {"index": s.index, "start": s.start, "stop": s.stop, "rows": s.rows}
                   for s in specs}
-    results = {s.index: _current(store.load(f"shard-{s.index}"), s.index) for s in specs}
+    # Saved records are of this version and partials format: the run key hashes both (an earlier
+    # version's records, lacking what the reduce reads, are in another work directory, refused).
+    results = {s.index: store.load(f"shard-{s.index}") for s in specs}
     reused = sorted(i for i, r in results.items() if r is not None)
     todo = [s for s in specs if results[s.index] is None]
-    if reused:
-        log.info("resuming: %d of %d shards already scored", len(reused), len(specs))
     fit = store.load("fit")
+    if fit is not None:
+        log.info("resuming: the head fit and %d of %d shards already done", len(reused), len(specs))
 
     with timer.stage("featurize"):
         # The fit needs every shard; afterwards only the shards still to be scored.
         prepared, test = _featurize(pool, inputs, specs if fit is None else todo)
         for p in prepared:
-            shard_info[p["shard"]].update(node=p["node"] or None, featurize_seconds=round(p["seconds"], 4))
+            shard_info[p["shard"]].update(featurized_on=p["node"] or None,
+                                          featurize_seconds=round(p["seconds"], 4))
         test_pred = test["pred"]
 
+    fit_reused = fit is not None
     with timer.stage("fit"):
         if fit is None:  # else resumed: the saved fit loaded above
             fit = _fit(config, inputs, pool, specs, store)
     theta = fit["theta"]
 
     with timer.stage("score"):
-        results.update(_score(pool, store, todo, theta, test, test_pred))
+        results.update(_score(pool, store, todo, theta, test, test_pred, shard_info))
     for i, r in results.items():
-        shard_info[i].setdefault("node", str(r.get("node", "")) or None)  # reused: node of the first run
-        shard_info[i].update(score_seconds=round(float(r["seconds"]), 4), reused=i in reused)
+        name_nodes(shard_info[i], r, reused=i in reused)
 
     with timer.stage("reduce"):
         ordered = [results[s.index] for s in specs]
@@ -417,29 +441,21 @@ def _run_stages(config: AuditConfig, inputs: Inputs, pool, specs, store: WorkSto
     scoring = _scoring(config, [results[s.index].get("scoring") for s in specs])
     return build_manifest(
         config, inputs, specs, fit, reduced, scoring, shard_info,
-        resume={"reused_shards": reused, "computed_shards": [s.index for s in todo]},
+        resume={"reused_shards": reused, "computed_shards": [s.index for s in todo], "fit_reused": fit_reused},
         theta_residual=float(np.max(np.abs(theta - alpha_head)) / np.max(np.abs(theta))),
         workers={"count": pool.n_workers, "backend": pool.backend, "devices": devices},
         recovery=recovery, timings=dict(timer.times))
 
 
-def _current(result: Optional[dict], shard: int) -> Optional[dict]:
-    """A saved shard result, or None when an earlier version wrote it: its partials lack what the
-    reduce now reads (shard 0's test logits) and its record says nothing of influence_abs_sum,
-    so the shard is scored again rather than mixed with this version's."""
-    if result is not None and not {"abs_sum", "error_sum"} <= set(result.get("scoring") or {}):
-        log.info("shard %d was scored by an earlier version: scoring it again", shard)
-        return None
-    return result
-
-
-def _score(pool, store: WorkStore, todo: list, theta: np.ndarray, test: dict, test_pred: np.ndarray) -> dict:
+def _score(pool, store: WorkStore, todo: list, theta: np.ndarray, test: dict, test_pred: np.ndarray,
+           shard_info: dict) -> dict:
     """α and the scores of the shards still to do; each result persisted as it arrives, so a
-    crash loses only the shards in flight."""
+    crash loses only the shards in flight. The record keeps the node that featurized the shard
+    (``shard_info``), for a resumed run's manifest."""
     partial_dir = storage.join(store.path, rd.PARTIAL_DIR)
 
     def persist(spec, result):
-        store.save(f"shard-{spec.index}", result)
+        store.save(f"shard-{spec.index}", featurized_record(result, shard_info[spec.index]))
 
     errors = error_classes(test.get("labels"), test_pred)
     shared = (theta, test["parts"], pool.put(test_pred), partial_dir, None if errors is None else pool.put(errors))

@@ -25,8 +25,8 @@ def build_manifest(config, inputs, specs, fit: dict, reduced: dict, scoring: dic
         fit: the head fit's result (``info``, ``train_moments``).
         reduced: the reduce stage's summaries (``test``, ``train``, ``reused``).
         scoring: the ``scoring`` section.
-        shard_info: per shard: rows, where and how long it ran.
-        resume: which shards were reused and which computed.
+        shard_info: per shard: rows, where and how long it ran (see :func:`name_nodes`).
+        resume: which shards were reused and which computed, and whether the head fit was reused.
         theta_residual: max |Θ − Σ_i x_iᵀα_i| / max |Θ|, the fit's residual as the decomposition sees it.
         workers: ``count``, ``backend`` and ``devices`` of the pool.
         recovery: what the pool recovered from (lost workers, nodes, objects).
@@ -35,7 +35,9 @@ def build_manifest(config, inputs, specs, fit: dict, reduced: dict, scoring: dic
     Returns:
         The manifest, without the versions, run key and total time, which the caller adds.
     """
-    nodes = sorted({i["node"] for i in shard_info.values() if i.get("node")})
+    # Every node that did a shard's work: a shard moved by recovery counts where it was featurized
+    # for the fit and where it was scored.
+    nodes = sorted({i[k] for i in shard_info.values() for k in ("featurized_on", "scored_on") if i.get(k)})
     test_summary = reduced["test"]
     return {
         "config": {key: storage.redact(val) for key, val in config.to_dict().items()},
@@ -70,3 +72,35 @@ def build_manifest(config, inputs, specs, fit: dict, reduced: dict, scoring: dic
         "recovery": recovery,
         "timings": timings,
     }
+
+
+def name_nodes(info: dict, result: dict, reused: bool) -> None:
+    """Completes a shard's manifest entry with where it was featurized and scored, and how long.
+
+    ``featurized_on`` is the node whose worker featurized the shard for the head fit (or, when
+    resumed after the fit, before scoring); ``scored_on`` the node whose worker scored it. They
+    differ for a shard that recovery moved after its worker or node was lost. A reused shard's
+    nodes are those of the attempt that scored it, from its saved record. ``node`` stays, for
+    readers of earlier manifests, as the node that scored it: that worker wrote its partials.
+
+    Args:
+        info: the shard's entry; ``featurized_on`` is set when this run featurized it.
+        result: the shard's scored record (this run's, or the saved one when ``reused``).
+        reused: whether the shard's scored partials came from an earlier attempt.
+    """
+    if reused or "featurized_on" not in info:
+        info["featurized_on"] = _node(result.get("featurized_on"))
+    info["scored_on"] = info["node"] = _node(result.get("node"))
+    info.update(score_seconds=round(float(result["seconds"]), 4), reused=reused)
+
+
+def featurized_record(result: dict, info: dict) -> dict:
+    """A scored shard's record as saved for a resume: with the node that featurized it, which only
+    the driver knows (the scoring worker reports its own node)."""
+    return {**result, "featurized_on": info.get("featurized_on") or ""}  # a string: saved without pickling
+
+
+def _node(value) -> str | None:
+    """A node id as the manifest shows it: None outside Ray (and in records that name none)."""
+    text = "" if value is None else str(value)
+    return text or None

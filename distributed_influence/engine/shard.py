@@ -119,11 +119,19 @@ class ShardWorker:
         return {"x": x, "logits": logits}, meta
 
     def prepare(self, spec: ShardSpec) -> dict:
-        """Featurizes a training shard and keeps it; returns its size and where it ran."""
+        """Featurizes a training shard and keeps it; returns its size and where it ran.
+
+        For a source whose keys only the workers see (TFRecord id features: the driver reads no
+        record), also the shard's ``ids`` and ``keys``: a key repeated within a shard or across
+        two can only be found where they all meet, on the driver (see ``job._featurize``).
+        """
         t0 = time.perf_counter()
         data = self._data(spec)
-        return {"shard": spec.index, "rows": len(data.ids), "seconds": time.perf_counter() - t0,
-                "node": _node_id() or ""}
+        result = {"shard": spec.index, "rows": len(data.ids), "seconds": time.perf_counter() - t0,
+                  "node": _node_id() or ""}
+        if data.keys is not None and not self._source("train").keys_listed():
+            result.update(ids=data.ids, keys=data.keys)
+        return result
 
     def _data(self, spec: ShardSpec) -> ShardData:
         """The shard's featurized rows; featurized again if this process lost them (restart)."""

@@ -184,6 +184,14 @@ def test_node_lost_while_scoring_keeps_finished_shards(full_cluster, inputs, ref
     rec = assert_lost(m, node, "score")
     assert sorted(rec["redone_calls"]["score"]) == [4, 7]  # shard 1 not redone
     assert "prepare" not in rec["redone_calls"]  # the survivors featurized 4 and 7 on demand
+    # The manifest names both nodes: 4 and 7 were featurized for the fit on the lost node and
+    # scored by a survivor; every other shard (1 too, scored before the loss) stayed where it was.
+    for s in m["shards"]:
+        assert s["node"] == s["scored_on"] and s["scored_on"], s
+        if s["index"] in (4, 7):
+            assert s["featurized_on"] == node and s["scored_on"] != node, s
+        else:
+            assert s["featurized_on"] == s["scored_on"], s
 
 
 def test_node_lost_during_reduce(full_cluster, inputs, reference, tmp_path, inject_fault):

@@ -1,8 +1,10 @@
 """The settings, declared once as AuditConfig fields: what derives from them, and what must not move.
 
 The digest and the run key name a run's work directory (``OUT/_work/<run key>``): if they
-changed for the same settings, existing work directories would no longer resume. They are pinned
-here to values computed by the code before the settings moved into field metadata.
+changed for the same settings and version, existing work directories would no longer resume. The
+digest is pinned here to values computed by the code before the settings moved into field
+metadata; the run key, which also hashes the package version and partials format (and so changes
+by design with each release), to values computed for version 0.1.0, partials format 1.
 """
 
 import argparse
@@ -12,11 +14,13 @@ import re
 
 import pytest
 
+import distributed_influence
 from distributed_influence.cli import build_parser, config_from_args
 from distributed_influence.config import AuditConfig
 from distributed_influence.config import fields as cfg_fields
 from distributed_influence.config.fields import POSITIVE, setting
 from distributed_influence.errors import ConfigError
+from distributed_influence.store import workstore
 from distributed_influence.store.workstore import run_key
 
 BASE = dict(model="model.keras", train="digits", test="digits:test", out="out")
@@ -38,13 +42,15 @@ DIGESTS = {
     "every_field": "1a51cd3f588f9621",
     "lam_k": "573808155ded0e82",
 }
-# Computed by the same version's run_key (2e98789, distributed_influence/resume.py). The sources are
-# not files (`digits`, a missing path), so their fingerprint is the spec itself, the same everywhere.
+# The run key of version 0.1.0, partials format 1 (the first to hash them; before, 2e98789's run_key
+# gave 6935bec610dccd61344e and 94ec8fe4090f365e71eb). The sources are not files (`digits`, a
+# missing path), so their fingerprint is the spec itself, the same everywhere.
+RUN_KEY_FORMAT = {"version": "0.1.0", "partials_format": 1}
 RUN_KEYS = {
     "defaults_3_shards": ("defaults", b"model bytes", "digits", "digits:test", [(0, 20), (20, 40), (40, 60)],
-                          "6935bec610dccd61344e"),
+                          "53a28a7a64de4b819e7c"),
     "every_field_1_shard": ("every_field", b"\x00\x01keras", "/nonexistent/train.npz", "digits:test", [(0, 1797)],
-                            "94ec8fe4090f365e71eb"),
+                            "f93f329074c9516bc136"),
 }
 # The same version's AuditConfig(**CONFIGS["every_field"]).to_dict(): the manifest's `config` section.
 EVERY_FIELD_DICT = {
@@ -63,7 +69,11 @@ def test_digest_equals_the_one_before_the_settings_moved(name):
 
 
 @pytest.mark.parametrize("name", sorted(RUN_KEYS))
-def test_run_key_equals_the_one_before_the_settings_moved(name):
+def test_run_key_of_the_same_version_and_format_does_not_move(name, monkeypatch):
+    """What the key hashes of the inputs is pinned; the version and format are set to those of the
+    pin, so that a release (which changes the key by design) does not need a new pin."""
+    monkeypatch.setattr(distributed_influence, "__version__", RUN_KEY_FORMAT["version"])
+    monkeypatch.setattr(workstore, "PARTIALS_FORMAT", RUN_KEY_FORMAT["partials_format"])
     config, model_bytes, train, test, bounds, expected = RUN_KEYS[name]
     assert run_key(AuditConfig(**CONFIGS[config]).digest(), model_bytes, train, test, bounds) == expected
 
@@ -200,7 +210,7 @@ def test_worker_settings_are_the_fields_marked_for_workers_and_pickle():
 def test_source_options_are_the_fields_marked_as_such():
     from distributed_influence.data.sources import OPTION_NAMES, options_from
 
-    assert OPTION_NAMES == ("scale", "resize", "image_feature", "label_feature", "id_feature")
+    assert OPTION_NAMES == ("scale", "resize", "image_feature", "label_feature", "id_feature", "compression")
     assert options_from(AuditConfig(**CONFIGS["every_field"])) == {
         "scale": 0.5, "resize": True, "image_feature": "img", "label_feature": "lab", "id_feature": "key"}
     assert options_from(EVERY_FIELD_DICT) == options_from(AuditConfig(**CONFIGS["every_field"]))

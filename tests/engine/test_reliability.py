@@ -60,6 +60,10 @@ def test_driver_crash_then_rerun_reuses_finished_shards(ray_local, files, refere
     assert len(m["resume"]["reused_shards"]) == 2
     assert len(m["resume"]["computed_shards"]) == 3
     assert sorted(m["resume"]["reused_shards"] + m["resume"]["computed_shards"]) == list(range(5))
+    assert m["resume"]["fit_reused"] is True
+    # One node: every shard featurized and scored there, the reused ones as their records say.
+    here = ray_local.get_runtime_context().get_node_id()
+    assert [(s["featurized_on"], s["scored_on"], s["node"]) for s in m["shards"]] == [(here, here, here)] * 5
     assert not os.path.exists(work)  # partials dropped once the tables are written
     assert_same_results(reference, out)
 
@@ -145,7 +149,7 @@ def test_in_process_run_resumes_after_a_crash(files, reference, tmp_path, inject
         run_audit(audit_config(files, out, shards=3), use_ray=False)
     inject_fault(None)
     m = run_audit(audit_config(files, out, shards=3, test_block=7), use_ray=False)  # test_block: same job
-    assert m["resume"]["reused_shards"] == [0]
+    assert m["resume"]["reused_shards"] == [0] and m["resume"]["fit_reused"] is True
     assert_same_results(reference, out)
 
 

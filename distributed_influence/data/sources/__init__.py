@@ -8,16 +8,18 @@ or a URI such as ``s3://bucket/train.parquet`` (see :mod:`distributed_influence.
 * ``.parquet`` (:mod:`.parquet`): ``label``, optional ``id`` (integer, or string keys), and
   ``x`` (float lists), ``image`` (raw uint8 pixels) or ``image`` holding encoded PNG/JPEG bytes
   (binary, or the Hugging Face ``struct<bytes, path>``);
-* TFRecord files of ``tf.train.Example`` (:mod:`.tfrecord`): a file, a glob or a comma list;
+* TFRecord files of ``tf.train.Example`` (:mod:`.tfrecord`, :mod:`.records`): a file, a glob or
+  a comma list, uncompressed or GZIP;
 * an image folder ``DIR/class_name/*.png|jpg`` (:mod:`.folder`);
 * IDX files (MNIST format) and ``digits[:train|:test]`` (:mod:`.arrays`).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from distributed_influence.config import AuditConfig, fields
+from distributed_influence.data.sources import folder, records
 from distributed_influence.data.sources.arrays import (
     DIGITS_TEST_FRACTION,
     ArraySource,
@@ -30,7 +32,8 @@ from distributed_influence.data.sources.base import Rows, Source, reshape_to, re
 from distributed_influence.data.sources.folder import ImageFolderSource
 from distributed_influence.data.sources.npz import NpzSource
 from distributed_influence.data.sources.parquet import ParquetSource
-from distributed_influence.data.sources.tfrecord import TFRecordSource, is_tfrecord_name
+from distributed_influence.data.sources.records import COMPRESSIONS, is_tfrecord_name
+from distributed_influence.data.sources.tfrecord import TFRecordSource
 from distributed_influence.errors import SourceError
 from distributed_influence.store import storage
 
@@ -39,8 +42,8 @@ from distributed_influence.store import storage
 OPTION_NAMES = fields.names(AuditConfig, source_option=True)
 
 __all__ = [
-    "ArraySource", "DIGITS_TEST_FRACTION", "ImageFolderSource", "NpzSource", "OPTION_NAMES",
-    "ParquetSource", "Rows", "Source", "SourceError", "TFRecordSource", "digits_arrays",
+    "ArraySource", "COMPRESSIONS", "DIGITS_TEST_FRACTION", "ImageFolderSource", "NpzSource", "OPTION_NAMES",
+    "ParquetSource", "Rows", "Source", "SourceError", "TFRecordSource", "content_listing", "digits_arrays",
     "idx_labels_path", "idx_source", "open_source", "options_from", "read_idx", "reshape_to",
 ]
 
@@ -58,7 +61,7 @@ def options_from(config) -> dict:
 def open_source(spec: str, scale: Optional[float] = None, resize: bool = False,
                 image_feature: Optional[str] = None, label_feature: Optional[str] = None,
                 id_feature: Optional[str] = None, classes: Optional[Sequence[str]] = None,
-                layout: Optional[dict] = None) -> Source:
+                layout: Optional[dict] = None, compression: Optional[str] = None) -> Source:
     """Opens a source from its spec string (a path or URI, or ``digits[:train|:test]``).
 
     The spec is all a worker gets, so a URI carries its storage options with it (e.g.
@@ -75,6 +78,9 @@ def open_source(spec: str, scale: Optional[float] = None, resize: bool = False,
             training folder's).
         layout: what :meth:`Source.layout` returned on the driver, so that a worker opens the
             source without scanning it again.
+        compression: ``"gzip"`` or ``"none"`` for every TFRecord file; None: by each file's
+            name (``.gz`` is GZIP). Other kinds ignore it: one flag serves a TFRecord training
+            set and a test set of another kind.
 
     Raises:
         SourceError: the file is missing, of an unknown kind, or malformed.
@@ -89,7 +95,8 @@ def open_source(spec: str, scale: Optional[float] = None, resize: bool = False,
         return ParquetSource(spec, scale=scale, resize=resize)
     if is_tfrecord_name(low):
         return TFRecordSource(spec, scale=scale, resize=resize, image_feature=image_feature,
-                              label_feature=label_feature, id_feature=id_feature, layout=layout)
+                              label_feature=label_feature, id_feature=id_feature, layout=layout,
+                              compression=compression)
     if "idx" in low:
         return idx_source(spec, scale=scale)
     resolve(spec)  # a URI pyarrow cannot use is refused as such
@@ -108,3 +115,39 @@ def open_source(spec: str, scale: Optional[float] = None, resize: bool = False,
         return src
     raise SourceError(f"{spec}: unknown source kind (expected .npz, .parquet, .tfrecord, an IDX file, "
                       f"an image folder or 'digits')")
+
+
+def content_listing(spec: str) -> Optional[List[Tuple[str, int, int]]]:
+    """What a source of several files reads, as (relative path, size, modification time in ns),
+    sorted: the files of an image folder, or of a TFRecord glob or comma list.
+
+    The run key fingerprints a source by it (:func:`distributed_influence.store.workstore.fingerprint`),
+    so that a folder that gained, lost or rewrote a file is not resumed as if unchanged. It costs
+    directory listings (one recursive listing of a folder; for a glob or list, one listing per
+    directory of its files, after the one that expands a glob) and opens no file.
+
+    Returns:
+        The listing, or None for a source that is one file (fingerprinted by its own size and
+        time), ``digits``, or a path that does not exist.
+
+    Raises:
+        SourceError: a directory or a file of the source cannot be listed.
+    """
+    if spec in ("digits", "digits:train", "digits:test"):
+        return None
+    if is_tfrecord_name(storage.basename(spec)):  # the kind as open_source tells it
+        if "," not in spec and not any(c in storage.basename(spec) for c in "*?["):
+            return None  # one file, and it does not exist (else it was fingerprinted by its size)
+        try:
+            files = records.expand(spec)
+        except SourceError:  # a glob that matches nothing: nothing to fingerprint but the spec
+            return None
+        return records.listing(files)
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = storage.resolve(spec)
+        is_dir = fs.get_file_info(path).type == pafs.FileType.Directory
+    except (OSError, ValueError):
+        return None
+    return folder.listing(spec) if is_dir else None

@@ -82,6 +82,15 @@ class Source(abc.ABC):
         """A summary for the manifest."""
         return {"kind": type(self).__name__, "rows": int(self.n_rows), "keys": self.has_keys}
 
+    def place(self, row: int) -> str:
+        """Where a row is, in words a user finds it by (``row 7``; a TFRecord names its file)."""
+        return f"row {row}"
+
+    def keys_listed(self) -> bool:
+        """Whether the driver holds every key (checked when the source was opened); False when
+        only the workers see them, as they read the rows (TFRecord id features)."""
+        return not self.has_keys or self.keys() is not None
+
     @abc.abstractmethod
     def _read_x(self, start: int, stop: int) -> np.ndarray:
         """Raw inputs of rows [start, stop)."""
@@ -146,18 +155,65 @@ def check_labels(y: np.ndarray, name: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
+def first_repeat(values: np.ndarray) -> Optional[Tuple[int, int]]:
+    """Positions (i, j), i < j, of the first value met a second time in reading order, or None.
+
+    The one sort also gives the other place of that value, so a refusal can name both rows
+    (a user fixing the data needs both, not just the key).
+    """
+    values = np.asarray(values)
+    if len(values) < 2:
+        return None
+    order = np.argsort(values, kind="stable")  # equal values keep reading order
+    same = np.flatnonzero(values[order][1:] == values[order][:-1])
+    if not len(same):
+        return None
+    # The earliest later occurrence is the second of its value (a third comes after it).
+    k = same[np.argmin(order[same + 1])]
+    return int(order[k]), int(order[k + 1])
+
+
+def duplicate_error(name: str, what: str, value, first: str, second: str) -> SourceError:
+    """The one-line refusal of a repeated id or key: which, and the two places it occurs."""
+    shown = repr(value) if isinstance(value, str) else str(value)
+    return SourceError(f"{name}: duplicate {what} {shown} at {first} and {second}")
+
+
+def check_unique_keys(src: "Source", ids: np.ndarray, keys: np.ndarray) -> None:
+    """Refuses keys that the workers read and one of which names two rows.
+
+    For sources whose keys the driver never sees whole (:meth:`Source.keys_listed` is False):
+    the workers return the keys of the rows they read, and this runs on all of them at once,
+    so a key repeated across two shards is found as surely as one within a shard.
+
+    Args:
+        src: the source as the driver opened it (it names the places).
+        ids: the rows' ids, which for a keyed source are its row numbers.
+        keys: the rows' keys, in the same order.
+    """
+    repeat = first_repeat(np.asarray(keys))
+    if repeat is not None:
+        i, j = repeat
+        raise duplicate_error(src.name, "key", str(keys[i]), src.place(int(ids[i])), src.place(int(ids[j])))
+
+
 def check_ids(ids: np.ndarray, name: str) -> np.ndarray:
+    """Ids must be integers, one per row, and name one row each: the tables are keyed by them."""
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise SourceError(f"{name}: 'id' must be one integer per row, got {ids.dtype} {ids.shape}")
-    return ids.astype(np.int64)
+    ids = ids.astype(np.int64)
+    repeat = first_repeat(ids)
+    if repeat is not None:
+        raise duplicate_error(name, "id", int(ids[repeat[0]]), f"row {repeat[0]}", f"row {repeat[1]}")
+    return ids
 
 
 def check_keys(keys: np.ndarray, name: str) -> np.ndarray:
     """String keys must name one row each: a duplicate would make a table ambiguous."""
     keys = np.asarray(keys, dtype=object)
-    uniq, counts = np.unique(keys.astype(str), return_counts=True)
-    if len(uniq) != len(keys):
-        raise SourceError(f"{name}: duplicate key {str(uniq[np.argmax(counts > 1)])!r}")
+    repeat = first_repeat(keys.astype(str))
+    if repeat is not None:
+        raise duplicate_error(name, "key", str(keys[repeat[0]]), f"row {repeat[0]}", f"row {repeat[1]}")
     return keys
 
 

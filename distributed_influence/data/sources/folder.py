@@ -13,7 +13,7 @@ only some of the classes keeps the labels the model learnt.
 from __future__ import annotations
 
 import posixpath
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -32,6 +32,38 @@ def _listing(fs, path: str, recursive: bool):
         raise SourceError(f"{path}: directory not found") from None
     except OSError as exc:
         raise SourceError(f"{path}: cannot be listed ({storage.reason(exc)})") from None
+
+
+def _is_image(rel: str) -> bool:
+    """Whether a path relative to the root is an image the source reads: below a class folder,
+    with an image ending, and hidden nowhere along the way."""
+    parts = rel.split("/")
+    return len(parts) > 1 and rel.lower().endswith(IMAGE_EXTENSIONS) and not any(p.startswith(".") for p in parts)
+
+
+def _images(fs, root: str, under: str) -> list:
+    """(path relative to ``root``, file info) of every image the source reads below ``under``."""
+    import pyarrow.fs as pafs
+
+    found = []
+    for info in _listing(fs, under, True):
+        rel = info.path[len(root) + 1:].replace("\\", "/")
+        if info.type == pafs.FileType.File and _is_image(rel):
+            found.append((rel, info))
+    return found
+
+
+def listing(path: str) -> List[Tuple[str, int, int]]:
+    """(relative path, size, modification time in ns) of every image the source reads, sorted.
+
+    What the run key fingerprints a folder by: one recursive listing, no file read, so a
+    folder of a million images costs its listing, not its bytes. Files the source ignores
+    (other endings, hidden ones, files directly in the root) are left out, so adding a README
+    does not make a run start afresh.
+    """
+    fs, root = resolve(path)
+    root = root.rstrip("/")
+    return sorted((rel, int(info.size), int(info.mtime_ns or 0)) for rel, info in _images(fs, root, root))
 
 
 class ImageFolderSource(Source):
@@ -70,11 +102,7 @@ class ImageFolderSource(Source):
         labels: List[int] = []
         for name in found:
             folder = f"{root}/{name}"
-            rel = sorted(
-                i.path[len(root) + 1:].replace("\\", "/") for i in _listing(self._fs, folder, True)
-                if i.type == pafs.FileType.File and i.path.lower().endswith(IMAGE_EXTENSIONS)
-                and not any(part.startswith(".") for part in i.path[len(folder) + 1:].split("/"))
-            )
+            rel = sorted(r for r, _ in _images(self._fs, root, folder))
             if not rel:
                 raise SourceError(f"{storage.join(path, name)}: class folder has no images "
                                   f"({', '.join(IMAGE_EXTENSIONS)})")

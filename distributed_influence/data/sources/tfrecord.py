@@ -10,131 +10,32 @@ Features (names by flags, with defaults tried in order):
 * id (optional): ``id`` when present, or the feature named — bytes or int64, kept as a string key.
 
 The format has no index, so the records are counted once, by the driver, walking the record
-headers (one seek per record on a local disk); the counts per file go to the workers and the
-manifest. A worker then opens only the files covering its row range and skips records by their
-headers within the first, so no worker reads the others' records. Rows are in file order
-(sorted names for a glob, the given order for a list), then record order; ids are those row
-numbers. Only uncompressed TFRecords are read.
+headers (one seek per record on a local disk; a GZIP file is decompressed to be counted, see
+:mod:`.records`); the counts per file go to the workers and the manifest. A worker then opens
+only the files covering its row range and skips records by their headers within the first, so
+no worker parses the others' records. Rows are in file order (sorted names for a glob, the
+given order for a list), then record order; ids are those row numbers.
+
+The driver never reads the records' id features, so it cannot see a key given twice: each
+worker returns the keys of the rows it featurized, and the job refuses the source if two rows
+share one (see ``ShardWorker.prepare``).
 """
 
 from __future__ import annotations
 
-import fnmatch
-import glob as globlib
-import os
-import struct
 from typing import List, Optional, Sequence
 
 import numpy as np
 
-from distributed_influence.data.sources.base import Rows, Source, check_labels, reshape_to, resolve
+from distributed_influence.data.sources.base import Rows, Source, check_labels, reshape_to
 from distributed_influence.data.sources.images import SMALL_BLOCK, decode_many, looks_encoded, stack_scaled, target_of
+from distributed_influence.data.sources.records import Reader, check_compression, compression_of, count_records, expand
 from distributed_influence.errors import SourceError
 from distributed_influence.store import storage
 
 IMAGE_FEATURES = ("image/encoded", "image")
 LABEL_FEATURES = ("label", "image/class/label")
 ID_FEATURES = ("id",)
-_HEADER = 12  # uint64 length, uint32 masked CRC of the length
-_FOOTER = 4  # uint32 masked CRC of the data
-
-
-def is_tfrecord_name(name: str) -> bool:
-    """Whether a file name looks like a TFRecord (``x.tfrecord``, ``x.tfrecords``, ``x.tfrecord-00000-of-00010``)."""
-    low = name.lower()
-    return ".tfrecord" in low or low.endswith(".tfr")
-
-
-def expand(spec: str) -> List[str]:
-    """The files of a spec: a list separated by commas, each a file or a glob pattern."""
-    files: List[str] = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        name = storage.basename(part)
-        if not any(c in name for c in "*?["):
-            files.append(part)
-            continue
-        if storage.is_uri(part):
-            folder = storage.dirname(part)
-            matched = [storage.join(folder, n) for n in storage.list_names(folder) if fnmatch.fnmatch(n, name)]
-        else:
-            matched = sorted(globlib.glob(part))
-        if not matched:
-            raise SourceError(f"{part}: no TFRecord files match")
-        files.extend(sorted(matched))
-    if not files:
-        raise SourceError(f"{spec}: no TFRecord files given")
-    return files
-
-
-class _Reader:
-    """Sequential reading of one TFRecord file: headers walked, data read only when asked."""
-
-    def __init__(self, spec: str):
-        self.spec = spec
-        fs, path = resolve(spec)
-        try:
-            if storage.is_local(fs):
-                self._fh = open(path, "rb")
-            else:
-                self._fh = fs.open_input_stream(path, compression=None)
-        except FileNotFoundError:
-            raise SourceError(f"{spec}: file not found") from None
-        except OSError as exc:
-            raise SourceError(f"{spec}: cannot be opened ({storage.reason(exc)})") from None
-        self._seekable = storage.is_local(fs)
-        self._size = os.fstat(self._fh.fileno()).st_size if self._seekable else None
-        self.record = 0  # index of the next record
-
-    def close(self) -> None:
-        self._fh.close()
-
-    def _length(self) -> Optional[int]:
-        head = self._fh.read(_HEADER)
-        if not head:
-            return None
-        if len(head) < _HEADER:
-            raise SourceError(f"{self.spec}: record {self.record}: truncated header (not a TFRecord file?)")
-        return struct.unpack("<Q", head[:8])[0]
-
-    def skip(self) -> bool:
-        """Passes over the next record; False at the end of the file."""
-        n = self._length()
-        if n is None:
-            return False
-        if self._seekable:
-            pos = self._fh.tell()
-            if pos + n + _FOOTER > self._size:
-                raise SourceError(f"{self.spec}: record {self.record}: truncated (length {n} "
-                                  f"past the end of the file)")
-            self._fh.seek(pos + n + _FOOTER)
-        else:
-            if len(self._fh.read(n + _FOOTER)) < n + _FOOTER:
-                raise SourceError(f"{self.spec}: record {self.record}: truncated")
-        self.record += 1
-        return True
-
-    def next(self) -> Optional[bytes]:
-        """The data of the next record, or None at the end of the file."""
-        n = self._length()
-        if n is None:
-            return None
-        data = self._fh.read(n + _FOOTER)
-        if len(data) < n + _FOOTER:
-            raise SourceError(f"{self.spec}: record {self.record}: truncated")
-        self.record += 1
-        return data[:n]
-
-
-def count_records(spec: str) -> int:
-    reader = _Reader(spec)
-    try:
-        while reader.skip():
-            pass
-        return reader.record
-    finally:
-        reader.close()
 
 
 def _example_class():
@@ -164,15 +65,19 @@ class TFRecordSource(Source):
 
     def __init__(self, spec: str, scale: Optional[float] = None, resize: bool = False,
                  image_feature: Optional[str] = None, label_feature: Optional[str] = None,
-                 id_feature: Optional[str] = None, layout: Optional[dict] = None):
+                 id_feature: Optional[str] = None, layout: Optional[dict] = None,
+                 compression: Optional[str] = None):
         self.name = spec
         self.scale = scale
         self.resize = resize
+        check_compression(compression)
         if layout is None:
-            layout = self._scan(spec, image_feature, label_feature, id_feature)
+            layout = self._scan(spec, image_feature, label_feature, id_feature, compression)
         self._layout = layout
         self.files: List[str] = list(layout["files"])
         self.counts: List[int] = [int(c) for c in layout["counts"]]
+        # Decided once, by the driver, for every file: a worker reads each file as it was counted.
+        self.compressions: List[Optional[str]] = list(layout.get("compression") or [None] * len(self.files))
         self._starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.n_rows = int(self._starts[-1])
         self.image_feature = layout["image_feature"]
@@ -184,14 +89,16 @@ class TFRecordSource(Source):
         self._parse_block = None
 
     @staticmethod
-    def _scan(spec, image_feature, label_feature, id_feature) -> dict:
+    def _scan(spec, image_feature, label_feature, id_feature, compression) -> dict:
         """Counts the records of every file and finds the feature names in the first record."""
         files = expand(spec)
-        counts = [count_records(f) for f in files]
-        first = next((f for f, c in zip(files, counts) if c), None)
+        compressions = [compression_of(f, compression) for f in files]
+        counts = [count_records(f, c) for f, c in zip(files, compressions)]
+        first = next((i for i, c in enumerate(counts) if c), None)
         if first is None:
             raise SourceError(f"{spec}: the TFRecord files hold no records")
-        reader = _Reader(first)
+        reader = Reader(files[first], compressions[first])
+        first = files[first]
         try:
             feature = _parse(_example_class(), reader.next(), f"{first}: record 0")
         finally:
@@ -208,8 +115,8 @@ class TFRecordSource(Source):
         ident = _pick(feature, id_feature, ID_FEATURES)
         if id_feature is not None and ident is None:
             raise SourceError(f"{first}: record 0: no id feature {id_feature!r} (features: {', '.join(names)})")
-        return {"files": files, "counts": counts, "image_feature": image, "label_feature": label,
-                "id_feature": ident}
+        return {"files": files, "counts": counts, "compression": compressions, "image_feature": image,
+                "label_feature": label, "id_feature": ident}
 
     @property
     def has_labels(self) -> bool:
@@ -224,7 +131,8 @@ class TFRecordSource(Source):
 
     def describe(self) -> dict:
         return {**super().describe(), "kind": "tfrecord",
-                "files": [{"path": storage.redact(f), "records": c} for f, c in zip(self.files, self.counts)],
+                "files": [{"path": storage.redact(f), "records": c, **({"compression": z} if z else {})}
+                          for f, c, z in zip(self.files, self.counts, self.compressions)],
                 "features": {"image": self.image_feature, "label": self.label_feature, "id": self.id_feature}}
 
     @property
@@ -237,7 +145,7 @@ class TFRecordSource(Source):
         row = start
         while row < stop:
             skip = row - int(self._starts[f])
-            reader = _Reader(self.files[f])
+            reader = Reader(self.files[f], self.compressions[f])
             try:
                 for _ in range(skip):
                     if not reader.skip():
@@ -367,3 +275,9 @@ class TFRecordSource(Source):
         """The file and record of a row, for messages."""
         f = int(np.searchsorted(self._starts, row, side="right") - 1)
         return f"{self.files[f]}: record {row - int(self._starts[f])}"
+
+    def place(self, row: int) -> str:
+        """``record 3`` of a single file; ``record 3 of FILE`` when the source has several."""
+        f = int(np.searchsorted(self._starts, row, side="right") - 1)
+        record = f"record {row - int(self._starts[f])}"
+        return record if len(self.files) == 1 else f"{record} of {self.files[f]}"
