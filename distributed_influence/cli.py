@@ -65,12 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_arguments(audit)
     audit.set_defaults(func=cmd_audit)
     from distributed_influence import demo
+    from distributed_influence.cleaning import apply as apply_review
     from distributed_influence.engine import explain
     from distributed_influence.report import page as report
 
     explain.add_parser(sub)
     report.add_parser(sub)
     demo.add_parser(sub)
+    apply_review.add_parser(sub)
     return parser
 
 

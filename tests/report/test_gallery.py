@@ -354,3 +354,75 @@ def test_review_table_for_flat_data(flat_out, browser, tmp_path):
     os.remove(csv_path)
     assert rows[0] == [c for c in COLUMNS if c != "train_key"]
     assert rows[1][:4] == [str(first["id"]), str(first["label"]), "keep", ""] and len(rows) == 2
+
+
+@needs_browser
+def test_decisions_from_the_page_apply_to_npz_and_parquet_and_audit_again(demo_out, browser, tmp_path):
+    """The whole loop: decisions made on the page and exported, applied by apply-review to the
+    audit's .npz source and to a Parquet copy of it, and both corrected copies audited again.
+    The relabelled rows carry their new labels, the removed rows are gone, ids are unchanged."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distributed_influence.cleaning.apply import apply_review
+    from distributed_influence.config import AuditConfig
+    from distributed_influence.engine.job import run_audit
+
+    driver, downloads = browser
+    out = report_audits.copy_output(demo_out, tmp_path / "out")
+    page = report.write_report(out, n_examples=0, n_review=20)
+    data = gallery.read_review_data(os.path.join(out, "report", gallery.DATA_JS))
+    _open(driver, page)
+    # Walk to the first suspect the model disagrees with; relabel it to the model's class, remove
+    # the next one, keep the one after it.
+    target = next(s["id"] for s in data["suspects"] if s["label"] != s["pred"])
+    for _ in data["suspects"]:
+        if _current(driver) == target:
+            break
+        _press(driver, "l")
+    relabelled = _decide(driver, "r")
+    removed = _decide(driver, "x")
+    kept = _decide(driver, "k")
+    assert relabelled == target and len({relabelled, removed, kept}) == 3
+    csv_path = os.path.join(downloads, "decisions.csv")
+    driver.find_element("id", "rv-export").click()
+    _wait_for(csv_path)
+    decisions = str(tmp_path / "decisions.csv")
+    shutil.move(csv_path, decisions)
+    with open(decisions, newline="", encoding="utf-8") as fh:
+        rows = {int(r["train_id"]): r for r in csv.DictReader(fh)}
+    pred = {s["id"]: s["pred"] for s in data["suspects"]}
+    assert {t: (r["action"], r["new_label"]) for t, r in rows.items()} == {
+        relabelled: ("relabel", str(pred[relabelled])), removed: ("remove", ""), kept: ("keep", "")}
+
+    # The sources: the audit's .npz, and the same rows as Parquet (ids, labels, flat pixels).
+    src = np.load(os.path.join(demo_out, "data", "train.npz"))
+    ids, labels, x = src["id"], src["y"], src["x"]
+    parquet = str(tmp_path / "train.parquet")
+    pq.write_table(pa.table({"id": ids, "label": labels.astype(np.int64),
+                             "x": pa.array(list(x.reshape(len(x), -1).astype(np.float32)),
+                                           pa.list_(pa.float32()))}), parquet)
+    want_ids = ids[ids != removed]
+    want_labels = np.where(ids == relabelled, pred[relabelled], labels)[ids != removed]
+    for source in (os.path.join(demo_out, "data", "train.npz"), parquet):
+        name = os.path.basename(source)
+        fixed = str(tmp_path / f"fixed_{name}")
+        apply_review(source, fixed, decisions=decisions)
+        copy = os.path.join(fixed, name)
+        if name.endswith(".npz"):
+            got = np.load(copy, allow_pickle=False)
+            got_ids, got_labels, got_x = got["id"], got["y"], got["x"]
+        else:
+            t = pq.read_table(copy)
+            got_ids, got_labels = t.column("id").to_numpy(), t.column("label").to_numpy()
+            got_x = np.stack(t.column("x").to_numpy(zero_copy_only=False)).reshape((-1,) + x.shape[1:])
+        np.testing.assert_array_equal(got_ids, want_ids)
+        np.testing.assert_array_equal(got_labels, want_labels)
+        np.testing.assert_array_equal(got_x, x[ids != removed])
+        # Audited again: the tables know the new labels, and the removed row is gone.
+        again = str(tmp_path / f"again_{name}")
+        run_audit(AuditConfig(model=os.path.join(demo_out, "data", "digits_cnn.keras"), train=copy,
+                              test=os.path.join(demo_out, "data", "test.npz"), out=again, k=3), use_ray=False)
+        scores = tables.read_table(again, tables.TRAIN_SCORES, tables.read_manifest(again)).to_pydict()
+        np.testing.assert_array_equal(scores["train_id"], want_ids)
+        np.testing.assert_array_equal(scores["label"], want_labels)
