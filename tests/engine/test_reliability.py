@@ -51,10 +51,11 @@ def test_driver_crash_then_rerun_reuses_finished_shards(ray_local, files, refere
     (key,) = os.listdir(work)
     assert len([f for f in os.listdir(os.path.join(work, key)) if f.startswith("shard-")]) == 2
 
-    # Other settings must not mix with these partials.
+    # Other settings must not mix with these partials (refused before any work: checked in
+    # process, the same check as under Ray, without starting workers).
     inject_fault(None)
     with pytest.raises(ConfigError, match="different job"):
-        run_audit(audit_config(files, out, shards=5, lam=0.01), use_ray=True)
+        run_audit(audit_config(files, out, shards=5, lam=0.01), use_ray=False)
 
     m = run_audit(audit_config(files, out, shards=5), use_ray=True)
     assert len(m["resume"]["reused_shards"]) == 2
