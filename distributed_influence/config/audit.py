@@ -128,7 +128,7 @@ class AuditConfig:
         None, check=NAME, source_option=True,
         help="TFRecord feature holding a string key per record (default: 'id' when present)")
     # How the bytes of a file are read, not which rows they hold; hashed only when set, so that
-    # runs from before the flag keep their run keys.
+    # the settings digest of a run without it is the one it had before the flag existed.
     compression: Optional[str] = setting(
         None, choices=COMPRESSIONS, source_option=True, digest=UNLESS_DEFAULT,
         help="compression of every TFRecord file: gzip (as written with compression_type='GZIP', e.g. by "
@@ -139,7 +139,7 @@ class AuditConfig:
         help="pruned (default): exact top-k from the few training rows whose bound |alpha|*|x_i|*|x_t| can "
              "reach it; dense: every (test, train) pair. Same tables")
     # Changes train_scores.influence_abs_sum (null or values) for signed features; hashed only when set,
-    # so that runs from before the flag keep their run keys.
+    # so that the settings digest of a run without it is the one it had before the flag existed.
     abs_sums: bool = setting(
         False, check=BOOLEAN, worker=True, digest=UNLESS_DEFAULT,
         help="compute train_scores.influence_abs_sum even when features take negative values (then it needs "

@@ -236,7 +236,7 @@ class ShardWorker:
                 references to them).
             test_pred: the class explained for each test example.
             test_errors: the predicted class of each test example the model gets wrong, −1 for
-                the others (:func:`~distributed_influence.method.representer.error_classes`);
+                the others (:func:`~distributed_influence.method.logits.error_classes`);
                 None without test labels (``error_influence`` is then null).
 
         Returns:

@@ -49,8 +49,9 @@ def fingerprint(spec: str) -> str:
     partials are never resumed as if the rows were the same. Anything else (``digits``, a
     path that does not exist): the spec alone.
 
-    The fingerprint of a single file is the string it has always been, so run keys of such
-    sources stay those of earlier versions (tests/config/test_config.py pins them).
+    The fingerprint of a single file is the string it has always been (size and modification
+    time), pinned by tests/config/test_config.py: within one version, the run key of the same job
+    never moves.
 
     Raises:
         SourceError: a file or directory of the source cannot be listed.
@@ -160,6 +161,7 @@ class WorkStore:
         self.inputs = inputs
         self.path = storage.join(storage.join(out_dir, WORK_DIR), key)
         self._format_recorded = False
+        self._stale: list = []  # other jobs' work directories that --overwrite replaces
 
     @classmethod
     def open(cls, out_dir: str, key: str, overwrite: bool, inputs: Optional[Dict[str, str]] = None) -> "WorkStore":
@@ -190,13 +192,15 @@ class WorkStore:
         changed = _changed_inputs([records[d] for d in stale], inputs)
         if conflict and not overwrite:
             raise ConfigError(_refusal(out_dir, work, [recorded[d] for d in stale], old, mine, changed))
-        if overwrite:
-            if changed:
-                log.warning("starting afresh: the %s changed since the work in %s was started", changed,
-                            storage.redact(work))
-            for d in stale:
-                storage.remove_tree(storage.join(work, d))
+        if overwrite and changed:
+            log.warning("starting afresh: the %s changed since the work in %s was started", changed,
+                        storage.redact(work))
         store = cls(out_dir, key, inputs)
+        if overwrite and key in stale:  # this run's own name, written by another format: never read
+            storage.remove_tree(store.path)
+        # The others are removed with this run's first result, not now: a run refused later (a
+        # repeated key a worker finds) must leave --out as it found it, even with --overwrite.
+        store._stale = [storage.join(work, d) for d in stale if d != key] if overwrite else []
         store._format_recorded = recorded.get(key) == mine
         return store
 
@@ -208,12 +212,19 @@ class WorkStore:
         a work directory, saved before any worker writes partials or index files into it, so every
         directory holding partials records what wrote them.
         """
+        self._drop_stale()
         record = {**work_format(), "run_key": self.key}
         if self.inputs:
             record["inputs"] = self.inputs
         record = json.dumps(record, sort_keys=True).encode()
         storage.write_atomic(storage.join(self.path, FORMAT_FILE), lambda fh: fh.write(record))
         self._format_recorded = True
+
+    def _drop_stale(self) -> None:
+        """Removes the work directories ``--overwrite`` replaces (see :meth:`open`)."""
+        for path in self._stale:
+            storage.remove_tree(path)
+        self._stale = []
 
     def _file(self, name: str) -> str:
         return storage.join(self.path, name + ".npz")
@@ -238,7 +249,8 @@ class WorkStore:
             return unflatten({k: data[k] for k in data.files})
 
     def remove(self) -> None:
-        """Drops this run's partials after its tables were written."""
+        """Drops this run's partials (and what ``--overwrite`` replaces) after its tables were written."""
+        self._drop_stale()
         storage.remove_tree(self.path)
         work = storage.dirname(self.path)
         if not storage.list_names(work):

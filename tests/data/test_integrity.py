@@ -244,3 +244,25 @@ def test_gzip_and_fingerprints_on_s3(rows, s3, tmp_path):
     s3.put("tfr/train-00002-of-00002.tfrecord.gz", b"")
     s3.put("imgs/c1/more.png", b"png")
     assert all(fingerprint(s) != f for s, f in before.items())
+
+
+def test_a_damaged_record_length_is_refused_before_it_is_read(rows, tmp_path):
+    """A header whose length runs past the end of the file: one line, and no attempt to read
+    that many bytes (a damaged length can ask for up to 2^64)."""
+    import struct
+
+    from distributed_influence.data.sources.records import Reader
+
+    x, y, keys = rows
+    (path,) = write_rows(tmp_path, "damaged", x[:3], y[:3], keys[:3], files=1)
+    data = bytearray(open(path, "rb").read())
+    data[:8] = struct.pack("<Q", 1 << 40)
+    open(path, "wb").write(bytes(data))
+    for step in ("next", "skip"):
+        reader = Reader(path)
+        try:
+            with pytest.raises(SourceError) as err:
+                getattr(reader, step)()
+        finally:
+            reader.close()
+        assert str(err.value) == f"{path}: record 0: truncated (length {1 << 40} past the end of the file)"

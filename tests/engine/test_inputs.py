@@ -64,6 +64,24 @@ def test_a_tfrecord_key_repeated_across_shards_stops_the_job_before_anything_is_
     assert not out.exists()
 
 
+def test_overwrite_keeps_another_jobs_work_until_this_run_saves_its_first_result(files, tmp_path, capsys,
+                                                                                  inject_fault):
+    """--overwrite replaces another job's partial work, but a run refused before its first result
+    (a repeated key the workers find) leaves it in place: nothing written, nothing removed."""
+    out = tmp_path / "out"
+    inject_fault("stop-driver-after:1")
+    with pytest.raises(InjectedFault):
+        run_audit(_config(files, str(out), shards=3), use_ray=False)
+    inject_fault(None)
+    before = {p: (out / p).read_bytes() for p in _files(out)}
+    x, y = _train(files)
+    keys = [f"img-{i:02d}" for i in range(len(x))]
+    keys[45] = keys[7]
+    write_rows(tmp_path, "train", x, y, keys, files=2)
+    _refused(capsys, _audit(files, str(tmp_path / "train-*.tfrecord"), out, "--shards", "3", "--overwrite"))
+    assert {p: (out / p).read_bytes() for p in _files(out)} == before
+
+
 def _bad_inputs(files, tmp_path) -> dict:
     """name → (train spec, test spec or None, extra flags, the line's text after the prefix)."""
     x, y = _train(files)

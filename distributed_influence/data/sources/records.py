@@ -175,7 +175,12 @@ class Reader:
         if len(head) < _HEADER:
             raise self._broken("truncated header (not a TFRecord file?)")
         n = struct.unpack("<Q", head[:8])[0]
-        if n > _MAX_LENGTH and not self._seekable:  # a file on disk is checked against its size
+        if self._seekable:
+            # Checked against the file's size before anything reads n bytes: a damaged header
+            # would otherwise ask for up to 2^64 bytes at once.
+            if self._fh.tell() + n + _FOOTER > self._size:
+                raise self._broken(f"truncated (length {n} past the end of the file)")
+        elif n > _MAX_LENGTH:
             raise self._broken(f"truncated or damaged (length {n})")
         return n
 
@@ -184,11 +189,8 @@ class Reader:
         n = self._length()
         if n is None:
             return False
-        if self._seekable:
-            pos = self._fh.tell()
-            if pos + n + _FOOTER > self._size:
-                raise self._broken(f"truncated (length {n} past the end of the file)")
-            self._fh.seek(pos + n + _FOOTER)
+        if self._seekable:  # the length is within the file (checked by _length)
+            self._fh.seek(self._fh.tell() + n + _FOOTER)
         elif len(self._read(n + _FOOTER)) < n + _FOOTER:
             raise self._broken("truncated")
         self.record += 1
