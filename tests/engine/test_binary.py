@@ -17,6 +17,7 @@ from distributed_influence.method.fit import fit_head
 
 LAM = 0.003
 K = 5
+TEST_FLIPS = 6  # test labels flipped: predictions the model gets wrong, for error_influence
 N_TRAIN, N_TEST = 200, 30
 
 
@@ -66,7 +67,11 @@ def binary_audit(request, binary_data, tmp_path_factory):
              "out": str(root / "out")}
     model.save(paths["model"])
     np.savez(paths["train"], x=x_tr, y=y_tr)
-    np.savez(paths["test"], x=x_te, y=y_te)
+    # A few test labels the model (right on every test blob) then gets "wrong": error_influence
+    # has test rows of both classes to sum.
+    y_saved = y_te.copy()
+    y_saved[:TEST_FLIPS] = 1 - y_saved[:TEST_FLIPS]
+    np.savez(paths["test"], x=x_te, y=y_saved)
     code = main(["audit", "--model", paths["model"], "--train", paths["train"], "--test", paths["test"],
                  "--out", paths["out"], "--k", str(K), "--lam", str(LAM), "--in-process"])
     assert code == 0
@@ -195,6 +200,11 @@ def test_binary_audit_tables_match_oracle(binary_audit, binary_data):
     p1 = oracle.sigmoid(ref["z_tr"])
     np.testing.assert_allclose(train["label_probability"], np.where(ref["y"] == 1, p1, 1 - p1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(train["influence_sum"], ref["r"].sum(axis=0), rtol=1e-4, atol=1e-5 * scale)
+    # error_influence: the rows of r of the test examples the model gets wrong, each at its
+    # predicted class (−α for class 0, α for class 1).
+    wrong = np.asarray(test["label"]) != ref["pred"]
+    assert 0 < wrong.sum() < len(wrong) and len(set(ref["pred"][wrong])) == 2
+    np.testing.assert_allclose(train["error_influence"], ref["r"][wrong].sum(axis=0), rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_binary_label_audit_finds_flipped_labels(binary_audit, binary_data):
