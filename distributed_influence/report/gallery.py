@@ -9,15 +9,18 @@ suspects. Hence three choices:
   the JSON travels as a script and not as a bare ``.json`` file. The JSON is the second of the
   file's three lines, so a tool can read it without a JavaScript parser
   (:func:`read_review_data`).
-* ``review.js`` and ``review.css`` ship in this package's ``static/`` folder. The script is
-  copied beside the page and draws one page of suspects at a time, so only that page's
-  thumbnails are in the DOM, each ``loading="lazy"``. The style is inlined in the page.
+* The scripts (:data:`SCRIPTS`) and ``review.css`` ship in this package's ``static/`` folder.
+  The scripts are copied beside the page and draw one page of suspects at a time, so only that
+  page's thumbnails are in the DOM, each ``loading="lazy"``. The style is inlined in the page.
 * Decisions stay in the browser's ``localStorage``, under the audit's run key so that the
   reports of two audits never mix, and leave it only as ``decisions.csv``, a download the
   script builds itself. Nothing is sent anywhere.
 
-Labels are integers, but keys are strings chosen by whoever made the data set (file names, a
-string ``id`` column). They reach the page only through the JSON file. There ``<``, ``>`` and
+Ids are written as strings of their decimal digits: they are int64 (hashed ids fill all 64
+bits), and a JavaScript number holds integers exactly only up to 2^53, so a JSON number would
+come back as another id in the browser, and in ``decisions.csv``. The script never turns an id
+into a number. Labels are integers, but keys are strings chosen by whoever made the data set
+(file names, a string ``id`` column). They reach the page only through the JSON file. There ``<``, ``>`` and
 ``&`` are escaped as well, so the file stays inert even if someone pastes it into a page. The
 script then inserts every value with ``textContent`` or ``setAttribute``, never as HTML.
 """
@@ -36,9 +39,13 @@ import numpy as np
 
 DATA_JS = "review-data.js"
 SCRIPT_JS = "review.js"
+#: The review's scripts, in the order the page loads them: ``review-store.js`` (the decisions:
+#: storage, checks, CSV) defines what ``review.js`` (the gallery and its controls) uses.
+SCRIPTS = ("review-store.js", SCRIPT_JS)
 DATA_GLOBAL = "REVIEW_DATA"
-#: Version of the data file's layout, for the script and for tools that read it.
-DATA_FORMAT = 1
+#: Version of the data file's layout, for the script and for tools that read it. 2: ids are
+#: strings (1 wrote them as JSON numbers, which lose ids beyond 2^53 in a browser).
+DATA_FORMAT = 2
 #: Significant digits kept for probabilities, scores and representer values: enough to sort
 #: and show them, without tripling the data file with float64 noise.
 DIGITS = 4
@@ -78,9 +85,17 @@ def _keys(train_table, rows: np.ndarray) -> Optional[List[Optional[str]]]:
 
 
 def positions(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Row of each query id in ``keys`` (all present)."""
+    """Row of each query id in ``keys``, or -1 for an id that is not there.
+
+    A sorted lookup rather than a dict: ``keys`` may be every training id of a large audit,
+    and two arrays cost far less than a dict of Python ints. The report's modules share it.
+    """
+    keys, query = np.asarray(keys), np.asarray(query)
+    if len(keys) == 0:
+        return np.full(len(query), -1, dtype=np.int64)
     order = np.argsort(keys, kind="stable")
-    return order[np.searchsorted(keys, query, sorter=order)]
+    at = order[np.minimum(np.searchsorted(keys, query, sorter=order), len(keys) - 1)]
+    return np.where(keys[at] == query, at, -1)
 
 
 def review_data(manifest: dict, train: Dict[str, np.ndarray], train_table, rows: np.ndarray, is_bad: np.ndarray,
@@ -105,25 +120,27 @@ def review_data(manifest: dict, train: Dict[str, np.ndarray], train_table, rows:
         ``{"format", "run_key", "n_classes", "n_train", "has_keys", "known_bad", "thumbs",
         "suspects": [{"id", "rank", "label", "pred", "p", "score", "bad", ["key"], ["sup"]}],
         "examples": {id: [label, audit rank, known bad, key]}}``; ``examples`` describes every
-        supporter, so that the page can caption it.
+        supporter, so that the page can caption it. Every id, in ``suspects``, ``sup`` and
+        ``examples``, is the string of its decimal digits (see the module's docstring).
     """
     rows = np.asarray(rows, dtype=np.int64)
     keys = _keys(train_table, rows)
-    suspects = []
+    suspects, sup_ids = [], set()
     for i, r in enumerate(rows.tolist()):
         tid = int(train["train_id"][r])
-        rec = {"id": tid, "rank": int(train["audit_rank"][r]), "label": int(train["label"][r]),
+        rec = {"id": str(tid), "rank": int(train["audit_rank"][r]), "label": int(train["label"][r]),
                "pred": int(train["predicted_class"][r]), "p": _num(train["label_probability"][r]),
                "score": _num(train["audit_score"][r]), "bad": bool(is_bad[r])}
         if keys is not None:
             rec["key"] = keys[i]
         if supporters is not None:
             sup = supporters[tid]
-            rec["sup"] = {"label": [[int(j), _num(v)] for j, v in sup["label"]],
-                          "pred": [[int(j), _num(v)] for j, v in sup["predicted"]]}
+            rec["sup"] = {"label": [[str(int(j)), _num(v)] for j, v in sup["label"]],
+                          "pred": [[str(int(j)), _num(v)] for j, v in sup["predicted"]]}
+            sup_ids.update(int(j) for kind in sup.values() for j, _v in kind)
         suspects.append(rec)
-    ids = sorted({j for s in suspects for kind in s.get("sup", {}).values() for j, _v in kind})
-    pos = positions(train["train_id"], np.array(ids, dtype=np.int64)) if ids else np.zeros(0, dtype=np.int64)
+    ids = sorted(sup_ids)
+    pos = positions(train["train_id"], np.array(ids, dtype=np.int64))
     sup_keys = _keys(train_table, pos) or [None] * len(ids)
     examples = {str(j): [int(train["label"][p]), int(train["audit_rank"][p]), bool(is_bad[p]), k]
                 for j, p, k in zip(ids, pos.tolist(), sup_keys)}
@@ -161,14 +178,19 @@ def read_review_data(path: str) -> dict:
 
 
 def write_review_files(report_dir: str, data: dict) -> None:
-    """Writes ``review-data.js`` and the review script beside the page."""
+    """Writes ``review-data.js`` and every review script (:data:`SCRIPTS`) beside the page."""
     with open(os.path.join(report_dir, DATA_JS), "w", encoding="ascii") as fh:
         fh.write(data_script(data))
-    with open(os.path.join(report_dir, SCRIPT_JS), "w", encoding="utf-8") as fh:
-        fh.write(static_text(SCRIPT_JS))
+    for name in SCRIPTS:
+        with open(os.path.join(report_dir, name), "w", encoding="utf-8") as fh:
+            fh.write(static_text(name))
 
 
 def _select(ident: str, label: str, options=(("", "all"),)) -> str:
+    """A labelled ``<select>`` of the review's bar; the script fills the class lists and reads it.
+
+    Only the first option (``all``) or fixed choices are written here, so the HTML holds no data.
+    """
     opts = "".join(f'<option value="{html.escape(v)}">{html.escape(t)}</option>' for v, t in options)
     return f'<label>{html.escape(label)} <select id="{ident}">{opts}</select></label>'
 
@@ -199,14 +221,13 @@ def gallery_html(data: dict) -> str:
         "(click a cell to show its suspects)</summary><div id=\"rv-matrix\"></div></details>",
         '<div class="rv-bar rv-pager"><button type="button" id="rv-prev">← previous page</button>'
         '<span id="rv-page"></span><button type="button" id="rv-next">next page →</button></div>',
-        f'<div id="rv-items" class="{mode}">The suspects are drawn by {SCRIPT_JS} from {DATA_JS}, both beside '
-        "this page; if this text stays, they did not load or JavaScript is off (suspects.csv lists the same "
-        "examples).</div>",
+        f'<div id="rv-items" class="{mode}">The suspects are drawn by {" and ".join(SCRIPTS)} from {DATA_JS}, '
+        "all beside this page; if this text stays, they did not load or JavaScript is off (suspects.csv lists "
+        "the same examples).</div>",
         '<details class="rv-keys" open><summary>Keys</summary><p>Each decision moves on to the next suspect. '
         "Decisions are kept in this browser for this audit (reloading the page loses nothing) until "
         "exported as decisions.csv: train_id, label, action (keep, relabel, remove, unsure), new_label"
         + (", train_key" if data["has_keys"] else "") + f", decided_at.</p><table>{keys}</table></details>",
         "</div>",
         f'<script src="{DATA_JS}"></script>',
-        f'<script src="{SCRIPT_JS}"></script>',
-    ])
+    ] + [f'<script src="{name}"></script>' for name in SCRIPTS])

@@ -1,20 +1,25 @@
 """``distributed-influence report OUT``: a self-contained HTML page that shows what an audit found.
 
-The Parquet tables are the contract; this page is for a person who wants to look at them:
+The Parquet tables are the contract; this page is for a person who wants to look at them.
+Below a summary of the audit (sizes, head fit, fidelity, decomposition error) it shows:
 
 1. the label audit: what checking the training labels in ``audit_rank`` order finds;
 2. the label review (:mod:`distributed_influence.report.review`): the most suspicious training
    examples with the examples that support their label and their predicted class, per-class
    counts, and ``suspects.csv``;
-3. selected test examples (misclassified first) beside their strongest proponents and opponents;
-4. histograms of ``alpha_label`` (train) and ``decomposition_error`` (test).
+3. the training examples behind the test errors (:mod:`distributed_influence.report.errors`):
+   the largest ``error_influence`` values;
+4. selected test examples (misclassified first) beside their strongest proponents and opponents
+   (:mod:`distributed_influence.report.neighbours`);
+5. histograms of ``alpha_label`` (train) and ``decomposition_error`` (test).
 
 The tables are read with :func:`distributed_influence.store.results.load_results`, like any user would.
 
 Pictures come from the audit's own sources (named in ``manifest.json``) when their examples are
 images; otherwise, or when a source can no longer be opened, the page lists ids and values, so a
 report never fails just because the data moved. Figures are drawn with Matplotlib's object API
-on the Agg canvas: nothing needs a display and no global pyplot state is touched.
+on the Agg canvas (:func:`~distributed_influence.report.pictures.new_figure`): nothing needs a
+display and no global pyplot state is touched.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import numpy as np
 
 from distributed_influence.errors import ConfigError, InputError
 from distributed_influence.report.errors import errors_section
-from distributed_influence.report.pictures import load_pictures
+from distributed_influence.report.neighbours import examples_section, misclassified
+from distributed_influence.report.pictures import new_figure, save_figure
 from distributed_influence.report.review import DEFAULT_REVIEW, REVIEW_STYLE, review_section
 from distributed_influence.report.summary import flagged_fractions
 from distributed_influence.store import storage
@@ -37,9 +43,6 @@ from distributed_influence.store.tables import TRAIN_SCORES
 
 REPORT_DIR = "report"
 INDEX = "index.html"
-#: Proponents (and opponents) drawn per test example; the Parquet table holds all k of them.
-MAX_SHOWN = 8
-_DPI = 100
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -120,17 +123,7 @@ def read_known_bad(path: str) -> np.ndarray:
     return ids
 
 
-# ------------------------------------------------------------------------------ selections
-
-
-def select_examples(test: Dict[str, np.ndarray], n: int) -> np.ndarray:
-    """Rows of the test table to show: misclassified ones first (what a person wants explained).
-
-    A test example is misclassified when its label is known and differs from the prediction;
-    within each group the table's order is kept.
-    """
-    wrong = test["label_known"] & (test["label"] != test["predicted_class"])
-    return np.concatenate([np.flatnonzero(wrong), np.flatnonzero(~wrong)])[:n]
+# --------------------------------------------------------------------------------- figures
 
 
 def audit_curve(audit_rank: np.ndarray, weights: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -151,87 +144,6 @@ def audit_curve(audit_rank: np.ndarray, weights: np.ndarray) -> Tuple[np.ndarray
     return checked, found / total if total > 0 else found
 
 
-def _lookup(keys: np.ndarray, values: np.ndarray, query: np.ndarray) -> list:
-    """values[keys == q] for every q, or None when q is not a key (without a dict of all keys)."""
-    if len(keys) == 0:
-        return [None] * len(query)
-    order = np.argsort(keys, kind="stable")
-    hit = order[np.minimum(np.searchsorted(keys, query, sorter=order), len(keys) - 1)]
-    return [values[h].item() if keys[h] == q else None for h, q in zip(hit, query)]
-
-
-# --------------------------------------------------------------------------------- figures
-
-
-@dataclasses.dataclass
-class Neighbour:
-    """One proponent or opponent of a test example, as shown on the page."""
-
-    kind: str
-    rank: int
-    train_id: int
-    label: Optional[int]
-    value: float
-
-
-@dataclasses.dataclass
-class Example:
-    """A test example with its strongest proponents and opponents."""
-
-    test_id: int
-    label: Optional[int]
-    predicted: int
-    neighbours: List[Neighbour]
-
-    @property
-    def misclassified(self) -> bool:
-        """Whether the label is known and the model predicted another class."""
-        return self.label is not None and self.label != self.predicted
-
-
-def _new_figure(width: float, height: float):
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=_DPI)
-
-
-def _save(fig, path: str) -> str:
-    """Writes the figure as PNG and returns the name the page links to (relative to the page)."""
-    fig.savefig(path, format="png", bbox_inches="tight")
-    return os.path.basename(path)
-
-
-def _label_text(label: Optional[int]) -> str:
-    """A label for display; '?' for a test example whose label is unknown."""
-    return "?" if label is None else str(label)
-
-
-def draw_example(path: str, ex: Example, train_pics: Dict[int, np.ndarray],
-                 test_pic: Optional[np.ndarray]) -> str:
-    """Draws the test image (left) beside its proponents (top row) and opponents (bottom row)."""
-    rows = [[n for n in ex.neighbours if n.kind == kind] for kind in ("proponent", "opponent")]
-    ncols = 1 + max(1, max(len(r) for r in rows))
-    fig = _new_figure(1.5 * ncols, 4.2)
-    axes = fig.subplots(2, ncols, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    _show(axes[0, 0], test_pic, f"test {ex.test_id}\nlabel {_label_text(ex.label)}, pred {ex.predicted}",
-          "tab:red" if ex.misclassified else "black")
-    axes[1, 0].text(0.5, 0.5, "top: proponents\nbottom: opponents", ha="center", va="center", fontsize=8)
-    for r, neighbours in enumerate(rows):
-        for c, n in enumerate(neighbours, start=1):
-            _show(axes[r, c], train_pics.get(n.train_id),
-                  f"{n.kind} {n.rank}\nid {n.train_id}, label {_label_text(n.label)}\nr = {n.value:.3g}")
-    return _save(fig, path)
-
-
-def _show(ax, picture: Optional[np.ndarray], title: str, color: str = "black") -> None:
-    """One panel; a picture missing from the source leaves the panel blank but keeps its title."""
-    if picture is not None:
-        ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, interpolation="nearest")
-    ax.set_title(title, fontsize=7, color=color)
-
-
 def draw_audit_curve(path: str, train: Dict[str, np.ndarray], is_bad: Optional[np.ndarray]) -> str:
     """Draws what checking labels in ``audit_rank`` order finds.
 
@@ -239,7 +151,7 @@ def draw_audit_curve(path: str, train: Dict[str, np.ndarray], is_bad: Optional[n
     which shows how concentrated the suspicion is; with them, the share of known-bad labels
     found, against the diagonal that checking in random order would give.
     """
-    fig = _new_figure(5.0, 4.0)
+    fig = new_figure(5.0, 4.0)
     ax = fig.subplots()
     ax.plot(*audit_curve(train["audit_rank"], train["audit_score"]),
             label="share of total audit score")
@@ -252,67 +164,23 @@ def draw_audit_curve(path: str, train: Dict[str, np.ndarray], is_bad: Optional[n
     ax.set_ylim(0, 1.02)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("Label audit")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def draw_histogram(path: str, values: np.ndarray, title: str, xlabel: str) -> str:
     """Histogram of the finite values (non-finite ones are counted in the title)."""
     finite = values[np.isfinite(values)]
     dropped = len(values) - len(finite)
-    fig = _new_figure(5.0, 3.5)
+    fig = new_figure(5.0, 3.5)
     ax = fig.subplots()
     ax.hist(finite, bins=40)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
     ax.set_title(title + (f" ({dropped} non-finite left out)" if dropped else ""))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------------- pages
-
-
-def _examples(output: AuditOutput, rows: np.ndarray) -> List[Example]:
-    """The selected test examples with their neighbours, reading only their top-k rows."""
-    test = output.test
-    test_ids = [int(t) for t in test["test_id"][rows]]
-    if not test_ids:
-        return []
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    table = output.topk.filter(pc.is_in(output.topk.column("test_id"), value_set=pa.array(test_ids, pa.int64())))
-    topk = _columns(table, ("test_id", "kind", "rank", "train_id", "representer_value"))
-    train_labels = _lookup(output.train["train_id"], output.train["label"], topk["train_id"])
-    examples = []
-    for row, t in zip(rows, test_ids):
-        mine = np.flatnonzero((topk["test_id"] == t) & (topk["rank"] <= MAX_SHOWN))
-        mine = mine[np.lexsort((topk["rank"][mine], topk["kind"][mine] != "proponent"))]
-        neighbours = [Neighbour(str(topk["kind"][r]), int(topk["rank"][r]), int(topk["train_id"][r]),
-                                train_labels[r], float(topk["representer_value"][r])) for r in mine]
-        label = int(test["label"][row]) if test["label_known"][row] else None
-        examples.append(Example(t, label, int(test["predicted_class"][row]), neighbours))
-    return examples
-
-
-def _neighbour_table(ex: Example) -> str:
-    """The neighbours of a test example as text, for sources that are not pictures."""
-    rows = "".join(
-        f"<tr><td>{html.escape(n.kind)}</td><td>{n.rank}</td><td>{n.train_id}</td>"
-        f"<td>{html.escape(_label_text(n.label))}</td><td>{n.value:.6g}</td></tr>"
-        for n in ex.neighbours)
-    return ("<table><tr><th>kind</th><th>rank</th><th>train id</th><th>label</th>"
-            f"<th>representer value</th></tr>{rows}</table>")
-
-
-def _example_html(ex: Example, figure: Optional[str]) -> str:
-    """A heading saying whether the model was right, then the figure or the table."""
-    state = "misclassified" if ex.misclassified else "correct" if ex.label is not None else "label unknown"
-    head = (f"<h3>test {ex.test_id}: label {html.escape(_label_text(ex.label))}, "
-            f"predicted {ex.predicted} ({state})</h3>")
-    if figure is not None:
-        alt = f"test {ex.test_id} with its proponents and opponents"
-        return head + f'<img src="{html.escape(figure)}" alt="{html.escape(alt)}">'
-    return head + _neighbour_table(ex)
 
 
 def _get(d: dict, *keys):
@@ -374,29 +242,6 @@ def _page(title: str, sections: List[str]) -> str:
             + "\n".join(sections) + "\n</body></html>\n")
 
 
-def _examples_section(output: AuditOutput, report_dir: str, n_examples: int) -> str:
-    """Each selected test example as a figure, or as a table when there are no pictures."""
-    examples = _examples(output, select_examples(output.test, n_examples))
-    config = dict(output.manifest.get("config", {}))
-    # The resolved model input shape (flat Parquet rows need it to become pictures again).
-    config["input_shape"] = output.manifest.get("input_shape") or config.get("input_shape")
-    pictures, note = load_pictures(config,
-                                   np.array([n.train_id for e in examples for n in e.neighbours], dtype=np.int64),
-                                   np.array([e.test_id for e in examples], dtype=np.int64))
-    parts = ["<h2>Test examples, their proponents and opponents</h2>",
-             "<p>Misclassified test examples first; r is the representer value of a training "
-             "example for the predicted class.</p>"]
-    if note:
-        parts.append(f'<p class="note">{html.escape(note)}</p>')
-    for ex in examples:
-        figure = None
-        if pictures is not None:
-            figure = draw_example(os.path.join(report_dir, f"example_{ex.test_id}.png"), ex,
-                                  pictures["train"], pictures["test"].get(ex.test_id))
-        parts.append(_example_html(ex, figure))
-    return "\n".join(parts)
-
-
 def _audit_section(output: AuditOutput, report_dir: str, known_bad: Optional[str],
                    bad_ids: Optional[np.ndarray]) -> str:
     """The audit curve, and with known-bad ids how many of them the top of the ranking holds."""
@@ -455,10 +300,9 @@ def write_report(out_dir: str, known_bad: Optional[str] = None, n_examples: int 
     sections.append(_audit_section(output, report_dir, known_bad, bad_ids))
     sections.append(review_section(out_dir, report_dir, output.manifest, output.train, output.train_table,
                                    n_review, bad_ids))
-    test = output.test
-    wrong = int(np.sum(test["label_known"] & (test["label"] != test["predicted_class"]))) if "label_known" in test else None
-    sections.append(errors_section(output.train_table, wrong))
-    sections.append(_examples_section(output, report_dir, n_examples))
+    sections.append(errors_section(output.train_table, int(np.sum(misclassified(output.test)))))
+    sections.append(examples_section(output.manifest, output.train, output.test, output.topk, report_dir,
+                                     n_examples))
     sections.append(_distributions_section(output, report_dir))
     path = os.path.join(report_dir, INDEX)
     with open(path, "w", encoding="utf-8") as fh:
@@ -481,9 +325,9 @@ def add_parser(sub) -> None:
                        description="Write OUT/report/index.html with PNG figures: the label-audit curve, "
                                    "the most suspicious training labels (gallery or table, with the "
                                    "examples that support their label and their predicted class, "
-                                   "per-class counts, suspects.csv), test examples beside their "
-                                   "proponents and opponents, and histograms of alpha_label and "
-                                   "decomposition_error.")
+                                   "per-class counts, suspects.csv), the training examples behind the "
+                                   "test errors, test examples beside their proponents and opponents, "
+                                   "and histograms of alpha_label and decomposition_error.")
     p.add_argument("out", help="the --out directory of an audit")
     p.add_argument("--known-bad", metavar="FILE", default=None,
                    help="file of training ids whose labels are known to be wrong (integers separated "

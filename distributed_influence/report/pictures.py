@@ -4,6 +4,9 @@ The report shows examples as pictures when its sources hold images (H×W, H×W×
 and falls back to ids and values otherwise, or when a source can no longer be opened, so a
 report never fails because the data moved. Thumbnails are written as small PNG files with
 Pillow (a Matplotlib dependency), at the example's own size: the page scales them up.
+
+The page's figures share :func:`new_figure` and :func:`save_figure`: Matplotlib's object API on
+the Agg canvas, so nothing needs a display and no global pyplot state is touched.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import os
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+
+#: Resolution of the page's figures.
+FIGURE_DPI = 100
 
 
 def as_picture(x: np.ndarray) -> Optional[np.ndarray]:
@@ -97,4 +103,17 @@ def write_thumbnail(path: str, picture: np.ndarray) -> str:
         pic = (pic - lo) / (hi - lo if hi > lo else 1.0)
     img = Image.fromarray(np.clip(np.round(pic * 255.0), 0, 255).astype(np.uint8))
     img.save(path, format="PNG")
+    return os.path.basename(path)
+
+
+def new_figure(width: float, height: float):
+    """A Matplotlib figure of the given size in inches, on no pyplot state (see the module)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=FIGURE_DPI)
+
+
+def save_figure(fig, path: str) -> str:
+    """Writes the figure as PNG and returns the name the page links to (relative to the page)."""
+    fig.savefig(path, format="png", bbox_inches="tight")
     return os.path.basename(path)

@@ -3,10 +3,14 @@
 The browser tests open the report from ``file://`` in headless Chromium through the system's
 chromedriver (Selenium), as a reviewer would: filter, decide by key and by button, reload,
 export ``decisions.csv`` and check it against the ``train_scores`` table.
+
+Train ids are strings in the data and on the page (int64 ids beyond 2^53 would not survive a
+JavaScript number), so the helpers here read them as strings too.
 """
 
 import csv
 import datetime
+import glob
 import json
 import os
 import shutil
@@ -35,6 +39,8 @@ needs_browser = pytest.mark.skipif(BROWSER_MISSING is not None, reason=BROWSER_M
 #: A key that is markup, has commas and quotes: what a file name may hold.
 EVIL = '<img src=x onerror="window.__xss=1">, "quoted" & </script>'
 COLUMNS = ["train_id", "label", "action", "new_label", "train_key", "decided_at"]
+#: An int64 id beyond 2^53: as a JavaScript (or JSON) number it would become 2^62.
+BIG = 2**62 + 1
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +73,39 @@ def _with_keys(out: str) -> dict:
     return keys
 
 
+def _with_large_ids(out: str, data_dir: str) -> int:
+    """Moves every training id of an audit's output by one shift, so that the most suspicious
+    example's id is :data:`BIG`, as a source with hashed int64 ids would have it: in
+    ``train_scores``, in the train index (where the supporters come from) and in a copy of the
+    training source (where the thumbnails come from), which the manifest then names.
+
+    Returns:
+        The shift.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = tables.read_manifest(out)
+    train = tables.read_table(out, tables.TRAIN_SCORES, manifest).to_pydict()
+    shift = BIG - train["train_id"][int(np.argmin(train["audit_rank"]))]
+    paths = [os.path.join(out, p) for p in manifest["tables"][tables.TRAIN_SCORES]]
+    for path in paths + sorted(glob.glob(os.path.join(out, "index", "shard-*.parquet"))):
+        table = pq.read_table(path)
+        ids = pa.array(table.column("train_id").to_numpy() + shift, pa.int64())
+        pq.write_table(table.set_column(table.column_names.index("train_id"), "train_id", ids), path)
+    source = dict(np.load(os.path.join(data_dir, "train.npz")))
+    source["id"] = source["id"] + shift
+    copy = os.path.join(out, "train_large_ids.npz")
+    np.savez(copy, **source)
+    path = os.path.join(out, tables.MANIFEST)
+    with open(path, encoding="utf-8") as fh:
+        raw = json.load(fh)
+    raw["config"]["train"] = copy
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(raw, fh)
+    return shift
+
+
 def _train(out: str) -> dict:
     """train_scores as {train_id: row dict}."""
     table = tables.read_table(out, tables.TRAIN_SCORES, tables.read_manifest(out)).to_pylist()
@@ -85,26 +124,72 @@ def test_review_data_matches_train_scores(demo_out, tmp_path):
     train, manifest = _train(out), tables.read_manifest(out)
     bad = set(np.loadtxt(flipped, dtype=np.int64).tolist())
 
-    assert (data["format"], data["run_key"], data["n_classes"], data["n_train"]) == (1, manifest["run_key"], 10, 150)
+    assert (data["format"], data["run_key"], data["n_classes"], data["n_train"]) == (2, manifest["run_key"], 10, 150)
     assert data["has_keys"] and data["known_bad"] and data["thumbs"] == "thumbs"
     top = sorted(train.values(), key=lambda r: r["audit_rank"])[:25]
-    assert [s["id"] for s in data["suspects"]] == [r["train_id"] for r in top]
+    assert [s["id"] for s in data["suspects"]] == [str(r["train_id"]) for r in top]
     for s in data["suspects"]:
-        row = train[s["id"]]
+        tid = int(s["id"])
+        row = train[tid]
         assert (s["rank"], s["label"], s["pred"], s["bad"], s["key"]) == (
-            row["audit_rank"], row["label"], row["predicted_class"], s["id"] in bad, keys[s["id"]])
+            row["audit_rank"], row["label"], row["predicted_class"], tid in bad, keys[tid])
         np.testing.assert_allclose([s["p"], s["score"]], [row["label_probability"], row["audit_score"]], rtol=1e-3)
         assert len(s["sup"]["label"]) == 3 and len(s["sup"]["pred"]) == 3
         for j, r in s["sup"]["label"] + s["sup"]["pred"]:
-            assert data["examples"][str(j)] == [train[j]["label"], train[j]["audit_rank"], j in bad, keys[j]]
+            assert data["examples"][j] == [train[int(j)]["label"], train[int(j)]["audit_rank"], int(j) in bad,
+                                           keys[int(j)]]
             assert j != s["id"] and os.path.isfile(os.path.join(out, "report", "thumbs", f"train_{j}.png"))
     with open(page, encoding="utf-8") as fh:
         text = fh.read()
-    # The page holds no data (the script draws it) and loads it, then the script, from beside it.
-    assert '<script src="review-data.js"></script>\n<script src="review.js"></script>' in text
+    # The page holds no data (the scripts draw it) and loads it, then the scripts in order, from beside it.
+    assert ('<script src="review-data.js"></script>\n<script src="review-store.js"></script>\n'
+            '<script src="review.js"></script>') in text
     assert "onerror" not in text and "__xss" not in text and "quoted" not in text
-    with open(os.path.join(out, "report", gallery.SCRIPT_JS), encoding="utf-8") as fh:
-        assert fh.read() == gallery.static_text(gallery.SCRIPT_JS)
+    for name in gallery.SCRIPTS:
+        with open(os.path.join(out, "report", name), encoding="utf-8") as fh:
+            assert fh.read() == gallery.static_text(name)
+
+
+def test_every_static_script_is_copied_beside_the_page():
+    """A script added to static/ (package data: static/*.js) but not to SCRIPTS would be
+    shipped and never loaded."""
+    from importlib import resources
+
+    static = resources.files("distributed_influence.report").joinpath("static")
+    assert sorted(gallery.SCRIPTS) == sorted(f.name for f in static.iterdir() if f.name.endswith(".js"))
+    assert gallery.SCRIPTS[-1] == gallery.SCRIPT_JS  # review.js uses what the others define
+
+
+def test_ids_beyond_2_53_round_trip_exactly(tmp_path):
+    """int64 ids (hashed ids fill all 64 bits) are strings in the data, suspects, supporters and
+    examples alike: as JSON numbers they would reach the browser as the nearest double."""
+    assert float(BIG) == float(BIG - 1)  # what a JavaScript number would make of it
+    train = {"train_id": np.array([BIG, BIG + 2, 5], dtype=np.int64), "label": np.array([0, 1, 1]),
+             "predicted_class": np.array([1, 1, 0]), "label_probability": np.array([0.1, 0.5, 0.2], np.float32),
+             "audit_score": np.array([3.0, 1.0, 2.0], np.float32), "audit_rank": np.array([1, 3, 2])}
+    supporters = {BIG: {"label": [(BIG + 2, 0.5)], "predicted": [(5, 0.25)]},
+                  5: {"label": [(BIG, 1.0)], "predicted": []}}
+    data = gallery.review_data({"n_classes": 2}, train, None, np.array([0, 2]), np.array([True, False, False]),
+                               supporters, True, True, "thumbs")
+    text = gallery.data_script(data)
+    assert f'"id":"{BIG}"' in text
+    path = tmp_path / gallery.DATA_JS
+    path.write_text(text, encoding="ascii")
+    back = gallery.read_review_data(str(path))
+    assert back == data and back["format"] == gallery.DATA_FORMAT == 2
+    assert [s["id"] for s in back["suspects"]] == [str(BIG), "5"] and int(back["suspects"][0]["id"]) == BIG
+    assert back["suspects"][0]["sup"] == {"label": [[str(BIG + 2), 0.5]], "pred": [["5", 0.25]]}
+    assert back["suspects"][1]["sup"] == {"label": [[str(BIG), 1.0]], "pred": []}
+    assert back["examples"] == {"5": [1, 2, False, None], str(BIG): [0, 1, True, None],
+                                str(BIG + 2): [1, 3, False, None]}
+
+
+def test_positions_finds_rows_and_marks_missing_ids():
+    keys = np.array([30, BIG, 10, 20], dtype=np.int64)
+    np.testing.assert_array_equal(gallery.positions(keys, np.array([20, BIG, 40, BIG - 1, 30, 10])),
+                                  [3, 1, -1, -1, 0, 2])
+    np.testing.assert_array_equal(gallery.positions(np.zeros(0, np.int64), np.array([1, 2])), [-1, -1])
+    assert gallery.positions(keys, np.zeros(0, np.int64)).size == 0
 
 
 def test_data_script_escapes_markup_and_round_trips(tmp_path):
@@ -127,9 +212,9 @@ def test_review_data_without_finite_probability_or_keys():
     rows = np.array([0, 2, 1])
     data = gallery.review_data({}, train, None, rows, np.zeros(3, dtype=bool), None, False, False, "thumbs")
     assert data["suspects"] == [
-        {"id": 7, "rank": 1, "label": 0, "pred": 1, "p": None, "score": 2.0, "bad": False},
-        {"id": 5, "rank": 2, "label": 2, "pred": 0, "p": 0.25, "score": None, "bad": False},
-        {"id": 3, "rank": 3, "label": 1, "pred": 1, "p": 0.5, "score": 1.0, "bad": False}]
+        {"id": "7", "rank": 1, "label": 0, "pred": 1, "p": None, "score": 2.0, "bad": False},
+        {"id": "5", "rank": 2, "label": 2, "pred": 0, "p": 0.25, "score": None, "bad": False},
+        {"id": "3", "rank": 3, "label": 1, "pred": 1, "p": 0.5, "score": 1.0, "bad": False}]
     # No n_classes in the manifest: the classes seen; no run key: the script keys by the page's path.
     assert (data["n_classes"], data["run_key"], data["has_keys"], data["thumbs"], data["examples"]) == (
         3, None, False, None, {})
@@ -175,18 +260,18 @@ def _open(driver, page: str) -> None:
 
 
 def _shown(driver) -> list:
-    """(train id, given label, model's class, classes) of the suspects on the gallery's page."""
+    """(train id (a string), given label, model's class, classes) of the suspects on the gallery's page."""
     return driver.execute_script(
         "return Array.from(document.querySelectorAll('#rv-items .suspect')).map(e => "
-        "[Number(e.dataset.trainId), Number(e.dataset.label), Number(e.dataset.pred), e.className])")
+        "[e.dataset.trainId, Number(e.dataset.label), Number(e.dataset.pred), e.className])")
 
 
 def _progress(driver) -> str:
     return driver.find_element("id", "rv-progress").text.split(" (")[0]
 
 
-def _current(driver) -> int:
-    return int(driver.find_element("css selector", ".suspect.current").get_attribute("data-train-id"))
+def _current(driver) -> str:
+    return driver.find_element("css selector", ".suspect.current").get_attribute("data-train-id")
 
 
 def _press(driver, *keys) -> None:
@@ -195,7 +280,7 @@ def _press(driver, *keys) -> None:
     ActionChains(driver).send_keys(*keys).perform()
 
 
-def _decide(driver, key: str) -> int:
+def _decide(driver, key: str) -> str:
     """Presses a decision key on the current suspect; returns its id."""
     tid = _current(driver)
     _press(driver, key)
@@ -234,7 +319,7 @@ def test_review_page_filters_decides_reloads_and_exports(demo_out, browser, tmp_
     _press(driver, "p")
     # Keys from the data set are text, never markup.
     first = driver.find_element("css selector", f'.suspect[data-train-id="{data["suspects"][0]["id"]}"] .key')
-    assert first.text == keys[data["suspects"][0]["id"]]
+    assert first.text == keys[int(data["suspects"][0]["id"])]
     assert driver.execute_script("return window.__xss") is None
 
     # Known-bad only; a row of the per-class table shows that given label.
@@ -275,7 +360,7 @@ def test_review_page_filters_decides_reloads_and_exports(demo_out, browser, tmp_
     _press(driver, "j", Keys.ARROW_LEFT)
     target = _current(driver)
     assert target == left[1]
-    other = (train[target]["label"] + 3) % 10
+    other = (train[int(target)]["label"] + 3) % 10
     _press(driver, "o")
     picker = driver.find_element("css selector", f'.suspect[data-train-id="{target}"] select.rv-picker')
     assert driver.switch_to.active_element == picker
@@ -313,14 +398,13 @@ def test_review_page_filters_decides_reloads_and_exports(demo_out, browser, tmp_
     with open(csv_path, newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == COLUMNS and len(rows) == 1 + len(expected)
-    assert [int(r[0]) for r in rows[1:]] == sorted(expected, key=lambda t: train[t]["audit_rank"])
+    assert [r[0] for r in rows[1:]] == sorted(expected, key=lambda t: train[int(t)]["audit_rank"])
     now = datetime.datetime.now(datetime.timezone.utc)
     for tid, label, action, new_label, key, decided_at in rows[1:]:
-        tid = int(tid)
         assert (action, new_label) == expected[tid]
-        assert (int(label), key) == (train[tid]["label"], keys[tid])
+        assert (int(label), key) == (train[int(tid)]["label"], keys[int(tid)])
         if tid == by_model:
-            assert int(new_label) == train[tid]["predicted_class"]  # "r": the model's class
+            assert int(new_label) == train[int(tid)]["predicted_class"]  # "r": the model's class
         assert decided_at.endswith("Z")
         assert started <= datetime.datetime.fromisoformat(decided_at.replace("Z", "+00:00")) <= now
     os.remove(csv_path)
@@ -337,7 +421,7 @@ def test_review_table_for_flat_data(flat_out, browser, tmp_path):
     data = gallery.read_review_data(os.path.join(out, "report", gallery.DATA_JS))
     _open(driver, page)
     rows = driver.find_elements("css selector", "#rv-items table.suspects tr.suspect")
-    assert [int(r.get_attribute("data-train-id")) for r in rows] == [s["id"] for s in data["suspects"]]
+    assert [r.get_attribute("data-train-id") for r in rows] == [s["id"] for s in data["suspects"]]
     assert not driver.find_elements("css selector", "#rv-items img") and not driver.find_elements("id", "rv-bad")
     first = data["suspects"][0]
     _press(driver, "k", "x")
@@ -353,7 +437,7 @@ def test_review_table_for_flat_data(flat_out, browser, tmp_path):
         rows = list(csv.reader(fh))
     os.remove(csv_path)
     assert rows[0] == [c for c in COLUMNS if c != "train_key"]
-    assert rows[1][:4] == [str(first["id"]), str(first["label"]), "keep", ""] and len(rows) == 2
+    assert rows[1][:4] == [first["id"], str(first["label"]), "keep", ""] and len(rows) == 2
 
 
 @needs_browser
@@ -390,7 +474,7 @@ def test_decisions_from_the_page_apply_to_npz_and_parquet_and_audit_again(demo_o
     decisions = str(tmp_path / "decisions.csv")
     shutil.move(csv_path, decisions)
     with open(decisions, newline="", encoding="utf-8") as fh:
-        rows = {int(r["train_id"]): r for r in csv.DictReader(fh)}
+        rows = {r["train_id"]: r for r in csv.DictReader(fh)}
     pred = {s["id"]: s["pred"] for s in data["suspects"]}
     assert {t: (r["action"], r["new_label"]) for t, r in rows.items()} == {
         relabelled: ("relabel", str(pred[relabelled])), removed: ("remove", ""), kept: ("keep", "")}
@@ -402,8 +486,8 @@ def test_decisions_from_the_page_apply_to_npz_and_parquet_and_audit_again(demo_o
     pq.write_table(pa.table({"id": ids, "label": labels.astype(np.int64),
                              "x": pa.array(list(x.reshape(len(x), -1).astype(np.float32)),
                                            pa.list_(pa.float32()))}), parquet)
-    want_ids = ids[ids != removed]
-    want_labels = np.where(ids == relabelled, pred[relabelled], labels)[ids != removed]
+    want_ids = ids[ids != int(removed)]
+    want_labels = np.where(ids == int(relabelled), pred[relabelled], labels)[ids != int(removed)]
     for source in (os.path.join(demo_out, "data", "train.npz"), parquet):
         name = os.path.basename(source)
         fixed = str(tmp_path / f"fixed_{name}")
@@ -418,7 +502,7 @@ def test_decisions_from_the_page_apply_to_npz_and_parquet_and_audit_again(demo_o
             got_x = np.stack(t.column("x").to_numpy(zero_copy_only=False)).reshape((-1,) + x.shape[1:])
         np.testing.assert_array_equal(got_ids, want_ids)
         np.testing.assert_array_equal(got_labels, want_labels)
-        np.testing.assert_array_equal(got_x, x[ids != removed])
+        np.testing.assert_array_equal(got_x, x[ids != int(removed)])
         # Audited again: the tables know the new labels, and the removed row is gone.
         again = str(tmp_path / f"again_{name}")
         run_audit(AuditConfig(model=os.path.join(demo_out, "data", "digits_cnn.keras"), train=copy,
@@ -426,3 +510,63 @@ def test_decisions_from_the_page_apply_to_npz_and_parquet_and_audit_again(demo_o
         scores = tables.read_table(again, tables.TRAIN_SCORES, tables.read_manifest(again)).to_pydict()
         np.testing.assert_array_equal(scores["train_id"], want_ids)
         np.testing.assert_array_equal(scores["label"], want_labels)
+
+
+def _loaded_images(driver, node, timeout: float = 10.0) -> list:
+    """(src, natural width) of the images in ``node`` once each has loaded or failed; the node
+    is scrolled into view first, because the thumbnails are lazy."""
+    driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", node)
+    script = ("return Array.from(arguments[0].querySelectorAll('img'))"
+              ".map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
+    end = time.monotonic() + timeout
+    while not all(done for _s, done, _w in driver.execute_script(script, node)) and time.monotonic() < end:
+        time.sleep(0.05)
+    return [(src, width) for src, _done, width in driver.execute_script(script, node)]
+
+
+@needs_browser
+def test_ids_beyond_2_53_reach_decisions_csv_exactly(demo_out, browser, tmp_path):
+    """Hashed int64 ids stay exact from the data to the thumbnails, localStorage and decisions.csv;
+    stored decisions that apply-review would refuse (no integer label, an id that is not one)
+    are left out on load, and the page says so."""
+    driver, downloads = browser
+    out = report_audits.copy_output(demo_out, tmp_path / "out")
+    _with_large_ids(out, os.path.join(demo_out, "data"))
+    page = report.write_report(out, n_examples=0, n_review=6)
+    data = gallery.read_review_data(os.path.join(out, "report", gallery.DATA_JS))
+    first, second, third = data["suspects"][:3]
+    assert first["id"] == str(BIG) and all(int(s["id"]) > 2**53 and "sup" in s for s in data["suspects"])
+    store = "distributed-influence/review/" + data["run_key"]
+    kept = {"action": "keep", "new_label": None, "label": second["label"], "rank": second["rank"],
+            "decided_at": "2025-01-31T09:15:02.123Z"}
+    damaged = {second["id"]: kept, third["id"]: dict(kept, label="", rank=third["rank"]), "12x": kept}
+    _open(driver, page)
+    driver.execute_script("localStorage.setItem(arguments[0], arguments[1])", store,
+                          json.dumps({"format": 1, "decisions": damaged}))
+    driver.refresh()
+    assert _progress(driver) == "1 decided / 6 shown / 6 suspects"
+    assert driver.find_element("id", "rv-export").text == "export decisions.csv (1)"
+    assert driver.find_element("id", "rv-store-note").text.startswith("2 stored decision(s)")
+
+    # The thumbnails of the first suspect and of its supporters are found by their exact ids.
+    card = driver.find_element("css selector", f'.suspect[data-train-id="{BIG}"]')
+    sups = first["sup"]["label"] + (first["sup"]["pred"] if first["pred"] != first["label"] else [])
+    images = _loaded_images(driver, card)
+    assert [src for src, _w in images] == [f"thumbs/train_{j}.png" for j in [first["id"]] + [j for j, _r in sups]]
+    assert all(width > 0 for _src, width in images), images
+
+    assert _decide(driver, "x") == str(BIG)
+    assert _progress(driver) == "2 decided / 6 shown / 6 suspects"
+    stored = driver.execute_script("return Object.keys(JSON.parse(localStorage.getItem(arguments[0])).decisions)",
+                                   store)
+    assert sorted(stored) == sorted([str(BIG), second["id"]])
+    csv_path = os.path.join(downloads, "decisions.csv")
+    driver.find_element("id", "rv-export").click()
+    _wait_for(csv_path)
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    os.remove(csv_path)
+    assert rows[0] == [c for c in COLUMNS if c != "train_key"]
+    assert [r[:4] for r in rows[1:]] == [[str(BIG), str(first["label"]), "remove", ""],
+                                        [second["id"], str(second["label"]), "keep", ""]]
+    assert int(rows[1][0]) == BIG

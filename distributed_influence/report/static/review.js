@@ -7,8 +7,10 @@
  * Keys are strings from the user's data set (file names, say). Everything from the data is
  * inserted with text nodes or setAttribute, never as HTML, so that a key cannot become markup.
  *
- * Decisions are kept in localStorage under the audit's run key, so a reload loses nothing and
- * the reports of two audits never mix (every file:// page shares one origin in Chromium).
+ * Train ids stay the strings review-data.js holds (the DOM's data-train-id values are strings
+ * too): they are int64, and a number would round those beyond 2^53 to another id.
+ *
+ * The decisions (storage, checks, decisions.csv) are review-store.js's, loaded just before.
  */
 (function () {
   'use strict';
@@ -18,21 +20,23 @@
   if (!root) return;
   const $ = (id) => document.getElementById(id);
   const items = $('rv-items');
-  if (!DATA || !Array.isArray(DATA.suspects)) {
-    items.textContent = 'review-data.js did not load: it must be in the same folder as this page.';
+  if (!DATA || !Array.isArray(DATA.suspects) || !window.ReviewStore) {
+    items.textContent = 'review-data.js or review-store.js did not load: both must be in the same folder as ' +
+      'this page.';
+    return;
+  }
+  if (DATA.format !== 2) {  // format 1 held ids as numbers
+    items.textContent = 'review-data.js was written by another version of the report: write the report again.';
     return;
   }
 
-  const ACTIONS = ['keep', 'relabel', 'remove', 'unsure'];
-  const STORE = 'distributed-influence/review/' + (DATA.run_key || 'page:' + location.pathname);
   const TABLE = !DATA.thumbs;
   const suspects = DATA.suspects;
   const byId = new Map(suspects.map((s) => [s.id, s]));
   const examples = DATA.examples || {};
   const state = {given: '', pred: '', pair: '', bad: false, undecided: false, sort: 'rank',
                  size: 48, page: 0, current: null};
-  let memoryOnly = false;
-  let decisions = load();
+  const store = window.ReviewStore(DATA, note);
   let shown = [];
   let picker = null;  // the train id whose class picker is open
 
@@ -63,36 +67,6 @@
     Object.assign($('rv-store-note'), {textContent: text, hidden: false});
   }
 
-  // ---------------------------------------------------------------------------- storage
-
-  function load() {
-    try {
-      const parsed = JSON.parse(window.localStorage.getItem(STORE) || 'null');
-      return parsed && parsed.decisions && typeof parsed.decisions === 'object' ? parsed.decisions : {};
-    } catch (e) {  // storage off (a privacy setting) or a damaged entry: keep decisions in memory
-      memoryOnly = true;
-      return {};
-    }
-  }
-
-  function save() {
-    if (memoryOnly) {
-      note('This browser does not keep data for this page: export your decisions before closing it.');
-      return;
-    }
-    try {
-      window.localStorage.setItem(STORE, JSON.stringify({format: 1, decisions: decisions}));
-    } catch (e) {
-      memoryOnly = true;
-      note('Decisions could not be saved in this browser (' + e.name + '): export them before closing the page.');
-    }
-  }
-
-  function valid(id, d) {
-    return /^-?\d+$/.test(id) && d && ACTIONS.includes(d.action) &&
-      (d.action !== 'relabel' || Number.isInteger(d.new_label));
-  }
-
   // ------------------------------------------------------------------------ decisions
 
   function decide(id, action, newLabel) {
@@ -105,18 +79,14 @@
     const d = {action: action, new_label: action === 'relabel' ? newLabel : null,
                decided_at: new Date().toISOString(), label: s.label, rank: s.rank};
     if (DATA.has_keys) d.key = s.key === undefined ? null : s.key;
-    decisions[id] = d;
+    store.set(id, d);
     picker = null;
-    save();
     state.current = next;
     render(true);
   }
 
   function forget(id) {
-    if (!decisions[id]) return;
-    delete decisions[id];
-    save();
-    render(false);
+    if (store.forget(id)) render(false);
   }
 
   function describe(d) {
@@ -124,21 +94,8 @@
     return d.action === 'unsure' ? 'not sure' : d.action;
   }
 
-  function csvField(v) {
-    if (v === null || v === undefined) return '';
-    const s = String(v);
-    return /[",\r\n]/.test(s) || s.trim() !== s ? '"' + s.replace(/"/g, '""') + '"' : s;
-  }
-
   function exportCsv() {
-    const head = ['train_id', 'label', 'action', 'new_label']
-      .concat(DATA.has_keys ? ['train_key'] : [], ['decided_at']);
-    const rows = Object.entries(decisions).filter(([id, d]) => valid(id, d))
-      .sort(([a, x], [b, y]) => ((x.rank || Infinity) - (y.rank || Infinity)) || (Number(a) - Number(b)))
-      .map(([id, d]) => [id, d.label, d.action, d.action === 'relabel' ? d.new_label : '']
-        .concat(DATA.has_keys ? [d.key] : [], [d.decided_at]));
-    const text = [head].concat(rows).map((r) => r.map(csvField).join(',')).join('\n') + '\n';
-    const url = URL.createObjectURL(new Blob([text], {type: 'text/csv;charset=utf-8'}));
+    const url = URL.createObjectURL(new Blob([store.csv()], {type: 'text/csv;charset=utf-8'}));
     const a = el('a', {href: url, download: 'decisions.csv', hidden: true});
     document.body.append(a);
     a.click();
@@ -156,7 +113,7 @@
       if (s.label !== a || s.pred !== b) return false;
     }
     if (state.bad && !s.bad) return false;
-    return !(state.undecided && decisions[s.id]);
+    return !(state.undecided && store.get(s.id));
   }
 
   function ordered(list) {
@@ -186,14 +143,14 @@
       const [label, rank, bad] = examples[id] || ['?', '?', false];
       return el('figure', {class: bad ? 'bad' : null, 'data-train-id': id, title: supporterText(id, r)},
         thumb(id, supporterText(id, r), 'mini'),
-        el('figcaption', {}, String(id), el('br'), 'label ' + label + ' · #' + rank));
+        el('figcaption', {}, id, el('br'), 'label ' + label + ' · #' + rank));
     });
     return el('div', {class: 'support', 'data-kind': kind}, el('div', {class: 'why'}, title),
       ...(figs.length ? figs : ['none']));
   }
 
   function decisionBox(s) {
-    const d = decisions[s.id];
+    const d = store.get(s.id);
     const button = (action, text, title, disabled) =>
       el('button', {type: 'button', 'data-action': action, title: title, disabled: disabled}, text);
     const box = el('div', {class: 'decision'},
@@ -218,7 +175,7 @@
   }
 
   function classes(s) {
-    const d = decisions[s.id];
+    const d = store.get(s.id);
     return ['suspect', TABLE ? null : 'card', s.bad ? 'bad' : null, d ? 'decided d-' + d.action : null,
             s.id === state.current ? 'current' : null].filter(Boolean).join(' ');
   }
@@ -232,7 +189,7 @@
       const td = (...c) => el('td', {}, ...c);
       const list = (items) => items.map(([id, r]) => supporterText(id, r)).join('; ') || 'none';
       const sups = s.sup ? [td(list(s.sup.label)), td(s.pred === s.label ? '(same class)' : list(s.sup.pred))] : [];
-      return el('tr', attrs, td(String(s.rank)), td(String(s.id), bad, key ? el('br') : null, key),
+      return el('tr', attrs, td(String(s.rank)), td(s.id, bad, key ? el('br') : null, key),
         td(String(s.label)), td(String(s.pred)), td(fmtP(s.p)), td(fmtG(s.score)), ...sups, td(decisionBox(s)));
     }
     const alt = 'train ' + s.id + ', label ' + s.label + ', predicted ' + s.pred;
@@ -278,14 +235,13 @@
     const counts = {keep: 0, relabel: 0, remove: 0, unsure: 0};
     let decided = 0;
     for (const s of suspects) {
-      const d = decisions[s.id];
+      const d = store.get(s.id);
       if (d && counts[d.action] !== undefined) { counts[d.action]++; decided++; }
     }
     $('rv-progress').textContent = decided + ' decided / ' + shown.length + ' shown / ' + suspects.length +
       ' suspects (keep ' + counts.keep + ', relabel ' + counts.relabel + ', remove ' + counts.remove +
       ', not sure ' + counts.unsure + ')';
-    const all = Object.entries(decisions).filter(([id, d]) => valid(id, d)).length;
-    $('rv-export').textContent = 'export decisions.csv (' + all + ')';
+    $('rv-export').textContent = 'export decisions.csv (' + store.count() + ')';
     for (const td of document.querySelectorAll('#rv-matrix td.cell')) {
       td.classList.toggle('chosen', td.dataset.pair === state.pair);
     }
@@ -342,8 +298,7 @@
     $('rv-export').addEventListener('click', exportCsv);
     $('rv-forget').addEventListener('click', () => {
       if (window.confirm('Forget every decision taken on this page for this audit?')) {
-        decisions = {};
-        save();
+        store.clear();
         render(false);
       }
     });
@@ -432,7 +387,7 @@
 
   function pick(select) {
     const host = select.closest('.suspect');
-    if (host && select.value !== '') decide(Number(host.dataset.trainId), 'relabel', Number(select.value));
+    if (host && select.value !== '') decide(host.dataset.trainId, 'relabel', Number(select.value));
   }
 
   function act(id, action) {
@@ -448,7 +403,7 @@
   items.addEventListener('click', (e) => {
     const host = e.target.closest('.suspect');
     if (!host) return;
-    const id = Number(host.dataset.trainId);
+    const id = host.dataset.trainId;
     const button = e.target.closest('button[data-action]');
     if (button) {
       state.current = id;
@@ -485,8 +440,8 @@
   });
 
   window.addEventListener('storage', (e) => {  // another tab of the same report decided
-    if (e.key === STORE) {
-      decisions = load();
+    if (e.key === store.key) {
+      store.load();
       render(false);
     }
   });
