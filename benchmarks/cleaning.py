@@ -67,6 +67,8 @@ TARGET_SEEDS = 3
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """The command line (see ``--help``)."""
+    from distributed_influence.cleaning.decisions import POLICIES
+
     p = argparse.ArgumentParser(description="Test accuracy won back by cleaning the labels the audit flags "
                                             "(apply-review --auto), on Fashion-MNIST with look-alike label noise.")
     p.add_argument("--n-train", type=int, default=30000,
@@ -87,7 +89,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--tops", default="5%,10%,20%,30%",
                    help="apply-review --auto values, counts or percentages; the flip rate is added "
                         "(default 5%%,10%%,20%%,30%%)")
-    p.add_argument("--policies", default="relabel,remove", help="apply-review --policy values (default both)")
+    p.add_argument("--policies", default=",".join(POLICIES),
+                   help=f"apply-review --policy values, comma-separated (default: {','.join(POLICIES)})")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX directory (default: the "
                    "dataset-fashion-mnist Debian package, else synthetic data)")
@@ -102,8 +105,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.policies = [q.strip() for q in args.policies.split(",") if q.strip()]
     if not args.grid or min(args.grid) < 1 or (args.epochs is not None and args.epochs < 1):
         p.error("epochs must be positive")
-    if not set(args.policies) <= {"relabel", "remove"} or not args.policies:
-        p.error("--policies: relabel, remove or both")
+    if not set(args.policies) <= set(POLICIES) or not args.policies:
+        p.error(f"--policies: one or more of {', '.join(POLICIES)}")
     if not 0 < args.noise < 1 or args.seeds < 1:
         p.error("--noise must be in (0, 1) and --seeds at least 1")
     return args

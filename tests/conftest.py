@@ -184,6 +184,28 @@ def assert_same_results(out_a: str, out_b: str, rtol: float = 1e-5) -> None:
                 np.testing.assert_array_equal(x, y, err_msg=f"{name}:{col}")
 
 
+#: What the command line puts before the one line of a refusal.
+ERROR_PREFIX = "distributed-influence: error: "
+
+
+def assert_one_line_refusal(capsys, code: int) -> str:
+    """Checks a refusal of bad input as users see it: exit code 2 and exactly one line on
+    stderr, with the command's prefix (a traceback or a second line would bury the problem, and
+    scripts tell bad input from a crash by the code).
+
+    Call it right after the command ran in this process (``main([...])``), with what it returned.
+
+    Returns:
+        The line, without the prefix.
+    """
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith(ERROR_PREFIX), err
+    return lines[0][len(ERROR_PREFIX):]
+
+
 def loopback_cluster(head_cpus: int, worker_nodes: int, **head_args):
     """A `ray.cluster_utils.Cluster` on loopback with this process as its driver (Ray needs the
     driver here for several raylets on one address); a generator for module fixtures."""

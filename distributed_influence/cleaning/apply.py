@@ -24,12 +24,12 @@ import shutil
 import uuid
 from typing import Optional, Union
 
+from distributed_influence.cleaning.decisions import POLICIES
 from distributed_influence.config import AuditConfig, fields
 from distributed_influence.config.fields import BOOLEAN, Check, check_all, documented, setting
-from distributed_influence.errors import ConfigError
+from distributed_influence.errors import ConfigError, InputError
 
-#: Files an earlier apply-review may have left in DIR besides its copy (which has the source's name).
-OWN_FILES = ("label_map.parquet", "summary.json")
+#: Endings of the copy an earlier apply-review left in DIR (it has the source's file name).
 COPY_SUFFIXES = (".npz", ".parquet", ".pq")
 COMMAND = "apply-review"
 AT_LEAST_2 = Check("must be an integer >= 2 (a binary model has 2 classes)", lambda v: isinstance(v, int) and v >= 2)
@@ -58,7 +58,7 @@ class ReviewSettings:
                                               "--decisions, it gives the number of classes")
     auto: Optional[str] = setting(None, help="decide without a person on the top TOP rows of the audit's "
                                              "audit_rank: a count (500) or a percentage (10%); needs --audit")
-    policy: Optional[str] = setting(None, choices=("relabel", "remove"),
+    policy: Optional[str] = setting(None, choices=POLICIES,
                                     help="what --auto does with the top rows: relabel (default) gives those "
                                          "whose model's class differs from their label that class; remove "
                                          "drops them all")
@@ -138,16 +138,34 @@ def check_out(out: str, rows, overwrite: bool) -> None:
     if not overwrite:
         raise ConfigError(f"--out {out} is not empty (pass --overwrite to replace an earlier apply-review "
                           f"output there)")
-    foreign = [n for n in names if n not in OWN_FILES and not n.endswith(COPY_SUFFIXES)]
+    own = _own_files()
+    foreign = [n for n in names if n not in own and not n.endswith(COPY_SUFFIXES)]
     if foreign or not _is_own_output(out):
         what = f"holds {foreign[0]!r}, which" if foreign else "has no summary.json of apply-review: it"
         raise ConfigError(f"--out {out} {what} apply-review did not write; refusing to replace it even with "
                           f"--overwrite")
 
 
+def _own_files() -> tuple:
+    """Files an earlier apply-review may have left in DIR besides its copy: the names
+    :mod:`.copies` writes (imported here, not at the top, so the command line starts without
+    the data layer)."""
+    from distributed_influence.cleaning import copies
+
+    return copies.LABEL_MAP, copies.SUMMARY
+
+
 def _is_own_output(out: str) -> bool:
+    """Whether ``out`` holds the ``summary.json`` of an earlier apply-review.
+
+    The names of the files alone do not tell: a user's own ``train.npz`` or ``summary.json``
+    must never be replaced, even with ``--overwrite``, so only a summary that this command
+    wrote (its ``command`` field) marks the directory as ours.
+    """
+    from distributed_influence.cleaning.copies import SUMMARY
+
     try:
-        with open(os.path.join(out, "summary.json"), encoding="utf-8") as fh:
+        with open(os.path.join(out, SUMMARY), encoding="utf-8") as fh:
             return json.load(fh).get("command") == COMMAND
     except (OSError, ValueError, AttributeError):
         return False
@@ -173,47 +191,73 @@ def _publish(staged: str, out: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write(settings: ReviewSettings, rows, decisions, classes_note: str) -> dict:
-    """Writes the copy, the label map and the summary into a staged directory, then publishes it."""
-    from distributed_influence.cleaning import copies, sources
+def _unwritable(out: str, exc: OSError) -> InputError:
+    """The one-line refusal of an ``--out`` the system will not let us write (a parent that is a
+    file or read-only, a full disk): the user's to fix, so no traceback."""
     from distributed_influence.store import storage
 
+    return InputError(f"--out {out}: cannot be written ({storage.reason(exc)})")
+
+
+def _write(settings: ReviewSettings, rows, decisions, classes_note: str) -> dict:
+    """Writes the copy, the label map and the summary into a staged directory, then publishes it.
+
+    Raises:
+        InputError: ``--out`` cannot be written; the staged directory is removed first, and an
+            earlier output there is left as it was.
+        SourceError: the source cannot be read again.
+    """
     out = os.path.abspath(settings.out)
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
     # A hidden name beside DIR (same filesystem, so publishing is a rename); made by mkdir rather
     # than mkdtemp, so DIR gets the user's usual permissions, not mkdtemp's owner-only ones.
     staged = os.path.join(parent, f".{os.path.basename(out)}.{uuid.uuid4().hex[:8]}.tmp")
-    os.mkdir(staged)
     try:
-        written = []
-        if rows.copy_format is not None:
-            name = copies.copy_name(rows)
-            writer = copies.write_npz if rows.copy_format == "npz" else copies.write_parquet
-            writer(rows, decisions, os.path.join(staged, name))
-            written.append(name)
-        copies.write_label_map(rows, decisions, os.path.join(staged, copies.LABEL_MAP))
-        written += [copies.LABEL_MAP, copies.SUMMARY]
-        summary = {
-            "command": COMMAND,
-            "train": storage.redact(rows.spec),
-            "out": settings.out,
-            "source_kind": sources.kind_of(rows),
-            "format": rows.copy_format,
-            "files": written,
-            "rows": rows.n_rows,
-            "rows_written": int(decisions.kept.sum()),
-            "n_classes": rows.n_classes,
-            "classes": classes_note,
-            "from": decisions.origin,
-            **copies.counts(rows, decisions),
-        }
-        with open(os.path.join(staged, copies.SUMMARY), "w", encoding="utf-8") as fh:
-            json.dump(summary, fh, indent=2)
+        os.makedirs(parent, exist_ok=True)
+        os.mkdir(staged)
+    except OSError as exc:
+        raise _unwritable(settings.out, exc) from None
+    try:
+        summary = _stage(settings, rows, decisions, classes_note, staged)
         _publish(staged, out)
+    except OSError as exc:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise _unwritable(settings.out, exc) from None
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
+    return summary
+
+
+def _stage(settings: ReviewSettings, rows, decisions, classes_note: str, staged: str) -> dict:
+    """Writes every output into the directory ``staged``; returns the summary it wrote."""
+    from distributed_influence.cleaning import copies, sources
+    from distributed_influence.store import storage
+
+    written = []
+    if rows.copy_format is not None:
+        name = copies.copy_name(rows)
+        writer = copies.write_npz if rows.copy_format == "npz" else copies.write_parquet
+        writer(rows, decisions, os.path.join(staged, name))
+        written.append(name)
+    copies.write_label_map(rows, decisions, os.path.join(staged, copies.LABEL_MAP))
+    written += [copies.LABEL_MAP, copies.SUMMARY]
+    summary = {
+        "command": COMMAND,
+        "train": storage.redact(rows.spec),
+        "out": settings.out,
+        "source_kind": sources.kind_of(rows),
+        "format": rows.copy_format,
+        "files": written,
+        "rows": rows.n_rows,
+        "rows_written": int(decisions.kept.sum()),
+        "n_classes": rows.n_classes,
+        "classes": classes_note,
+        "from": decisions.origin,
+        **copies.counts(rows, decisions),
+    }
+    with open(os.path.join(staged, copies.SUMMARY), "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=2)
     return summary
 
 
@@ -240,7 +284,7 @@ def run(settings: ReviewSettings) -> dict:
         rows.n_classes, note = sources.classes_of_source(rows)
     sources.check_labels_in_range(rows, note)
     if top is not None:
-        decisions = dec.auto_decisions(audit, rows, top, settings.policy or "relabel")
+        decisions = dec.auto_decisions(audit, rows, top, settings.policy or POLICIES[0])
     else:
         decisions = dec.read_decisions(settings.decisions, rows, note)
     return _write(settings, rows, decisions, note)
@@ -275,6 +319,11 @@ def apply_review(train: str, out: str, decisions: Optional[str] = None, audit: O
 
 
 def cmd_apply_review(args: argparse.Namespace) -> int:
+    """The command line's entry: the settings from the flags, the summary printed.
+
+    A refusal is an :class:`InputError`, which the command line prints as one line with exit
+    code 2; this returns 0 only once every output is in place.
+    """
     from distributed_influence.cleaning.copies import summary_lines
 
     for line in summary_lines(run(fields.from_args(ReviewSettings, args))):

@@ -3,16 +3,21 @@
 The copy keeps the source's format, so the retrain reads it with the code that read the
 original: an ``.npz`` stays an ``.npz`` (every member stored uncompressed, so the package
 memory-maps it), a Parquet file keeps its schema, metadata, other columns and row groups. Rows
-keep their order, ids and keys; removed rows are dropped. A source without ids gains them (an
-``id`` array or column holding the original row numbers), so the audit of the copy names every
-row by the id the first audit gave it.
+keep their order and keys; removed rows are dropped. Integer ids are kept, and a source without
+ids gains them (an ``id`` array or column holding the original row numbers), so the audit of the
+copy names every row by the id the first audit gave it. The exception is a Parquet file whose
+``id`` column holds strings: those are its keys, kept as they are, and its ids are row numbers,
+so the copy's count the remaining rows (docs/cli.md says to join on ``train_key``).
 
-Both writers stream the source block by block: a training set larger than memory is copied in
-bounded memory.
+Memory: a stored (uncompressed) ``.npz`` member is copied block by block, so ``x`` of any size
+passes through :data:`BLOCK_BYTES`; a compressed member is inflated whole, as the audit's own
+reader does. A Parquet file is copied one row group at a time, so the memory needed is that of
+its largest row group: reading smaller batches would split the row groups, which the copy keeps.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import zipfile
 from typing import Dict, List
@@ -28,6 +33,12 @@ LABEL_MAP = "label_map.parquet"
 SUMMARY = "summary.json"
 #: Bytes of source rows held at once while copying.
 BLOCK_BYTES = 64 << 20
+#: errno values only a write raises: the disk of the copy is at fault, not the source, so
+#: ``apply.py`` names ``--out`` rather than the source.
+_WRITE_ERRNOS = frozenset(e for e in (errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", None))
+                          if e is not None)
+#: Codecs ``ParquetWriter`` writes, by the lower-case names it takes.
+_PARQUET_CODECS = frozenset(("none", "snappy", "gzip", "brotli", "lz4", "lz4_raw", "zstd"))
 
 
 def _fits(values: np.ndarray, dtype: np.dtype) -> bool:
@@ -37,7 +48,20 @@ def _fits(values: np.ndarray, dtype: np.dtype) -> bool:
 
 
 def _block_rows(row_bytes: int) -> int:
+    """How many rows of ``row_bytes`` each make one block of about :data:`BLOCK_BYTES`.
+
+    A block of bytes rather than of rows, so wide rows (large images) and narrow ones (a label)
+    both pass through the same bounded memory; at least one row, however wide.
+    """
     return max(1, BLOCK_BYTES // max(1, row_bytes))
+
+
+def _copy_failed(rows: TrainRows, exc: BaseException) -> BaseException:
+    """The error a failed copy raises: the write's own error when the disk of the copy refused
+    it (full, read-only: ``apply.py`` then names ``--out``), else the source named as unreadable."""
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+        return exc
+    return SourceError(f"{rows.spec}: cannot be copied ({storage.reason(exc)})")
 
 
 # ------------------------------------------------------------------------------------- .npz
@@ -78,7 +102,7 @@ def write_npz(rows: TrainRows, decisions: Decisions, path: str) -> None:
     """
     # The reader of the audit's own NpzSource: memory-mapped members (range reads on remote
     # storage), never unpickled.
-    from distributed_influence.data.sources.npz import _npz_member
+    from distributed_influence.data.sources.npz import read_member
 
     keep = decisions.kept
     n = rows.n_rows
@@ -92,10 +116,11 @@ def write_npz(rows: TrainRows, decisions: Decisions, path: str) -> None:
                     dst.writestr(name, src.read(name))  # not an array: kept as it is
                     continue
                 # Only x is large: on remote storage it alone is fetched by row range, as the audit reads it.
-                arr = _npz_member(fs, fpath, fh, src, name, rows.spec, name == "x.npy")
+                arr = read_member(fs, fpath, fh, src, name, rows.spec, name == "x.npy")
                 if name == "y.npy":
+                    # Only the kept rows' labels must fit: a removed row's -1 is never written.
                     labels = decisions.new_label
-                    dtype = arr.dtype if _fits(labels, arr.dtype) else np.dtype(np.int64)
+                    dtype = arr.dtype if _fits(labels[keep], arr.dtype) else np.dtype(np.int64)
                     arr = labels.astype(dtype)
                 _write_member(dst, name, arr, keep, n)
             if "id.npy" not in names:
@@ -103,10 +128,24 @@ def write_npz(rows: TrainRows, decisions: Decisions, path: str) -> None:
     except SourceError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as exc:
-        raise SourceError(f"{rows.spec}: cannot be copied ({storage.reason(exc)})") from None
+        raise _copy_failed(rows, exc) from None
 
 
 # ---------------------------------------------------------------------------------- Parquet
+
+
+def _parquet_compression(meta) -> str:
+    """The codec of the source's first column, in the name ``ParquetWriter`` takes.
+
+    The file's metadata names codecs as the format does: ``UNCOMPRESSED`` is the writer's
+    ``none``; a codec the writer cannot write (``LZO``, or ``UNKNOWN``) becomes its default,
+    ``snappy``, rather than failing the copy of a readable file.
+    """
+    if not (meta.num_row_groups and meta.num_columns):
+        return "snappy"
+    name = meta.row_group(0).column(0).compression.lower()
+    name = "none" if name == "uncompressed" else name
+    return name if name in _PARQUET_CODECS else "snappy"
 
 
 def write_parquet(rows: TrainRows, decisions: Decisions, path: str) -> None:
@@ -131,16 +170,14 @@ def write_parquet(rows: TrainRows, decisions: Decisions, path: str) -> None:
         schema = pf.schema_arrow
         at = schema.get_field_index("label")
         label_field = schema.field(at)
-        if not _fits(decisions.new_label, np.dtype(label_field.type.to_pandas_dtype())):
+        # Only the kept rows' labels must fit: a removed row's -1 is never written.
+        if not _fits(decisions.new_label[keep], np.dtype(label_field.type.to_pandas_dtype())):
             label_field = label_field.with_type(pa.int64())
         schema = schema.set(at, label_field)
         add_id = "id" not in schema.names
         if add_id:
             schema = schema.append(pa.field("id", pa.int64(), nullable=False))
-        meta = pf.metadata
-        compression = (meta.row_group(0).column(0).compression.lower()
-                       if meta.num_row_groups and meta.num_columns else "snappy")
-        with pq.ParquetWriter(path, schema, compression=compression) as writer:
+        with pq.ParquetWriter(path, schema, compression=_parquet_compression(pf.metadata)) as writer:
             start = 0
             for group in range(pf.num_row_groups):
                 table = pf.read_row_group(group)
@@ -158,7 +195,7 @@ def write_parquet(rows: TrainRows, decisions: Decisions, path: str) -> None:
     except SourceError:
         raise
     except (OSError, ValueError, pa.ArrowException) as exc:
-        raise SourceError(f"{rows.spec}: cannot be copied ({storage.reason(exc)})") from None
+        raise _copy_failed(rows, exc) from None
     if start != rows.n_rows:
         raise SourceError(f"{rows.spec}: {start} rows now, {rows.n_rows} when it was opened (the file changed)")
 
@@ -190,6 +227,9 @@ def label_map(rows: TrainRows, decisions: Decisions):
 
 
 def write_label_map(rows: TrainRows, decisions: Decisions, path: str) -> None:
+    """Writes :func:`label_map` to ``path`` as one Parquet file, in the row groups of the
+    audit's tables, so the input pipeline of any format (pandas, tf.data) reads it with the
+    tools that read the audit."""
     import pyarrow.parquet as pq
 
     pq.write_table(label_map(rows, decisions), path, row_group_size=tables.ROW_GROUP)

@@ -20,13 +20,14 @@ import dataclasses
 import io
 import math
 import re
-from typing import List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Tuple, Union
 
 import numpy as np
 
-from distributed_influence.cleaning.sources import AuditRows, TrainRows
 from distributed_influence.errors import ConfigError, InputError
-from distributed_influence.store import storage
+
+if TYPE_CHECKING:  # annotations only: the command line reads POLICIES without loading the data layer
+    from distributed_influence.cleaning.sources import AuditRows, TrainRows
 
 #: The actions a decisions file may hold.
 ACTIONS = ("keep", "relabel", "remove", "unsure")
@@ -36,7 +37,8 @@ UNDECIDED, KEEP, RELABEL, REMOVE, UNSURE = range(len(CODES))
 #: Columns a decisions file must have.
 REQUIRED = ("train_id", "label", "action", "new_label")
 KEY_COLUMN = "train_key"
-#: What ``--auto`` does with the top rows.
+#: What ``--auto`` does with the top rows (``--policy``, the benchmark's ``--policies``); the first
+#: is the default.
 POLICIES = ("relabel", "remove")
 _INTEGER = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would also take "1_000" and "٣"
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
@@ -72,10 +74,21 @@ def none_decided(rows: TrainRows, origin: dict) -> Decisions:
 
 
 def _refuse(path: str, line: int, what: str) -> InputError:
+    """The one-line refusal of a decisions file, ``FILE: line N: what``: the reviewer opens the
+    file at that line, so every check words its problem through here."""
     return InputError(f"{path}: line {line}: {what}")
 
 
 def _integer(text: str, column: str, path: str, line: int) -> int:
+    """An integer field as the int64 it must be stored as.
+
+    Stricter than ``int()``: ASCII digits only, so ``1_000``, ``3.0`` and other scripts' digits
+    are refused by name rather than read as some other row; and within int64, so an id too long
+    for the tables is refused here, not by NumPy later.
+
+    Raises:
+        InputError: the field is not such an integer (the file, line, column and text named).
+    """
     if not _INTEGER.fullmatch(text):
         raise _refuse(path, line, f"{column} {text!r} is not an integer")
     value = int(text)
@@ -85,6 +98,18 @@ def _integer(text: str, column: str, path: str, line: int) -> int:
 
 
 def _read_text(path: str) -> str:
+    """The whole file as text, refusing what is not a decisions file before it is parsed.
+
+    Read whole (a decisions file holds one line per reviewed row: small), from a path or any
+    URI the package reads. A file that is not UTF-8 or holds NUL bytes is most likely the wrong
+    file (a binary one, or the training data): it is named as such instead of reported as bad
+    CSV on some line.
+
+    Raises:
+        InputError: missing, unreadable, not UTF-8, or binary.
+    """
+    from distributed_influence.store import storage
+
     try:
         data = storage.read_bytes(path)
     except FileNotFoundError:
@@ -101,6 +126,14 @@ def _read_text(path: str) -> str:
 
 
 def _header(path: str, reader) -> List[str]:
+    """The column names of the header line (trimmed), once they are known to be usable.
+
+    Checked before any decision line, so a file from another tool (a missing or repeated
+    column) is refused by its header rather than by a confusing problem on line 2.
+
+    Raises:
+        InputError: no header line, a column named twice, or a required column missing.
+    """
     header = next(reader, None)
     if header is None or not any(h.strip() for h in header):
         raise InputError(f"{path}: empty file, no header line (expected the columns {','.join(REQUIRED)}; "
@@ -220,6 +253,8 @@ def read_decisions(path: str, rows: TrainRows, classes_note: str) -> Decisions:
     Raises:
         InputError: the first problem of the file, as ``FILE: line N: what``.
     """
+    from distributed_influence.store import storage
+
     text = _read_text(path)
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)  # an unclosed quote is an error, not a field
     parsed = _Lines()
@@ -232,7 +267,10 @@ def read_decisions(path: str, rows: TrainRows, classes_note: str) -> Decisions:
                 continue  # a blank line, e.g. at the end of a file edited by hand
             if len(fields) != len(names):
                 raise _refuse(path, line, f"{len(fields)} fields, but the header has {len(names)}")
-            rec = {name: value.strip() for name, value in zip(names, fields)}
+            # Numbers and actions are trimmed (a hand edit's stray space means nothing there);
+            # a key is taken as written: the review page quotes one with edge spaces so that
+            # they survive, and the key must equal the source's exactly.
+            rec = {name: value.strip() if name in REQUIRED else value for name, value in zip(names, fields)}
             _parse_line(path, line, rec, rows.n_classes, classes_note, seen, parsed)
     except csv.Error as exc:
         raise _refuse(path, reader.line_num, f"not valid CSV ({exc})") from None
@@ -309,8 +347,10 @@ def auto_decisions(audit: AuditRows, rows: TrainRows, top: Top, policy: str) -> 
         audit: the audit's ``train_scores`` (already checked to belong to ``rows``).
         rows: the training source.
         top: TOP.
-        policy: ``relabel`` or ``remove``.
+        policy: one of :data:`POLICIES`.
     """
+    from distributed_influence.store import storage
+
     n_top = top.rows(len(audit.audit_rank))
     chosen = audit.audit_rank <= n_top
     pos = rows.positions(audit.train_id[chosen])

@@ -23,7 +23,7 @@ from distributed_influence.data.sources import (
     open_source,
     options_from,
 )
-from distributed_influence.data.sources.base import check_keys, check_labels
+from distributed_influence.data.sources.base import check_ids, check_unique_keys
 from distributed_influence.errors import InputError, SourceError
 from distributed_influence.store import storage, tables
 
@@ -72,37 +72,6 @@ class TrainRows:
         return np.where(sorted_ids[at] == query, order[at], -1)
 
 
-def _tfrecord_labels_and_keys(src: TFRecordSource):
-    """Every label (and key) of a TFRecord source, parsing each record's label and id only.
-
-    A TFRecord source learns its labels as its workers read the rows, so they are not known when
-    it is opened. Reading the rows would decode every image for nothing; the records are walked
-    by the source's own reader instead and only the two small features taken from each, with
-    the same rules as the source (one int64 or float label, one bytes or int64 id).
-    """
-    from distributed_influence.data.sources import tfrecord
-
-    example = tfrecord._example_class()
-    labels, keys = [], []
-    for where, data in src._records(0, src.n_rows):
-        feature = tfrecord._parse(example, data, where)
-        lab = feature[src.label_feature] if src.label_feature in feature else None
-        values = None if lab is None else (lab.int64_list.value or lab.float_list.value)
-        if values is None or len(values) != 1:
-            raise SourceError(f"{where}: no single value in label feature {src.label_feature!r}")
-        labels.append(values[0])
-        if src.id_feature is not None:
-            ident = feature[src.id_feature] if src.id_feature in feature else None
-            if ident is not None and len(ident.bytes_list.value) == 1:
-                keys.append(ident.bytes_list.value[0].decode("utf-8", "replace"))
-            elif ident is not None and len(ident.int64_list.value) == 1:
-                keys.append(str(ident.int64_list.value[0]))
-            else:
-                raise SourceError(f"{where}: no single bytes or int64 value in id feature {src.id_feature!r}")
-    y = check_labels(np.asarray(labels), src.name) if labels else np.zeros(0, dtype=np.int64)
-    return y, (check_keys(np.array(keys, dtype=object), src.name) if src.id_feature is not None else None)
-
-
 def open_train(spec: str, source_options: Optional[dict] = None) -> TrainRows:
     """Opens the training source and reads its ids, labels and keys (``n_classes`` left at 0).
 
@@ -116,13 +85,16 @@ def open_train(spec: str, source_options: Optional[dict] = None) -> TrainRows:
         raise SourceError(f"{spec}: the training set has no labels ('y' in .npz, 'label' in Parquet, "
                           f"a label feature in TFRecord): there is nothing to correct")
     if isinstance(src, TFRecordSource):
-        labels, keys = _tfrecord_labels_and_keys(src)
+        # Known only once the records are read (the audit's workers learn them row by row):
+        # walked here without decoding an image, and a repeated key named by file and record.
+        labels, ids, keys = src.labels_and_keys()
+        if keys is not None:
+            check_unique_keys(src, ids, keys)
     else:
-        labels, keys = np.asarray(src.labels(), dtype=np.int64), src.keys()
-    ids = np.asarray(src.ids(), dtype=np.int64)
-    uniq, counts = np.unique(ids, return_counts=True)
-    if len(uniq) != len(ids):
-        raise SourceError(f"{spec}: id {int(uniq[np.argmax(counts > 1)])} is on several rows (ids must be unique)")
+        labels, ids, keys = np.asarray(src.labels(), dtype=np.int64), src.ids(), src.keys()
+    # Every source refuses a repeated id when it is opened; checked once more (one sort) because
+    # every decision is looked up by id, and a repeat would apply it to the wrong row.
+    ids = check_ids(np.asarray(ids), spec)
     return TrainRows(spec=spec, source=src, ids=ids, labels=labels, keys=keys, n_classes=0,
                      copy_format=COPY_FORMATS.get(type(src)))
 

@@ -57,10 +57,6 @@ def check_source(src: Source, role: str, n_classes: int, input_shape, need_label
                 f"{src.name}: label {int(y[bad])} at row {bad} is outside 0..{n_classes - 1} "
                 f"(the model has {n_classes} classes)"
             )
-    ids = src.ids()
-    uniq, counts = np.unique(ids, return_counts=True)
-    if len(uniq) != len(ids):
-        raise SourceError(f"{src.name}: duplicate id {int(uniq[np.argmax(counts > 1)])} in the {role} set")
     if src.decodes_images:
         # One image through the same decoding the workers use: corrupt bytes, a size the model
         # does not take without --resize, or an unusable channel count stop the job here.

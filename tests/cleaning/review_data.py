@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from conftest import assert_one_line_refusal
 
 from distributed_influence.cli import main
 
@@ -46,18 +47,20 @@ def write_npz(path, with_ids: bool = True, compressed: bool = False, **extra) ->
     return str(path)
 
 
-def write_parquet(path, id_column: Optional[str] = "int", row_group_size: int = 6) -> str:
-    """``x`` lists, an int8 ``label``, a ``note`` column, schema metadata, and an ``id`` column
-    of integers (``int``), strings (``str``: the rows' keys) or none."""
+def write_parquet(path, id_column: Optional[str] = "int", row_group_size: int = 6, compression="zstd",
+                  label_type=pa.int8(), keys_: Optional[list] = None) -> str:
+    """``x`` lists, a ``label`` of ``label_type``, a ``note`` column, schema metadata, and an
+    ``id`` column of integers (``int``), strings (``str``: the rows' keys, ``keys_`` or
+    :func:`keys`) or none; ``compression`` as ``pq.write_table`` takes it (None: uncompressed)."""
     cols = {"x": pa.array(inputs().reshape(N_ROWS, -1).tolist(), pa.list_(pa.float32())),
-            "label": pa.array(labels(), pa.int8()),
+            "label": pa.array(labels(), label_type),
             "note": pa.array([f"row {i}" for i in range(N_ROWS)])}
     if id_column == "int":
         cols["id"] = pa.array(ids())
     elif id_column == "str":
-        cols["id"] = pa.array(keys())
+        cols["id"] = pa.array(keys() if keys_ is None else keys_)
     table = pa.table(cols).replace_schema_metadata({"origin": "review tests"})
-    pq.write_table(table, str(path), row_group_size=row_group_size, compression="zstd")
+    pq.write_table(table, str(path), row_group_size=row_group_size, compression=compression)
     return str(path)
 
 
@@ -103,14 +106,7 @@ def refused(capsys, argv: list) -> str:
         That line, without the program's prefix.
     """
     capsys.readouterr()
-    code = main(["apply-review"] + argv)
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert code == 2, err
-    assert len(lines) == 1, err
-    prefix = "distributed-influence: error: "
-    assert lines[0].startswith(prefix), err
-    return lines[0][len(prefix):]
+    return assert_one_line_refusal(capsys, main(["apply-review"] + argv))
 
 
 def nothing_written(parent, out_name: str = "out") -> bool:

@@ -4,14 +4,18 @@ nothing is written (no output directory, no staged directory left beside it)."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 import numpy as np
 import pytest
+from example_records import write_rows
 from review_data import (
     HEADER,
     digest,
     ids,
+    inputs,
+    keys,
     labels,
     nothing_written,
     refused,
@@ -202,3 +206,74 @@ def test_out_that_is_a_file_is_refused(sources, tmp_path, capsys):
     path = write_csv(tmp_path / "d.csv", [GOOD])
     assert "is a file, not a directory" in refused(capsys, ["--train", sources["npz"], "--out", str(tmp_path / "out"),
                                                             "--decisions", path])
+
+
+def test_out_under_a_regular_file_is_refused_with_one_line(sources, tmp_path, capsys):
+    """The system will not make DIR: its parent is a file (unlike a read-only directory, this
+    stops root too)."""
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "out"
+    path = write_csv(tmp_path / "d.csv", [GOOD])
+    message = refused(capsys, ["--train", sources["npz"], "--out", str(out), "--decisions", path])
+    assert message.startswith(f"--out {out}: cannot be written ("), message
+    assert sorted(os.listdir(tmp_path)) == ["d.csv", "notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("kind", ["npz", "keyed"])
+def test_a_full_disk_while_copying_is_refused_naming_out(kind, sources, tmp_path, capsys, monkeypatch):
+    """The disk of the copy, not the source, is at fault: the line names --out, and the staged
+    directory is removed."""
+    import pyarrow.parquet as pq
+
+    from distributed_influence.cleaning import copies
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if kind == "npz":
+        monkeypatch.setattr(copies, "_write_member", full)
+    else:
+        monkeypatch.setattr(pq.ParquetWriter, "write_table", full)
+    out = tmp_path / "out"
+    path = write_csv(tmp_path / "d.csv", [GOOD] if kind == "npz" else [f"0,{Y[0]},keep,,img/000.png,"])
+    message = refused(capsys, ["--train", sources[kind], "--out", str(out), "--decisions", path])
+    assert message == f"--out {out}: cannot be written ([Errno 28] No space left on device)"
+    assert nothing_written(tmp_path)
+
+
+def test_a_failed_publish_leaves_the_earlier_output_as_it_was(sources, tmp_path, capsys, monkeypatch):
+    from distributed_influence.cli import main
+
+    out = tmp_path / "out"
+    path = write_csv(tmp_path / "d.csv", [GOOD])
+    argv = ["--train", sources["npz"], "--out", str(out), "--decisions", path, "--overwrite"]
+    assert main(["apply-review"] + argv) == 0
+    before = {name: digest(out / name) for name in os.listdir(out)}
+    rename = os.rename
+
+    def refuse_staged(src, dst):
+        if str(src).endswith(".tmp"):  # the staged directory: moving it into place fails
+            raise PermissionError(errno.EACCES, "Permission denied")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", refuse_staged)
+    write_csv(tmp_path / "d.csv", [GOOD, line(1, "remove")])
+    message = refused(capsys, argv)
+    monkeypatch.undo()
+    assert message == f"--out {out}: cannot be written ([Errno 13] Permission denied)"
+    assert {name: digest(out / name) for name in os.listdir(out)} == before
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".out.")] == []
+
+
+def test_a_tfrecord_key_on_two_records_is_refused_naming_both(tmp_path, capsys):
+    """The driver of an audit never reads the keys; apply-review does, and names the places as the
+    audit's refusal does: the record and its file."""
+    repeated = keys()
+    repeated[13] = repeated[3]
+    paths = write_rows(tmp_path, "train", inputs(), Y, repeated, files=2)  # rows 0..9 and 10..19
+    spec = str(tmp_path / "train-*.tfrecord")
+    path = write_csv(tmp_path / "d.csv", [])
+    message = refused(capsys, ["--train", spec, "--out", str(tmp_path / "out"), "--decisions", path])
+    assert message == f"{spec}: duplicate key 'img/003.png' at record 3 of {paths[0]} and record 3 of {paths[1]}"
+    assert nothing_written(tmp_path)

@@ -9,8 +9,10 @@ import os
 import zipfile
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from example_records import write_rows
 from review_data import (
     HEADER,
     N_ROWS,
@@ -230,22 +232,8 @@ def test_digits_gets_a_label_map_only(tmp_path, capsys):
 def test_tfrecord_gets_a_label_map_joined_by_a_lookup_table(tmp_path):
     """TensorFlow writes the records and runs the join docs/cli.md shows."""
     import tensorflow as tf
-    from PIL import Image
 
-    def example(i: int) -> bytes:
-        import io
-
-        buf = io.BytesIO()
-        Image.new("L", (4, 4), color=i).save(buf, format="PNG")
-        feature = {"image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[buf.getvalue()])),
-                   "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(Y[i])])),
-                   "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[keys()[i].encode()]))}
-        return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-    for part, rows in enumerate((range(0, 12), range(12, N_ROWS))):
-        with tf.io.TFRecordWriter(str(tmp_path / f"train-{part}.tfrecord")) as w:
-            for i in rows:
-                w.write(example(i))
+    write_rows(tmp_path, "train", X, Y, keys(), files=2)
     spec = str(tmp_path / "train-*.tfrecord")
     out = tmp_path / "out"
     summary = apply_review(spec, str(out), decisions=write_csv(
@@ -285,3 +273,84 @@ def test_a_file_as_a_spreadsheet_saves_it(tmp_path):
     apply_review(write_npz(tmp_path / "train.npz"), str(out), decisions=str(path))
     check_label_map(out / "label_map.parquet", I, with_keys=False)
     check_summary(out)
+
+
+@pytest.mark.parametrize("with_keys", [True, False])
+def test_tfrecord_labels_and_keys_are_what_read_returns(tmp_path, with_keys):
+    """The walk apply-review takes (no image decoded) reads each record as the audit's workers do."""
+    from distributed_influence.data.sources import open_source
+
+    write_rows(tmp_path, "train", X, Y, keys() if with_keys else None, files=2)
+    src = open_source(str(tmp_path / "train-*.tfrecord"))
+    labels_, ids_, keys_ = src.labels_and_keys()
+    rows = src.read(0, src.n_rows)
+    assert labels_.dtype == np.int64 and list(labels_) == list(rows.y) == list(Y)
+    assert list(ids_) == list(rows.ids) == list(range(N_ROWS))
+    if with_keys:
+        assert list(keys_) == list(rows.keys) == keys()
+    else:
+        assert keys_ is None and rows.keys is None
+
+
+def test_uncompressed_parquet_is_copied_uncompressed(tmp_path):
+    """pyarrow names the codec of such a file UNCOMPRESSED, a name its writer does not take."""
+    src = write_parquet(tmp_path / "train.parquet", compression=None)
+    out = tmp_path / "clean"
+    apply_review(src, str(out), decisions=write_csv(tmp_path / "d.csv", decision_lines(lambda r: I[r])))
+    meta = pq.ParquetFile(out / "train.parquet").metadata
+    assert {meta.row_group(g).column(c).compression
+            for g in range(meta.num_row_groups) for c in range(meta.num_columns)} == {"UNCOMPRESSED"}
+    assert pq.read_table(out / "train.parquet").column("label").to_pylist() == list(expected_labels()[KEPT])
+
+
+@pytest.mark.parametrize("reported, written", [("UNCOMPRESSED", "none"), ("UNKNOWN", "snappy"), ("LZO", "snappy"),
+                                               ("SNAPPY", "snappy"), ("GZIP", "gzip"), ("ZSTD", "zstd")])
+def test_the_sources_codec_is_given_to_the_writer_by_a_name_it_takes(reported, written):
+    """Codecs as Parquet metadata names them (UNKNOWN, or LZO, which pyarrow reads but cannot write, are
+    written with the writer's default), each accepted by ParquetWriter."""
+    from types import SimpleNamespace
+
+    from distributed_influence.cleaning.copies import _parquet_compression
+
+    column = SimpleNamespace(compression=reported)
+    group = SimpleNamespace(column=lambda c: column)
+    meta = SimpleNamespace(num_row_groups=1, num_columns=1, row_group=lambda g: group)
+    assert _parquet_compression(meta) == written
+    with pq.ParquetWriter(pa.BufferOutputStream(), pa.schema([("a", pa.int64())]), compression=written) as w:
+        w.write_table(pa.table({"a": [1]}))
+
+
+@pytest.mark.parametrize("kind", ["npz", "parquet"])
+def test_a_removal_keeps_a_uint8_label_dtype(tmp_path, kind):
+    """A removed row's label is never written, so it must not widen ``y``/``label`` (docs/cli.md: the
+    dtype is kept unless a new label does not fit it)."""
+    if kind == "npz":
+        np.savez(tmp_path / "train.npz", x=X, y=Y.astype(np.uint8), id=I)
+        src = str(tmp_path / "train.npz")
+    else:
+        src = write_parquet(tmp_path / "train.parquet", label_type=pa.uint8())
+    lines = [f"{I[1]},{Y[1]},relabel,2,,", f"{I[2]},{Y[2]},remove,,,"]
+    apply_review(src, str(tmp_path / "out"), decisions=write_csv(tmp_path / "d.csv", lines))
+    expected = [2 if r == 1 else int(Y[r]) for r in range(N_ROWS) if r != 2]
+    if kind == "npz":
+        with np.load(tmp_path / "out" / "train.npz") as d:
+            assert d["y"].dtype == np.uint8 and d["y"].tolist() == expected
+    else:
+        copy = pq.read_table(tmp_path / "out" / "train.parquet")
+        assert copy.schema.field("label").type == pa.uint8() and copy.column("label").to_pylist() == expected
+
+
+def test_a_key_with_spaces_at_its_ends_is_matched_as_written(tmp_path):
+    """The review page quotes a key whose ends are spaces so that they survive the file; reading
+    it back must keep them too, or the key is not the source's."""
+    spaced = keys()
+    spaced[3] = " img/003 (copy).png "
+    src = write_parquet(tmp_path / "train.parquet", id_column="str", keys_=spaced)
+    # As review.js writes the line: the key quoted, because trimming would change it.
+    lines = [f'3,{Y[3]},relabel,{(Y[3] + 1) % 3},"{spaced[3]}",2024-05-01T10:00:00Z', f"4,{Y[4]},keep,,{spaced[4]},"]
+    out = tmp_path / "out"
+    summary = apply_review(src, str(out), decisions=write_csv(tmp_path / "d.csv", lines))
+    assert summary["counts"]["relabel"] == 1 and summary["counts"]["keep"] == 1
+    m = pq.read_table(out / "label_map.parquet")
+    assert m.column("train_key")[3].as_py() == spaced[3] and m.column("new_label")[3].as_py() == (Y[3] + 1) % 3
+    assert pq.read_table(out / "train.parquet").column("id").to_pylist() == spaced

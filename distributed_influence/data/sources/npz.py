@@ -60,8 +60,11 @@ def _stored_layout(fh, info: zipfile.ZipInfo, name: str, member: str):
     return shape, fortran, dtype, fh.tell()
 
 
-def _npz_member(fs, path: str, fh, zf: zipfile.ZipFile, member: str, name: str, lazy: bool):
+def read_member(fs, path: str, fh, zf: zipfile.ZipFile, member: str, name: str, lazy: bool):
     """One ``.npy`` member of an ``.npz``, reading no more of the file than needed.
+
+    Public because whatever reads an archive again (``apply-review`` copying it) must read each
+    member as this source does: memory-mapped, by range on remote storage, never unpickled.
 
     An uncompressed member is memory-mapped on a local disk; on remote storage a ``lazy`` one
     (``x``, the only large array) is fetched later by row range, others are read now. A
@@ -106,7 +109,7 @@ class NpzSource(Source):
                     raise SourceError(f"{path}: .npz has no array 'x' (found: {sorted(members)})")
 
                 def load(member: str, lazy: bool = False):
-                    return _npz_member(fs, fpath, fh, zf, member, path, lazy)
+                    return read_member(fs, fpath, fh, zf, member, path, lazy)
 
                 self._x = load("x.npy", lazy=True)
                 self._y = check_labels(np.asarray(load("y.npy")), path) if "y.npy" in members else None

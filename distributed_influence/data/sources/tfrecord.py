@@ -203,6 +203,60 @@ class TFRecordSource(Source):
             keys = np.array([k.decode("utf-8", "replace") for k in parsed[self.id_feature].numpy()], dtype=object)
         return x, y, keys, wheres
 
+    def _label_and_key(self, feature, where: str):
+        """The label and key of one parsed record (None for a feature the source does not read).
+
+        One place for the rules (one int64 or float label; one bytes or int64 id, kept as a
+        string), so the rows a worker reads and :meth:`labels_and_keys` agree on every record.
+        """
+        label = key = None
+        if self.label_feature is not None:
+            lab = feature[self.label_feature] if self.label_feature in feature else None
+            values = None if lab is None else (lab.int64_list.value or lab.float_list.value)
+            if values is None or len(values) != 1:
+                raise SourceError(f"{where}: no single value in label feature {self.label_feature!r}")
+            label = values[0]
+        if self.id_feature is not None:
+            ident = feature[self.id_feature] if self.id_feature in feature else None
+            if ident is not None and len(ident.bytes_list.value) == 1:
+                key = ident.bytes_list.value[0].decode("utf-8", "replace")
+            elif ident is not None and len(ident.int64_list.value) == 1:
+                key = str(ident.int64_list.value[0])
+            else:
+                raise SourceError(f"{where}: no single bytes or int64 value in id feature {self.id_feature!r}")
+        return label, key
+
+    def labels_and_keys(self):
+        """Every label, id and key of the source, parsing only the label and id features of each
+        record: no image is decoded.
+
+        The source learns its labels and keys as the workers read the rows, so neither is known
+        when it is opened; a caller that needs all of them before any work (``apply-review``
+        checking a decisions file) walks the records here, by the rules :meth:`read` applies. A
+        repeated key is not refused here: :func:`~.base.check_unique_keys` does that, naming
+        both records, as the audit does.
+
+        Returns:
+            ``(labels, ids, keys)`` in row order: int64 labels (None without a label feature),
+            the int64 ids (row numbers), string keys as an object array (None without an id
+            feature).
+
+        Raises:
+            SourceError: a record that is not a ``tf.train.Example``, lacks a single label or id
+                value, or a file holding fewer records than were counted.
+        """
+        if self._example is None:
+            self._example = _example_class()
+        labels, keys = [], []
+        for where, data in self._records(0, self.n_rows):
+            label, key = self._label_and_key(_parse(self._example, data, where), where)
+            labels.append(label)
+            keys.append(key)
+        y = None
+        if self.label_feature is not None:
+            y = check_labels(np.asarray(labels), self.name) if labels else np.zeros(0, dtype=np.int64)
+        return y, self._ids, (np.array(keys, dtype=object) if self.id_feature is not None else None)
+
     def _rows(self, start: int, stop: int, input_shape, resize: bool):
         records = list(self._records(start, stop))
         fast = self._fast_rows(records, input_shape, resize)
@@ -226,20 +280,11 @@ class TFRecordSource(Source):
                 raise SourceError(f"{where}: feature {self.image_feature!r} must hold one bytes value "
                                   f"(encoded image or raw pixels) or a float list")
             wheres.append(where)
+            label, key = self._label_and_key(feature, where)
             if self.label_feature is not None:
-                lab = feature[self.label_feature] if self.label_feature in feature else None
-                values = None if lab is None else (lab.int64_list.value or lab.float_list.value)
-                if values is None or len(values) != 1:
-                    raise SourceError(f"{where}: no single value in label feature {self.label_feature!r}")
-                labels.append(values[0])
+                labels.append(label)
             if self.id_feature is not None:
-                ident = feature[self.id_feature] if self.id_feature in feature else None
-                if ident is not None and len(ident.bytes_list.value) == 1:
-                    keys.append(ident.bytes_list.value[0].decode("utf-8", "replace"))
-                elif ident is not None and len(ident.int64_list.value) == 1:
-                    keys.append(str(ident.int64_list.value[0]))
-                else:
-                    raise SourceError(f"{where}: no single bytes or int64 value in id feature {self.id_feature!r}")
+                keys.append(key)
         kinds = [(name, part) for name, part in (("encoded images", encoded), ("raw pixel bytes", raw),
                                                 ("float lists", floats)) if part]
         if len(kinds) > 1:
