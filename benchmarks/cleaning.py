@@ -75,6 +75,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="training rows, the first of Fashion-MNIST's 60,000 (default 30000, so that the "
                         "whole run takes 20 to 30 min on 2 cores)")
     p.add_argument("--n-test", type=int, default=10000, help="test rows (default 10000, all)")
+    p.add_argument("--flips", choices=("most-confusable", "pairs"), default="most-confusable",
+                   help="flip each class's labels to its most confusable class (default), or to its partner "
+                        "in pairs of look-alike classes flipped into each other")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each its own flips and "
                    "initialisation (default 3)")
     p.add_argument("--noise", type=float, default=0.2,
@@ -397,7 +400,7 @@ def run(args, work: str) -> None:
         if target is None:  # from the first seed's true-label model, for every seed
             at = min(CONFUSION_EPOCHS, curve_epochs)
             conf = np.asarray(curves[seed]["true"].confusion[at - 1])
-            target = parts.most_confusable(conf)
+            target = parts.most_confusable(conf) if args.flips == "most-confusable" else parts.confusable_pairs(conf)
             names = CLASS_NAMES if train.origin != "synthetic" else tuple(map(str, range(len(conf))))
             print_confusion(conf, target, seed, at, names)
         # Flipped labels, models and audits depend on the flips: their own directory.

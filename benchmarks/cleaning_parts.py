@@ -52,6 +52,32 @@ def most_confusable(conf: np.ndarray) -> np.ndarray:
     return target.astype(np.int64)
 
 
+def confusable_pairs(conf: np.ndarray) -> np.ndarray:
+    """Classes paired by how often a true-label model mistakes one for the other, each pair
+    flipped into each other: the "pair flip" noise of the label-noise literature.
+
+    The most confusable class of :func:`most_confusable` is many-to-one on Fashion-MNIST (T-shirt,
+    pullover, coat and bag all go to shirt, which then holds more wrong labels than right ones).
+    Pairs keep every class's labels mostly right. Greedy on the symmetric counts conf + confᵀ:
+    the most confused pair first, then the most confused pair of the classes left.
+
+    Returns:
+        (C,) int64: the flip target of every class (its partner; with an odd C, the last class
+        left goes to its most confusable class).
+    """
+    both = (conf + conf.T).astype(np.float64)
+    np.fill_diagonal(both, -1.0)
+    target = np.full(len(conf), -1, np.int64)
+    left = set(range(len(conf)))
+    while len(left) > 1:
+        a, b = max(((i, j) for i in left for j in left if i < j), key=lambda p: (both[p], -p[0], -p[1]))
+        target[a], target[b] = b, a
+        left -= {a, b}
+    for c in left:
+        target[c] = most_confusable(conf)[c]
+    return target
+
+
 def flip_labels(y: np.ndarray, target: np.ndarray, rate: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
     """Flips ``rate`` of each class's labels to that class's most confusable class.
 
