@@ -10,37 +10,33 @@ JavaScript number), so the helpers here read them as strings too.
 
 import csv
 import datetime
-import glob
 import json
 import os
-import shutil
-import time
 
 import numpy as np
 import pytest
 import report_audits
+from browser import (
+    BIG,
+    COLUMNS,
+    current,
+    decide,
+    needs_browser,
+    open_page,
+    press,
+    progress,
+    shown,
+    start_browser,
+    wait_for,
+)
 from conftest import audit_config
 
 from distributed_influence.report import gallery
 from distributed_influence.report import page as report
 from distributed_influence.store import tables
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-try:
-    import selenium
-except ImportError:
-    selenium = None
-BROWSER_MISSING = ("chromium is not installed (apt-get install chromium)" if CHROMIUM is None
-                   else "chromedriver is not installed (apt-get install chromium-driver)" if CHROMEDRIVER is None
-                   else "selenium is not installed (pip install selenium, in the test extra)" if selenium is None
-                   else None)
-needs_browser = pytest.mark.skipif(BROWSER_MISSING is not None, reason=BROWSER_MISSING or "")
 #: A key that is markup, has commas and quotes: what a file name may hold.
 EVIL = '<img src=x onerror="window.__xss=1">, "quoted" & </script>'
-COLUMNS = ["train_id", "label", "action", "new_label", "train_key", "decided_at"]
-#: An int64 id beyond 2^53: as a JavaScript (or JSON) number it would become 2^62.
-BIG = 2**62 + 1
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +47,12 @@ def demo_out(tmp_path_factory):
 @pytest.fixture(scope="module")
 def flat_out(tmp_path_factory, files):
     return report_audits.flat_audit(tmp_path_factory, lambda out: audit_config(files, out, k=3))
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Chromium for this module (see :func:`browser.start_browser`)."""
+    yield from start_browser(tmp_path_factory)
 
 
 def _key(tid: int) -> str:
@@ -71,39 +73,6 @@ def _with_keys(out: str) -> dict:
         keys.update({i: _key(i) for i in ids})
         pq.write_table(table.append_column(pa.field("train_key", pa.string()), pa.array([_key(i) for i in ids])), path)
     return keys
-
-
-def _with_large_ids(out: str, data_dir: str) -> int:
-    """Moves every training id of an audit's output by one shift, so that the most suspicious
-    example's id is :data:`BIG`, as a source with hashed int64 ids would have it: in
-    ``train_scores``, in the train index (where the supporters come from) and in a copy of the
-    training source (where the thumbnails come from), which the manifest then names.
-
-    Returns:
-        The shift.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    manifest = tables.read_manifest(out)
-    train = tables.read_table(out, tables.TRAIN_SCORES, manifest).to_pydict()
-    shift = BIG - train["train_id"][int(np.argmin(train["audit_rank"]))]
-    paths = [os.path.join(out, p) for p in manifest["tables"][tables.TRAIN_SCORES]]
-    for path in paths + sorted(glob.glob(os.path.join(out, "index", "shard-*.parquet"))):
-        table = pq.read_table(path)
-        ids = pa.array(table.column("train_id").to_numpy() + shift, pa.int64())
-        pq.write_table(table.set_column(table.column_names.index("train_id"), "train_id", ids), path)
-    source = dict(np.load(os.path.join(data_dir, "train.npz")))
-    source["id"] = source["id"] + shift
-    copy = os.path.join(out, "train_large_ids.npz")
-    np.savez(copy, **source)
-    path = os.path.join(out, tables.MANIFEST)
-    with open(path, encoding="utf-8") as fh:
-        raw = json.load(fh)
-    raw["config"]["train"] = copy
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(raw, fh)
-    return shift
 
 
 def _train(out: str) -> dict:
@@ -226,74 +195,6 @@ def test_review_data_without_finite_probability_or_keys():
 # --------------------------------------------------------------------------------- browser
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    """Headless Chromium through the system's chromedriver; downloads go to a folder of the test.
-
-    Both paths are given, so that Selenium Manager has nothing to look up or download.
-    """
-    if BROWSER_MISSING:
-        pytest.skip(BROWSER_MISSING)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    downloads = tmp_path_factory.mktemp("downloads")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1300,1000"):
-        options.add_argument(arg)
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.implicitly_wait(0)
-    yield driver, downloads
-    driver.quit()
-
-
-def _open(driver, page: str) -> None:
-    """Opens the page with no decision stored from an earlier test."""
-    driver.get("file://" + page)
-    driver.execute_script("localStorage.clear()")
-    driver.refresh()
-
-
-def _shown(driver) -> list:
-    """(train id (a string), given label, model's class, classes) of the suspects on the gallery's page."""
-    return driver.execute_script(
-        "return Array.from(document.querySelectorAll('#rv-items .suspect')).map(e => "
-        "[e.dataset.trainId, Number(e.dataset.label), Number(e.dataset.pred), e.className])")
-
-
-def _progress(driver) -> str:
-    return driver.find_element("id", "rv-progress").text.split(" (")[0]
-
-
-def _current(driver) -> str:
-    return driver.find_element("css selector", ".suspect.current").get_attribute("data-train-id")
-
-
-def _press(driver, *keys) -> None:
-    from selenium.webdriver.common.action_chains import ActionChains
-
-    ActionChains(driver).send_keys(*keys).perform()
-
-
-def _decide(driver, key: str) -> str:
-    """Presses a decision key on the current suspect; returns its id."""
-    tid = _current(driver)
-    _press(driver, key)
-    return tid
-
-
-def _wait_for(path: str, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not os.path.isfile(path) and time.monotonic() < end:
-        time.sleep(0.05)
-    assert os.path.isfile(path), f"{path} was not downloaded"
-
-
 @needs_browser
 def test_review_page_filters_decides_reloads_and_exports(demo_out, browser, tmp_path):
     from selenium.webdriver.common.keys import Keys
@@ -307,16 +208,16 @@ def test_review_page_filters_decides_reloads_and_exports(demo_out, browser, tmp_
     data = gallery.read_review_data(os.path.join(out, "report", gallery.DATA_JS))
     train = _train(out)
     started = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-    _open(driver, page)
+    open_page(driver, page)
 
     # Paging: 48 of the 60 suspects on the first page, each thumbnail lazy; the rest on the next.
-    assert _progress(driver) == "0 decided / 60 shown / 60 suspects"
-    assert [s[0] for s in _shown(driver)] == [s["id"] for s in data["suspects"][:48]]
+    assert progress(driver) == "0 decided / 60 shown / 60 suspects"
+    assert [s[0] for s in shown(driver)] == [s["id"] for s in data["suspects"][:48]]
     thumbs = driver.find_elements("css selector", "#rv-items img.thumb")
     assert len(thumbs) == 48 and {t.get_attribute("loading") for t in thumbs} == {"lazy"}
-    _press(driver, "n")
-    assert [s[0] for s in _shown(driver)] == [s["id"] for s in data["suspects"][48:]]
-    _press(driver, "p")
+    press(driver, "n")
+    assert [s[0] for s in shown(driver)] == [s["id"] for s in data["suspects"][48:]]
+    press(driver, "p")
     # Keys from the data set are text, never markup.
     first = driver.find_element("css selector", f'.suspect[data-train-id="{data["suspects"][0]["id"]}"] .key')
     assert first.text == keys[int(data["suspects"][0]["id"])]
@@ -324,11 +225,11 @@ def test_review_page_filters_decides_reloads_and_exports(demo_out, browser, tmp_
 
     # Known-bad only; a row of the per-class table shows that given label.
     driver.find_element("id", "rv-bad").click()
-    assert [s[0] for s in _shown(driver)] == [s["id"] for s in data["suspects"] if s["bad"]]
+    assert [s[0] for s in shown(driver)] == [s["id"] for s in data["suspects"] if s["bad"]]
     driver.find_element("id", "rv-bad").click()
     label = data["suspects"][0]["label"]
     driver.find_element("css selector", f'tr.rv-link[data-given="{label}"]').click()
-    assert [s[0] for s in _shown(driver)] == [s["id"] for s in data["suspects"] if s["label"] == label]
+    assert [s[0] for s in shown(driver)] == [s["id"] for s in data["suspects"] if s["label"] == label]
 
     # A pair of the page's pair table opens the gallery on that pair's suspects.
     row = next(r for r in driver.find_elements("css selector", "tr.rv-link[data-pair]")
@@ -336,10 +237,10 @@ def test_review_page_filters_decides_reloads_and_exports(demo_out, browser, tmp_
     given, pred = map(int, row.get_attribute("data-pair").split(":"))
     row.click()
     in_pair = [s["id"] for s in data["suspects"] if (s["label"], s["pred"]) == (given, pred)]
-    assert in_pair and [s[0] for s in _shown(driver)] == in_pair
-    assert _progress(driver) == f"0 decided / {len(in_pair)} shown / 60 suspects"
+    assert in_pair and [s[0] for s in shown(driver)] == in_pair
+    assert progress(driver) == f"0 decided / {len(in_pair)} shown / 60 suspects"
     driver.save_screenshot(str(tmp_path / "pair.png"))
-    by_model = _decide(driver, "r")
+    by_model = decide(driver, "r")
     expected = {by_model: ("relabel", str(pred))}
 
     # The model's class and undecided only, then the keys: remove, skip one, not sure, back,
@@ -348,20 +249,20 @@ def test_review_page_filters_decides_reloads_and_exports(demo_out, browser, tmp_
     cls = data["suspects"][0]["pred"]
     Select(driver.find_element("id", "rv-pred")).select_by_value(str(cls))
     of_class = [s["id"] for s in data["suspects"] if s["pred"] == cls]
-    assert [s[0] for s in _shown(driver)] == of_class
+    assert [s[0] for s in shown(driver)] == of_class
     driver.find_element("id", "rv-undecided").click()
     left = [t for t in of_class if t not in expected]
-    assert [s[0] for s in _shown(driver)] == left and len(left) >= 3
-    assert _current(driver) == left[0]
-    expected[_decide(driver, "x")] = ("remove", "")
-    _press(driver, "l")
-    expected[_decide(driver, "u")] = ("unsure", "")
-    assert [s[0] for s in _shown(driver)] == [t for t in left if t not in expected]
-    _press(driver, "j", Keys.ARROW_LEFT)
-    target = _current(driver)
+    assert [s[0] for s in shown(driver)] == left and len(left) >= 3
+    assert current(driver) == left[0]
+    expected[decide(driver, "x")] = ("remove", "")
+    press(driver, "l")
+    expected[decide(driver, "u")] = ("unsure", "")
+    assert [s[0] for s in shown(driver)] == [t for t in left if t not in expected]
+    press(driver, "j", Keys.ARROW_LEFT)
+    target = current(driver)
     assert target == left[1]
     other = (train[int(target)]["label"] + 3) % 10
-    _press(driver, "o")
+    press(driver, "o")
     picker = driver.find_element("css selector", f'.suspect[data-train-id="{target}"] select.rv-picker')
     assert driver.switch_to.active_element == picker
     Select(picker).select_by_value(str(other))
@@ -369,32 +270,32 @@ def test_review_page_filters_decides_reloads_and_exports(demo_out, browser, tmp_
     expected[target] = ("relabel", str(other))
     # One by button, with the class filter cleared.
     Select(driver.find_element("id", "rv-pred")).select_by_value("")
-    by_button = _shown(driver)[0][0]
+    by_button = shown(driver)[0][0]
     driver.find_element("css selector", f'.suspect[data-train-id="{by_button}"] button[data-action="keep"]').click()
     expected[by_button] = ("keep", "")
-    assert _progress(driver) == "5 decided / 55 shown / 60 suspects"
-    assert not set(expected) & {s[0] for s in _shown(driver)}
+    assert progress(driver) == "5 decided / 55 shown / 60 suspects"
+    assert not set(expected) & {s[0] for s in shown(driver)}
 
     # Sorting by label probability.
     driver.find_element("id", "rv-undecided").click()
-    assert _progress(driver) == "5 decided / 60 shown / 60 suspects"
+    assert progress(driver) == "5 decided / 60 shown / 60 suspects"
     Select(driver.find_element("id", "rv-sort")).select_by_value("p")
     by_p = sorted(data["suspects"], key=lambda s: (s["p"], s["rank"]))
-    assert [s[0] for s in _shown(driver)] == [s["id"] for s in by_p[:48]]
+    assert [s[0] for s in shown(driver)] == [s["id"] for s in by_p[:48]]
 
     # A reload loses nothing; the decisions are stored under the audit's run key.
     driver.refresh()
-    assert _progress(driver) == "5 decided / 60 shown / 60 suspects"
+    assert progress(driver) == "5 decided / 60 shown / 60 suspects"
     stored = driver.execute_script("return Object.keys(localStorage)")
     assert stored == ["distributed-influence/review/" + tables.read_manifest(out)["run_key"]]
-    decided = {s[0]: s[3] for s in _shown(driver) if s[0] in expected}
+    decided = {s[0]: s[3] for s in shown(driver) if s[0] in expected}
     for tid, (action, _new) in expected.items():
         assert tid not in decided or f"d-{action}" in decided[tid]
 
     # Export: decisions.csv, rows in audit_rank order, checked against train_scores.
     csv_path = os.path.join(downloads, "decisions.csv")
     driver.find_element("id", "rv-export").click()
-    _wait_for(csv_path)
+    wait_for(csv_path)
     with open(csv_path, newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == COLUMNS and len(rows) == 1 + len(expected)
@@ -419,154 +320,22 @@ def test_review_table_for_flat_data(flat_out, browser, tmp_path):
     out = report_audits.copy_output(flat_out, tmp_path / "out")
     page = report.write_report(out, n_examples=0, n_review=10)
     data = gallery.read_review_data(os.path.join(out, "report", gallery.DATA_JS))
-    _open(driver, page)
+    open_page(driver, page)
     rows = driver.find_elements("css selector", "#rv-items table.suspects tr.suspect")
     assert [r.get_attribute("data-train-id") for r in rows] == [s["id"] for s in data["suspects"]]
     assert not driver.find_elements("css selector", "#rv-items img") and not driver.find_elements("id", "rv-bad")
     first = data["suspects"][0]
-    _press(driver, "k", "x")
-    assert _progress(driver) == "2 decided / 10 shown / 10 suspects"
-    classes = [c.split() for _t, _l, _p, c in _shown(driver)]
+    press(driver, "k", "x")
+    assert progress(driver) == "2 decided / 10 shown / 10 suspects"
+    classes = [c.split() for _t, _l, _p, c in shown(driver)]
     assert "d-keep" in classes[0] and "d-remove" in classes[1] and "current" in classes[2]
-    _press(driver, "j", Keys.BACKSPACE)  # back to the second, and forget its decision
-    assert _progress(driver) == "1 decided / 10 shown / 10 suspects"
+    press(driver, "j", Keys.BACKSPACE)  # back to the second, and forget its decision
+    assert progress(driver) == "1 decided / 10 shown / 10 suspects"
     csv_path = os.path.join(downloads, "decisions.csv")
     driver.find_element("id", "rv-export").click()
-    _wait_for(csv_path)
+    wait_for(csv_path)
     with open(csv_path, newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     os.remove(csv_path)
     assert rows[0] == [c for c in COLUMNS if c != "train_key"]
     assert rows[1][:4] == [first["id"], str(first["label"]), "keep", ""] and len(rows) == 2
-
-
-@needs_browser
-def test_decisions_from_the_page_apply_to_npz_and_parquet_and_audit_again(demo_out, browser, tmp_path):
-    """The whole loop: decisions made on the page and exported, applied by apply-review to the
-    audit's .npz source and to a Parquet copy of it, and both corrected copies audited again.
-    The relabelled rows carry their new labels, the removed rows are gone, ids are unchanged."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from distributed_influence.cleaning.apply import apply_review
-    from distributed_influence.config import AuditConfig
-    from distributed_influence.engine.job import run_audit
-
-    driver, downloads = browser
-    out = report_audits.copy_output(demo_out, tmp_path / "out")
-    page = report.write_report(out, n_examples=0, n_review=20)
-    data = gallery.read_review_data(os.path.join(out, "report", gallery.DATA_JS))
-    _open(driver, page)
-    # Walk to the first suspect the model disagrees with; relabel it to the model's class, remove
-    # the next one, keep the one after it.
-    target = next(s["id"] for s in data["suspects"] if s["label"] != s["pred"])
-    for _ in data["suspects"]:
-        if _current(driver) == target:
-            break
-        _press(driver, "l")
-    relabelled = _decide(driver, "r")
-    removed = _decide(driver, "x")
-    kept = _decide(driver, "k")
-    assert relabelled == target and len({relabelled, removed, kept}) == 3
-    csv_path = os.path.join(downloads, "decisions.csv")
-    driver.find_element("id", "rv-export").click()
-    _wait_for(csv_path)
-    decisions = str(tmp_path / "decisions.csv")
-    shutil.move(csv_path, decisions)
-    with open(decisions, newline="", encoding="utf-8") as fh:
-        rows = {r["train_id"]: r for r in csv.DictReader(fh)}
-    pred = {s["id"]: s["pred"] for s in data["suspects"]}
-    assert {t: (r["action"], r["new_label"]) for t, r in rows.items()} == {
-        relabelled: ("relabel", str(pred[relabelled])), removed: ("remove", ""), kept: ("keep", "")}
-
-    # The sources: the audit's .npz, and the same rows as Parquet (ids, labels, flat pixels).
-    src = np.load(os.path.join(demo_out, "data", "train.npz"))
-    ids, labels, x = src["id"], src["y"], src["x"]
-    parquet = str(tmp_path / "train.parquet")
-    pq.write_table(pa.table({"id": ids, "label": labels.astype(np.int64),
-                             "x": pa.array(list(x.reshape(len(x), -1).astype(np.float32)),
-                                           pa.list_(pa.float32()))}), parquet)
-    want_ids = ids[ids != int(removed)]
-    want_labels = np.where(ids == int(relabelled), pred[relabelled], labels)[ids != int(removed)]
-    for source in (os.path.join(demo_out, "data", "train.npz"), parquet):
-        name = os.path.basename(source)
-        fixed = str(tmp_path / f"fixed_{name}")
-        apply_review(source, fixed, decisions=decisions)
-        copy = os.path.join(fixed, name)
-        if name.endswith(".npz"):
-            got = np.load(copy, allow_pickle=False)
-            got_ids, got_labels, got_x = got["id"], got["y"], got["x"]
-        else:
-            t = pq.read_table(copy)
-            got_ids, got_labels = t.column("id").to_numpy(), t.column("label").to_numpy()
-            got_x = np.stack(t.column("x").to_numpy(zero_copy_only=False)).reshape((-1,) + x.shape[1:])
-        np.testing.assert_array_equal(got_ids, want_ids)
-        np.testing.assert_array_equal(got_labels, want_labels)
-        np.testing.assert_array_equal(got_x, x[ids != int(removed)])
-        # Audited again: the tables know the new labels, and the removed row is gone.
-        again = str(tmp_path / f"again_{name}")
-        run_audit(AuditConfig(model=os.path.join(demo_out, "data", "digits_cnn.keras"), train=copy,
-                              test=os.path.join(demo_out, "data", "test.npz"), out=again, k=3), use_ray=False)
-        scores = tables.read_table(again, tables.TRAIN_SCORES, tables.read_manifest(again)).to_pydict()
-        np.testing.assert_array_equal(scores["train_id"], want_ids)
-        np.testing.assert_array_equal(scores["label"], want_labels)
-
-
-def _loaded_images(driver, node, timeout: float = 10.0) -> list:
-    """(src, natural width) of the images in ``node`` once each has loaded or failed; the node
-    is scrolled into view first, because the thumbnails are lazy."""
-    driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", node)
-    script = ("return Array.from(arguments[0].querySelectorAll('img'))"
-              ".map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
-    end = time.monotonic() + timeout
-    while not all(done for _s, done, _w in driver.execute_script(script, node)) and time.monotonic() < end:
-        time.sleep(0.05)
-    return [(src, width) for src, _done, width in driver.execute_script(script, node)]
-
-
-@needs_browser
-def test_ids_beyond_2_53_reach_decisions_csv_exactly(demo_out, browser, tmp_path):
-    """Hashed int64 ids stay exact from the data to the thumbnails, localStorage and decisions.csv;
-    stored decisions that apply-review would refuse (no integer label, an id that is not one)
-    are left out on load, and the page says so."""
-    driver, downloads = browser
-    out = report_audits.copy_output(demo_out, tmp_path / "out")
-    _with_large_ids(out, os.path.join(demo_out, "data"))
-    page = report.write_report(out, n_examples=0, n_review=6)
-    data = gallery.read_review_data(os.path.join(out, "report", gallery.DATA_JS))
-    first, second, third = data["suspects"][:3]
-    assert first["id"] == str(BIG) and all(int(s["id"]) > 2**53 and "sup" in s for s in data["suspects"])
-    store = "distributed-influence/review/" + data["run_key"]
-    kept = {"action": "keep", "new_label": None, "label": second["label"], "rank": second["rank"],
-            "decided_at": "2025-01-31T09:15:02.123Z"}
-    damaged = {second["id"]: kept, third["id"]: dict(kept, label="", rank=third["rank"]), "12x": kept}
-    _open(driver, page)
-    driver.execute_script("localStorage.setItem(arguments[0], arguments[1])", store,
-                          json.dumps({"format": 1, "decisions": damaged}))
-    driver.refresh()
-    assert _progress(driver) == "1 decided / 6 shown / 6 suspects"
-    assert driver.find_element("id", "rv-export").text == "export decisions.csv (1)"
-    assert driver.find_element("id", "rv-store-note").text.startswith("2 stored decision(s)")
-
-    # The thumbnails of the first suspect and of its supporters are found by their exact ids.
-    card = driver.find_element("css selector", f'.suspect[data-train-id="{BIG}"]')
-    sups = first["sup"]["label"] + (first["sup"]["pred"] if first["pred"] != first["label"] else [])
-    images = _loaded_images(driver, card)
-    assert [src for src, _w in images] == [f"thumbs/train_{j}.png" for j in [first["id"]] + [j for j, _r in sups]]
-    assert all(width > 0 for _src, width in images), images
-
-    assert _decide(driver, "x") == str(BIG)
-    assert _progress(driver) == "2 decided / 6 shown / 6 suspects"
-    stored = driver.execute_script("return Object.keys(JSON.parse(localStorage.getItem(arguments[0])).decisions)",
-                                   store)
-    assert sorted(stored) == sorted([str(BIG), second["id"]])
-    csv_path = os.path.join(downloads, "decisions.csv")
-    driver.find_element("id", "rv-export").click()
-    _wait_for(csv_path)
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
-    os.remove(csv_path)
-    assert rows[0] == [c for c in COLUMNS if c != "train_key"]
-    assert [r[:4] for r in rows[1:]] == [[str(BIG), str(first["label"]), "remove", ""],
-                                        [second["id"], str(second["label"]), "keep", ""]]
-    assert int(rows[1][0]) == BIG
