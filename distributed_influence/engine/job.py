@@ -190,7 +190,8 @@ def _start(config: AuditConfig, use_ray: bool, timer: "_Timer", run: _Run) -> No
 
         run.pool = InProcessPool(run.inputs.model_bytes, settings)
         run.libraries = versions()
-    run.store = WorkStore.open(config.out, run.key, config.overwrite, inputs)  # inputs valid: may clear old work
+    # Inputs valid: another job's work is refused, or with --overwrite replaced at the first save.
+    run.store = WorkStore.open(config.out, run.key, config.overwrite, inputs)
     log.info("%d training rows in %d shards on %d workers (%g GPU each)",
              run.inputs.train.n_rows, len(run.specs), run.pool.n_workers, run.gpus)
 

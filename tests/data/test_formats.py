@@ -319,7 +319,9 @@ def test_jpeg_within_its_decoding_tolerance(formats, reference, digits, tmp_path
 
 @pytest.mark.slow  # starts Ray
 def test_ray_workers_read_tfrecord_and_folder(formats, reference, tmp_path):
-    """Through Ray actors: the TFRecord layout found by the driver and the keys come back."""
+    """Through Ray actors: the TFRecord layout found by the driver and the keys come back (the
+    keys the actors read are the ones the driver checks for repeats; the refusal itself is
+    tested in process, tests/engine/test_inputs.py)."""
     import ray
 
     from distributed_influence.cluster.runtime import start_ray

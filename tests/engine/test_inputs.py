@@ -188,26 +188,3 @@ def test_a_changed_folder_is_not_resumed_as_if_unchanged(files, tmp_path, inject
 
 def _files(root) -> list:
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
-
-
-@pytest.mark.slow  # starts Ray
-def test_ray_workers_return_the_keys_and_the_driver_refuses_the_repeat(files, tmp_path):
-    """The same refusal when the keys come back from Ray actors, shards on two workers."""
-    import ray
-
-    from distributed_influence.cluster.runtime import start_ray
-    from distributed_influence.errors import SourceError
-
-    x, y = _train(files)
-    keys = [f"img-{i:02d}" for i in range(len(x))]
-    keys[59] = keys[0]
-    paths = write_rows(tmp_path, "train", x, y, keys, files=3)
-    spec = str(tmp_path / "train-*.tfrecord")
-    start_ray(num_cpus=2)
-    try:
-        with pytest.raises(SourceError) as err:
-            run_audit(_config(files, str(tmp_path / "out"), train=spec, shards=4, workers=2), use_ray=True)
-    finally:
-        ray.shutdown()
-    assert str(err.value) == f"{spec}: duplicate key 'img-00' at record 0 of {paths[0]} and record 19 of {paths[2]}"
-    assert not _published(tmp_path / "out")
