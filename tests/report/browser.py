@@ -109,3 +109,21 @@ def loaded_images(driver, node, timeout: float = 10.0) -> list:
     while not all(done for _s, done, _w in driver.execute_script(script, node)) and time.monotonic() < end:
         time.sleep(0.05)
     return [(src, width) for src, _done, width in driver.execute_script(script, node)]
+
+
+def export(driver, downloads, to) -> str:
+    """Clicks the page's export button and moves the downloaded ``decisions.csv`` to ``to``
+    (so that the next export of the module's browser cannot be confused with it)."""
+    path = os.path.join(downloads, "decisions.csv")
+    driver.find_element("id", "rv-export").click()
+    wait_for(path)
+    shutil.move(path, str(to))
+    return str(to)
+
+
+def csv_rows(path) -> list:
+    """The rows of a CSV file, header first."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.reader(fh))

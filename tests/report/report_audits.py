@@ -1,13 +1,17 @@
 """Audit outputs shared by the report's test modules, each computed once per session.
 
-A pytest fixture imported into two test modules runs once per module; the demo audit takes
-about ten seconds, so the modules' fixtures call these functions, which keep what they made.
+The fixtures :func:`demo_out` and :func:`flat_out` are imported by the test modules that use
+them. A module-scoped fixture imported into several modules runs once per module; the demo audit
+takes about ten seconds, so the fixtures call these functions, which keep what they made.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+
+import pytest
+from conftest import audit_config
 
 from distributed_influence.store import tables
 
@@ -48,3 +52,15 @@ def copy_output(src: str, dst) -> str:
         path = os.path.join(src, name)
         (shutil.copytree if os.path.isdir(path) else shutil.copy)(path, os.path.join(dst, name))
     return str(dst)
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    """A real audit of a tiny CNN on the bundled digits (image sources, known flipped labels)."""
+    return demo_audit(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def flat_out(tmp_path_factory, files):
+    """A real audit of a tiny Dense model on flat feature vectors (not images)."""
+    return flat_audit(tmp_path_factory, lambda out: audit_config(files, out, k=3))

@@ -8,7 +8,6 @@ Train ids are strings in the data and on the page (int64 ids beyond 2^53 would n
 JavaScript number), so the helpers here read them as strings too.
 """
 
-import csv
 import datetime
 import json
 import os
@@ -19,34 +18,29 @@ import report_audits
 from browser import (
     BIG,
     COLUMNS,
+    csv_rows,
     current,
     decide,
+    export,
     needs_browser,
     open_page,
     press,
     progress,
     shown,
     start_browser,
-    wait_for,
 )
-from conftest import audit_config
 
 from distributed_influence.report import gallery
 from distributed_influence.report import page as report
 from distributed_influence.store import tables
 
+#: The shared audit outputs (fixtures of report_audits, computed once per session).
+demo_out, flat_out = report_audits.demo_out, report_audits.flat_out
+
 #: A key that is markup, has commas and quotes: what a file name may hold.
 EVIL = '<img src=x onerror="window.__xss=1">, "quoted" & </script>'
 
 
-@pytest.fixture(scope="module")
-def demo_out(tmp_path_factory):
-    return report_audits.demo_audit(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def flat_out(tmp_path_factory, files):
-    return report_audits.flat_audit(tmp_path_factory, lambda out: audit_config(files, out, k=3))
 
 
 @pytest.fixture(scope="module")
@@ -293,11 +287,7 @@ def test_review_page_filters_decides_reloads_and_exports(demo_out, browser, tmp_
         assert tid not in decided or f"d-{action}" in decided[tid]
 
     # Export: decisions.csv, rows in audit_rank order, checked against train_scores.
-    csv_path = os.path.join(downloads, "decisions.csv")
-    driver.find_element("id", "rv-export").click()
-    wait_for(csv_path)
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
+    rows = csv_rows(export(driver, downloads, tmp_path / "decisions.csv"))
     assert rows[0] == COLUMNS and len(rows) == 1 + len(expected)
     assert [r[0] for r in rows[1:]] == sorted(expected, key=lambda t: train[int(t)]["audit_rank"])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -308,7 +298,6 @@ def test_review_page_filters_decides_reloads_and_exports(demo_out, browser, tmp_
             assert int(new_label) == train[int(tid)]["predicted_class"]  # "r": the model's class
         assert decided_at.endswith("Z")
         assert started <= datetime.datetime.fromisoformat(decided_at.replace("Z", "+00:00")) <= now
-    os.remove(csv_path)
 
 
 @needs_browser
@@ -331,11 +320,6 @@ def test_review_table_for_flat_data(flat_out, browser, tmp_path):
     assert "d-keep" in classes[0] and "d-remove" in classes[1] and "current" in classes[2]
     press(driver, "j", Keys.BACKSPACE)  # back to the second, and forget its decision
     assert progress(driver) == "1 decided / 10 shown / 10 suspects"
-    csv_path = os.path.join(downloads, "decisions.csv")
-    driver.find_element("id", "rv-export").click()
-    wait_for(csv_path)
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
-    os.remove(csv_path)
+    rows = csv_rows(export(driver, downloads, tmp_path / "decisions.csv"))
     assert rows[0] == [c for c in COLUMNS if c != "train_key"]
     assert rows[1][:4] == [first["id"], str(first["label"]), "keep", ""] and len(rows) == 2

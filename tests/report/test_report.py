@@ -11,7 +11,6 @@ import shutil
 import numpy as np
 import pytest
 import report_audits
-from conftest import audit_config
 from PIL import Image
 
 from distributed_influence.errors import InputError
@@ -19,19 +18,12 @@ from distributed_influence.report import gallery, neighbours
 from distributed_influence.report import page as report
 from distributed_influence.store import tables
 
+#: The shared audit outputs (fixtures of report_audits, computed once per session).
+demo_out, flat_out = report_audits.demo_out, report_audits.flat_out
+
 VOID_TAGS = {"meta", "img", "br", "hr", "link", "input"}
 
 
-@pytest.fixture(scope="module")
-def demo_out(tmp_path_factory):
-    """A real audit of a tiny CNN on the bundled digits (image sources, known flipped labels)."""
-    return report_audits.demo_audit(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def flat_out(tmp_path_factory, files):
-    """A real audit of a tiny Dense model on flat feature vectors (not images)."""
-    return report_audits.flat_audit(tmp_path_factory, lambda out: audit_config(files, out, k=3))
 
 
 _copy_output = report_audits.copy_output

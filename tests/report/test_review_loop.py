@@ -6,7 +6,6 @@ import csv
 import glob
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -14,25 +13,24 @@ import report_audits
 from browser import (
     BIG,
     COLUMNS,
+    csv_rows,
     current,
     decide,
+    export,
     loaded_images,
     needs_browser,
     open_page,
     press,
     progress,
     start_browser,
-    wait_for,
 )
 
 from distributed_influence.report import gallery
 from distributed_influence.report import page as report
 from distributed_influence.store import tables
 
-
-@pytest.fixture(scope="module")
-def demo_out(tmp_path_factory):
-    return report_audits.demo_audit(tmp_path_factory)
+#: The shared audit output (a fixture of report_audits, computed once per session).
+demo_out = report_audits.demo_out
 
 
 @pytest.fixture(scope="module")
@@ -102,11 +100,7 @@ def test_decisions_from_the_page_apply_to_npz_and_parquet_and_audit_again(demo_o
     removed = decide(driver, "x")
     kept = decide(driver, "k")
     assert relabelled == target and len({relabelled, removed, kept}) == 3
-    csv_path = os.path.join(downloads, "decisions.csv")
-    driver.find_element("id", "rv-export").click()
-    wait_for(csv_path)
-    decisions = str(tmp_path / "decisions.csv")
-    shutil.move(csv_path, decisions)
+    decisions = export(driver, downloads, tmp_path / "decisions.csv")
     with open(decisions, newline="", encoding="utf-8") as fh:
         rows = {r["train_id"]: r for r in csv.DictReader(fh)}
     pred = {s["id"]: s["pred"] for s in data["suspects"]}
@@ -182,12 +176,7 @@ def test_ids_beyond_2_53_reach_decisions_csv_exactly(demo_out, browser, tmp_path
     stored = driver.execute_script("return Object.keys(JSON.parse(localStorage.getItem(arguments[0])).decisions)",
                                    store)
     assert sorted(stored) == sorted([str(BIG), second["id"]])
-    csv_path = os.path.join(downloads, "decisions.csv")
-    driver.find_element("id", "rv-export").click()
-    wait_for(csv_path)
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
-    os.remove(csv_path)
+    rows = csv_rows(export(driver, downloads, tmp_path / "decisions.csv"))
     assert rows[0] == [c for c in COLUMNS if c != "train_key"]
     assert [r[:4] for r in rows[1:]] == [[str(BIG), str(first["label"]), "remove", ""],
                                         [second["id"], str(second["label"]), "keep", ""]]
