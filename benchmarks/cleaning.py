@@ -16,8 +16,11 @@ afterwards. This script measures that end to end on Fashion-MNIST with the seed'
 4. audits the noisy-label model with ``distributed-influence audit`` and scores ``audit_rank``
    against the flips (average precision, AUROC);
 5. runs ``distributed-influence apply-review --audit OUT --auto TOP --policy P`` for each TOP in
-   ``--tops`` (plus the flip rate) and each policy in ``--policies``, and retrains on each
-   cleaned file; with cleanlab installed, the same with its ``find_label_issues``;
+   ``--tops`` (plus the flip rate) and each policy in ``--policies``, ``relabel`` also with each
+   ``--min-confidence`` gate, and retrains on each cleaned file; with cleanlab installed, the
+   same with its ``find_label_issues``. For comparison, a perfect reviewer of the top TOP:
+   ``apply-review --decisions`` with every flipped row of the top TOP given back its true label
+   (what a person on the review page who always decides right would buy);
 6. prints each arm's test accuracy, the share of the noisy-to-true gap it won back, the flips
    in the top TOP, how many relabelled rows got their true label back, the audit's time next
    to one training's, each as the mean and [min-max] over the seeds, and the acceptance line:
@@ -94,6 +97,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "(default 5%%,10%%,20%%,30%%)")
     p.add_argument("--policies", default=",".join(POLICIES),
                    help=f"apply-review --policy values, comma-separated (default: {','.join(POLICIES)})")
+    p.add_argument("--min-confidence", default="0.6,0.7",
+                   help="apply-review --min-confidence gates, comma-separated: the relabel policy also runs with "
+                        "each (default 0.6,0.7; empty for none)")
+    p.add_argument("--no-reviewer", dest="reviewer", action="store_false",
+                   help="skip the perfect-reviewer arms (apply-review --decisions fixing every flip in the top TOP)")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size (default 128)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX directory (default: the "
                    "dataset-fashion-mnist Debian package, else synthetic data)")
@@ -106,6 +114,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     flip_rate = f"{args.noise * 100:g}%"
     args.tops = tops + ([flip_rate] if flip_rate not in tops else [])
     args.policies = [q.strip() for q in args.policies.split(",") if q.strip()]
+    try:
+        args.gates = [float(g) for g in args.min_confidence.split(",") if g.strip()]
+    except ValueError:
+        p.error("--min-confidence: probabilities, comma-separated")
+    if not all(0 < g <= 1 for g in args.gates):
+        p.error("--min-confidence: each in (0, 1]")
     if not args.grid or min(args.grid) < 1 or (args.epochs is not None and args.epochs < 1):
         p.error("epochs must be positive")
     if not set(args.policies) <= set(POLICIES) or not args.policies:
@@ -174,18 +188,27 @@ def train_arm(args, seed: int, x: np.ndarray, y: np.ndarray, test, epochs: int, 
 
 
 def clean_arms(args, seed: int, train, test, noisy: dict, audit_out: str, sdir: str, epochs: int) -> dict:
-    """apply-review --auto for every (policy, TOP), and the retraining on each cleaned file."""
+    """apply-review --auto for every (policy, gate, TOP), the perfect reviewer's --decisions for
+    every TOP, and the retraining on each cleaned file."""
     arms = {}
-    for policy in args.policies:
+    variants = [(p, g) for p in args.policies for g in [None] + (args.gates if p == "relabel" else [])]
+    if args.reviewer:
+        variants.append((parts.REVIEWER, None))
+    for policy, gate in variants:
         for top in args.tops:
-            name = f"{policy} top {top}"
-            tag = f"{policy}_{parts.top_label(top)}_e{epochs}"
+            name = f"{policy}{'' if gate is None else f' p>={gate:g}'} top {top}"
+            tag = f"{policy}{'' if gate is None else f'_p{gate:g}'}_{parts.top_label(top)}_e{epochs}"
             out_dir = os.path.join(sdir, "clean_" + tag)
             res_path = os.path.join(sdir, tag + ".json")
             cached = parts.load_json(res_path)
             if cached is None:
                 shutil.rmtree(out_dir, ignore_errors=True)  # apply-review writes into a new directory only
-                review_s = parts.apply_review(noisy["npz"], audit_out, out_dir, top, policy, out_dir + ".log")
+                if policy == parts.REVIEWER:
+                    review_s = parts.apply_perfect_review(noisy["npz"], train.y, audit_out, out_dir, top,
+                                                          out_dir + ".log")
+                else:
+                    review_s = parts.apply_review(noisy["npz"], audit_out, out_dir, top, policy, out_dir + ".log",
+                                                  min_confidence=gate)
                 # apply-review writes the corrected copy under the source's file name.
                 x, y, ids = parts.read_npz(os.path.join(out_dir, os.path.basename(noisy["npz"])))
                 cached = train_arm(args, seed, x, y, test, epochs, os.path.join(sdir, tag + ".train.json"))
@@ -324,13 +347,20 @@ def report(args, results: Dict[int, dict], epochs: int, reached: bool, n: int) -
           "curves, test evaluation not included)")
     for s, r in results.items():
         print(f"  seed {s} audit: {r['audit']['contention']}")
-    auto = {k: v for k, v in means.items() if not k.startswith("cleanlab") and v == v}
+    auto = {k: v for k, v in means.items() if k.split(" ")[0] in args.policies and v == v}
     print("\nacceptance")
     for policy in args.policies:
-        mine = {k: v for k, v in auto.items() if k.startswith(policy + " ")}
-        if mine:
-            top = max(mine, key=mine.get)
-            print(f"  best TOP with --policy {policy}: {top.rsplit(' ', 1)[1]}, {mine[top]:.0%} of the gap won back")
+        for gate in [None] + (args.gates if policy == "relabel" else []):
+            head = f"{policy}{'' if gate is None else f' p>={gate:g}'} top "
+            mine = {k: v for k, v in auto.items() if k.startswith(head)}
+            if mine:
+                top = max(mine, key=mine.get)
+                how = f"--policy {policy}" + ("" if gate is None else f" --min-confidence {gate:g}")
+                print(f"  best TOP with {how}: {top.rsplit(' ', 1)[1]}, {mine[top]:.0%} of the gap won back")
+    reviewer = {k: v for k, v in means.items() if k.startswith(parts.REVIEWER + " ") and v == v}
+    if reviewer:
+        top = max(reviewer, key=reviewer.get)
+        print(f"  (a perfect reviewer of the top {top.rsplit(' ', 1)[1]}, for comparison: {reviewer[top]:.0%})")
     if not reached:
         print(f"  note: no epoch count of the grid opened a {100 * args.min_gap:.0f}-point gap; "
               f"{epochs} had the largest")
@@ -402,7 +432,7 @@ def run(args, work: str) -> None:
             conf = np.asarray(curves[seed]["true"].confusion[at - 1])
             target = parts.most_confusable(conf) if args.flips == "most-confusable" else parts.confusable_pairs(conf)
             names = CLASS_NAMES if train.origin != "synthetic" else tuple(map(str, range(len(conf))))
-            print_confusion(conf, target, seed, at, names)
+            parts.print_confusion(conf, target, seed, at, names)
         # Flipped labels, models and audits depend on the flips: their own directory.
         ndir = os.path.join(base, "flips-" + "".join(map(str, target)), f"seed{seed}")
         os.makedirs(ndir, exist_ok=True)
@@ -455,16 +485,6 @@ def run(args, work: str) -> None:
         results[seed] = {"arms": arms, "detection": det, "audit": a,
                          "curves": (curves[seed]["true"], curves[seed]["noisy"])}
     report(args, results, epochs, reached, n)
-
-
-def print_confusion(conf: np.ndarray, target: np.ndarray, seed: int, epochs: int, names) -> None:
-    """The true-label model's confusion matrix and the flip each class gets from it."""
-    print(f"\nconfusion matrix on the test set of the true-label model (seed {seed}, {epochs} epochs; rows: "
-          "true class, columns: predicted)")
-    print("  " + " ".join(f"{c:>5}" for c in range(len(conf))))
-    for c, row in enumerate(conf):
-        print(f"{c:>2}" + " ".join(f"{v:>5}" for v in row) + f"   {names[c]}")
-    print("flips: " + ", ".join(f"{names[c]} -> {names[t]}" for c, t in enumerate(target)))
 
 
 if __name__ == "__main__":

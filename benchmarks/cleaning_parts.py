@@ -187,6 +187,16 @@ def choose_epochs(true_acc: np.ndarray, noisy_acc: np.ndarray, grid: Sequence[in
     return max(grid, key=lambda e: gap[e - 1]), False
 
 
+def print_confusion(conf: np.ndarray, target: np.ndarray, seed: int, epochs: int, names) -> None:
+    """The true-label model's confusion matrix and the flip each class gets from it."""
+    print(f"\nconfusion matrix on the test set of the true-label model (seed {seed}, {epochs} epochs; rows: "
+          "true class, columns: predicted)")
+    print("  " + " ".join(f"{c:>5}" for c in range(len(conf))))
+    for c, row in enumerate(conf):
+        print(f"{c:>2}" + " ".join(f"{v:>5}" for v in row) + f"   {names[c]}")
+    print("flips: " + ", ".join(f"{names[c]} -> {names[t]}" for c, t in enumerate(target)))
+
+
 # ----------------------------------------------------------------------------- the review
 
 
@@ -209,7 +219,8 @@ def cli_exe() -> str:
     return os.path.join(os.path.dirname(sys.executable), "distributed-influence")
 
 
-def apply_review(train_npz: str, audit_out: str, out_dir: str, top: str, policy: str, log_path: str) -> float:
+def apply_review(train_npz: str, audit_out: str, out_dir: str, top: str, policy: str, log_path: str,
+                 min_confidence: Optional[float] = None) -> float:
     """Runs ``distributed-influence apply-review --auto`` as a user would, and times it.
 
     Through the command line, not its Python API: the benchmark measures what a user runs.
@@ -220,8 +231,43 @@ def apply_review(train_npz: str, audit_out: str, out_dir: str, top: str, policy:
     Raises:
         SystemExit: the command failed (the end of its output is printed).
     """
-    cmd = [cli_exe(), "apply-review", "--train", train_npz, "--out", out_dir, "--audit", audit_out,
-           "--auto", top, "--policy", policy]
+    gate = [] if min_confidence is None else ["--min-confidence", f"{min_confidence:g}"]
+    return _run_cli(["--train", train_npz, "--out", out_dir, "--audit", audit_out, "--auto", top,
+                     "--policy", policy] + gate, log_path)
+
+
+#: The arm name of a reviewer who always decides right.
+REVIEWER = "perfect review"
+
+
+def apply_perfect_review(train_npz: str, true_y: np.ndarray, audit_out: str, out_dir: str, top: str,
+                         log_path: str) -> float:
+    """``apply-review --decisions`` from a reviewer who goes through the top TOP of ``audit_rank``
+    on the review page and always decides right: each flipped row relabelled to its true label,
+    the others kept. What reviewing the top TOP can buy at best, beside what ``--auto`` buys.
+
+    Returns:
+        Wall seconds of the command.
+    """
+    _, noisy_y, ids = read_npz(train_npz)
+    scores = read_train_scores(audit_out)  # in train-id order, as ids are row numbers here
+    chosen = scores["audit_rank"] <= parse_top(top, len(noisy_y))
+    csv_path = os.path.join(os.path.dirname(out_dir), os.path.basename(out_dir) + ".decisions.csv")
+    with open(csv_path, "w") as fh:
+        fh.write("train_id,label,action,new_label\n")
+        for i in np.flatnonzero(chosen):
+            fix = true_y[i] != noisy_y[i]
+            fh.write(f"{ids[i]},{noisy_y[i]},{'relabel' if fix else 'keep'},{true_y[i] if fix else ''}\n")
+    return _run_cli(["--train", train_npz, "--out", out_dir, "--decisions", csv_path, "--audit", audit_out], log_path)
+
+
+def _run_cli(argv: List[str], log_path: str) -> float:
+    """Runs ``distributed-influence apply-review ARGV``, its output to ``log_path``; wall seconds.
+
+    Raises:
+        SystemExit: the command failed (the end of its output is printed).
+    """
+    cmd = [cli_exe(), "apply-review"] + argv
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)

@@ -22,7 +22,7 @@ EXPECTED = {
                              ("audit_score", pa.float32()), ("audit_rank", pa.int64()),
                              ("influence_sum", pa.float32()), ("influence_abs_sum", pa.float32()),
                              ("predicted_class", pa.int32()), ("label_probability", pa.float32()),
-                             ("error_influence", pa.float32())],
+                             ("error_influence", pa.float32()), ("predicted_probability", pa.float32())],
     "test_scores": [("test_id", pa.int64()), ("label", pa.int32()), ("predicted_class", pa.int32()),
                             ("model_logit", pa.float32()), ("surrogate_logit", pa.float32()),
                             ("representer_sum", pa.float32()), ("decomposition_error", pa.float32())],

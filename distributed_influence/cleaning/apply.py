@@ -4,6 +4,7 @@
 
     distributed-influence apply-review --train SOURCE --out DIR --decisions decisions.csv
     distributed-influence apply-review --train SOURCE --out DIR --audit OUT --auto 10% [--policy remove]
+    distributed-influence apply-review --train SOURCE --out DIR --audit OUT --auto 20% --min-confidence 0.7
 
 Everything is checked before anything is written: the settings, the audit against the source,
 every line of the decisions file. The outputs are then written into a temporary directory
@@ -33,6 +34,7 @@ from distributed_influence.errors import ConfigError, InputError
 COPY_SUFFIXES = (".npz", ".parquet", ".pq")
 COMMAND = "apply-review"
 AT_LEAST_2 = Check("must be an integer >= 2 (a binary model has 2 classes)", lambda v: isinstance(v, int) and v >= 2)
+A_PROBABILITY = Check("must be a probability in (0, 1]", lambda v: 0 < v <= 1)  # NaN fails it
 
 
 def _shared(name: str):
@@ -62,6 +64,10 @@ class ReviewSettings:
                                     help="what --auto does with the top rows: relabel (default) gives those "
                                          "whose model's class differs from their label that class; remove "
                                          "drops them all")
+    min_confidence: Optional[float] = setting(None, check=A_PROBABILITY,
+                                              help="with --auto and --policy relabel: relabel only where the model "
+                                                   "gives its class at least this probability, and keep the other "
+                                                   "labels (default: relabel wherever the model's class differs)")
     classes: Optional[int] = setting(None, check=AT_LEAST_2,
                                      help="number of classes C, so new labels must be in 0..C-1 (default: "
                                           "the audit's model, else the class folders, else the largest label + 1)")
@@ -84,6 +90,8 @@ class ReviewSettings:
             raise ConfigError(f"--auto {self.auto} needs --audit OUT: the audit whose audit_rank it takes")
         if self.policy is not None and self.auto is None:
             raise ConfigError("--policy is what --auto does; with --decisions the file says it")
+        if self.min_confidence is not None and (self.auto is None or (self.policy or POLICIES[0]) != "relabel"):
+            raise ConfigError("--min-confidence gates the relabelling of --auto with --policy relabel")
 
     @property
     def source_options(self) -> dict:
@@ -284,15 +292,16 @@ def run(settings: ReviewSettings) -> dict:
         rows.n_classes, note = sources.classes_of_source(rows)
     sources.check_labels_in_range(rows, note)
     if top is not None:
-        decisions = dec.auto_decisions(audit, rows, top, settings.policy or POLICIES[0])
+        decisions = dec.auto_decisions(audit, rows, top, settings.policy or POLICIES[0], settings.min_confidence)
     else:
         decisions = dec.read_decisions(settings.decisions, rows, note)
     return _write(settings, rows, decisions, note)
 
 
 def apply_review(train: str, out: str, decisions: Optional[str] = None, audit: Optional[str] = None,
-                 auto: Union[str, int, None] = None, policy: Optional[str] = None, classes: Optional[int] = None,
-                 overwrite: bool = False, **source_options) -> dict:
+                 auto: Union[str, int, None] = None, policy: Optional[str] = None,
+                 min_confidence: Optional[float] = None, classes: Optional[int] = None, overwrite: bool = False,
+                 **source_options) -> dict:
     """Writes corrected training data into ``out`` from review decisions or an audit's ranking.
 
     Args:
@@ -302,6 +311,8 @@ def apply_review(train: str, out: str, decisions: Optional[str] = None, audit: O
         audit: the ``--out`` of an audit of ``train``: its ranking for ``auto``, its class count.
         auto: TOP, a count (``500``) or a percentage (``"10%"``) of ``audit_rank``.
         policy: ``relabel`` (default) or ``remove``, for ``auto``.
+        min_confidence: with ``relabel``, relabel only rows whose model's class has at least this
+            probability (``predicted_probability``); the other suspects keep their label.
         classes: the number of classes, when no audit gives it.
         overwrite: replace an earlier apply-review output in ``out``.
         **source_options: ``image_feature``, ``label_feature``, ``id_feature``, ``compression``
@@ -315,7 +326,7 @@ def apply_review(train: str, out: str, decisions: Optional[str] = None, audit: O
             file; nothing is written then.
     """
     return run(ReviewSettings(train=train, out=out, decisions=decisions, audit=audit, auto=auto, policy=policy,
-                              classes=classes, overwrite=overwrite, **source_options))
+                              min_confidence=min_confidence, classes=classes, overwrite=overwrite, **source_options))
 
 
 def cmd_apply_review(args: argparse.Namespace) -> int:
@@ -332,6 +343,7 @@ def cmd_apply_review(args: argparse.Namespace) -> int:
 
 
 _METAVARS = {"train": "SOURCE", "out": "DIR", "decisions": "CSV", "audit": "OUT", "auto": "TOP", "classes": "C",
+             "min_confidence": "P",
              "image_feature": "NAME", "label_feature": "NAME", "id_feature": "NAME"}
 
 

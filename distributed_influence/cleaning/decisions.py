@@ -336,32 +336,49 @@ def parse_top(value: Union[str, int]) -> Top:
     return Top(text, count=count)
 
 
-def auto_decisions(audit: AuditRows, rows: TrainRows, top: Top, policy: str) -> Decisions:
+def auto_decisions(audit: AuditRows, rows: TrainRows, top: Top, policy: str,
+                   min_confidence: Optional[float] = None) -> Decisions:
     """Decisions without a person: the top TOP rows of ``audit_rank``.
 
     With ``relabel``, those whose model's class differs from their label get the model's class
     and the others are kept (a suspect the model agrees with has no better label to offer);
     with ``remove``, all of them are dropped.
 
+    ``min_confidence`` gates the relabelling: a suspect whose model's class has a lower
+    probability keeps its label. Why: the audit ranks by how badly the label fits, not by how
+    sure the model is of its own class, and among the suspects the model's unsure classes are
+    often wrong where the label was right (hard examples between look-alike classes). Turning a
+    right label into a wrong one costs as much as the fix it was meant to be.
+
     Args:
         audit: the audit's ``train_scores`` (already checked to belong to ``rows``).
         rows: the training source.
         top: TOP.
         policy: one of :data:`POLICIES`.
+        min_confidence: with ``relabel``, the least ``predicted_probability`` that is relabelled.
+
+    Raises:
+        InputError: ``min_confidence`` with an audit that has no ``predicted_probability``.
     """
     from distributed_influence.store import storage
 
     n_top = top.rows(len(audit.audit_rank))
     chosen = audit.audit_rank <= n_top
     pos = rows.positions(audit.train_id[chosen])
-    decisions = none_decided(rows, {"audit": storage.redact(audit.out), "auto": top.text, "top_rows": n_top,
-                                    "policy": policy})
+    if min_confidence is not None and audit.predicted_probability is None:
+        raise InputError(f"--audit {storage.redact(audit.out)}: train_scores has no predicted_probability column "
+                         f"(an audit of an earlier version): rerun the audit to use --min-confidence")
+    how = {"audit": storage.redact(audit.out), "auto": top.text, "top_rows": n_top, "policy": policy}
+    decisions = none_decided(rows, how if min_confidence is None else {**how, "min_confidence": min_confidence})
     if policy == "remove":
         decisions.action[pos] = REMOVE
         decisions.new_label[pos] = -1
         return decisions
     predicted = audit.predicted_class[chosen]
     differ = predicted != audit.label[chosen]
+    if min_confidence is not None:
+        # In the column's float32, so that a probability stored as 0.7 passes a gate of 0.7.
+        differ &= audit.predicted_probability[chosen] >= np.float32(min_confidence)
     decisions.action[pos] = np.where(differ, RELABEL, KEEP).astype(np.int8)
     decisions.new_label[pos[differ]] = predicted[differ]
     return decisions

@@ -149,6 +149,9 @@ class AuditRows:
     audit_rank: np.ndarray
     predicted_class: np.ndarray
     train_key: Optional[np.ndarray]
+    #: The model's probability of its class, float32 as stored; None in audits written before the
+    #: column existed.
+    predicted_probability: Optional[np.ndarray] = None
 
     @property
     def n_classes(self) -> int:
@@ -184,8 +187,11 @@ def read_audit(out: str) -> AuditRows:
 
     keys = (np.asarray(table.column(tables.TRAIN_KEY).to_pylist(), dtype=object)
             if tables.TRAIN_KEY in table.column_names else None)
+    confidence = (table.column("predicted_probability").to_numpy(zero_copy_only=False).astype(np.float32)
+                  if "predicted_probability" in table.column_names else None)
     return AuditRows(out=out, manifest=manifest, train_id=col("train_id"), label=col("label"),
-                     audit_rank=col("audit_rank"), predicted_class=col("predicted_class"), train_key=keys)
+                     audit_rank=col("audit_rank"), predicted_class=col("predicted_class"), train_key=keys,
+                     predicted_probability=confidence)
 
 
 def check_audit_belongs(audit: AuditRows, rows: TrainRows) -> None:

@@ -43,6 +43,7 @@ class ShardData:
     keys: Optional[np.ndarray] = None  # (s,) str: the rows' string keys, when the source has them
     predicted: Optional[np.ndarray] = None  # (s,) int64: the model's class
     label_probability: Optional[np.ndarray] = None  # (s,) float64: the model's probability of the label
+    predicted_probability: Optional[np.ndarray] = None  # (s,) float64: ... and of its own class
 
 
 class ShardWorker:
@@ -147,9 +148,11 @@ class ShardWorker:
             # On a GPU the fit's passes run in TensorFlow on a resident copy; on a CPU in NumPy
             # (cpu_sums: faster there) on the features themselves, with no second copy.
             x_tf = rp.tf.constant(x) if _has_gpu() else None
+            predicted = logits_mod.predicted_classes(logits)
             self._shards[spec.index] = ShardData(
-                x, logits, labels, ids, targets, x_tf=x_tf, keys=keys, predicted=logits_mod.predicted_classes(logits),
-                label_probability=rp.label_probabilities(logits, labels))
+                x, logits, labels, ids, targets, x_tf=x_tf, keys=keys, predicted=predicted,
+                label_probability=rp.label_probabilities(logits, labels),
+                predicted_probability=rp.label_probabilities(logits, predicted))
         return self._shards[spec.index]
 
     @staticmethod
@@ -291,6 +294,7 @@ class ShardWorker:
                 "error_influence": sums.get("error_influence", np.full(len(d.ids), np.nan)),
                 "predicted_class": d.predicted,
                 "label_probability": d.label_probability,
+                "predicted_probability": d.predicted_probability,
             },
             "alpha_head": alpha_head,
             "scoring": {**scored["scoring"],

@@ -52,6 +52,7 @@ TRAIN_SCHEMA = pa.schema([
     ("predicted_class", pa.int32()),  # the model's class for the training example
     ("label_probability", pa.float32()),  # the model's probability of the given label
     ("error_influence", pa.float32()),  # Σ r_ti over the test rows the model gets wrong
+    ("predicted_probability", pa.float32()),  # the model's probability of its own class
 ])
 
 TEST_SCHEMA = pa.schema([

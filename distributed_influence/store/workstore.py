@@ -35,7 +35,7 @@ WORK_DIR = "_work"
 #: and summaries. Bump it whenever any of these changes meaning or layout (a field added,
 #: renamed or read differently), even within one version: the run key hashes it, so a work
 #: directory written under another format is never resumed, and it is refused by name.
-PARTIALS_FORMAT = 1
+PARTIALS_FORMAT = 2
 #: The file in a work directory that records the version and format that wrote it.
 FORMAT_FILE = "format.json"
 

@@ -74,8 +74,10 @@ def write_csv(path, lines: list, header: str = HEADER) -> str:
     return str(path)
 
 
-def write_audit(out, train_id, label, audit_rank, predicted, keys_=None, n_classes: int = N_CLASSES) -> str:
-    """The two parts of an audit's output that apply-review reads: manifest.json and train_scores."""
+def write_audit(out, train_id, label, audit_rank, predicted, keys_=None, n_classes: int = N_CLASSES,
+                confidence=None) -> str:
+    """The two parts of an audit's output that apply-review reads: manifest.json and train_scores
+    (with ``predicted_probability`` only when ``confidence`` is given, as an earlier version wrote it)."""
     os.makedirs(os.path.join(out, "train_scores"))
     n = len(train_id)
     cols = {"train_id": pa.array(train_id, pa.int64()), "label": pa.array(label, pa.int32()),
@@ -86,6 +88,8 @@ def write_audit(out, train_id, label, audit_rank, predicted, keys_=None, n_class
             "influence_abs_sum": pa.array(np.zeros(n), pa.float32()),
             "predicted_class": pa.array(predicted, pa.int32()),
             "label_probability": pa.array(np.full(n, 0.5), pa.float32())}
+    if confidence is not None:
+        cols["predicted_probability"] = pa.array(confidence, pa.float32())
     if keys_ is not None:
         cols["train_key"] = pa.array(list(keys_), pa.string())
     pq.write_table(pa.table(cols), os.path.join(out, "train_scores", "part-00000.parquet"))

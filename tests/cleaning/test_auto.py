@@ -86,6 +86,24 @@ def test_auto_against_hand_computed_decisions(setup, tmp_path, top, policy, rela
     assert f"{len(kept)} kept, {len(relabelled)} relabelled, {len(removed)} removed" in capsys.readouterr().out
 
 
+def test_min_confidence_relabels_only_where_the_model_is_sure(tmp_path):
+    """Of the disagreeing rows in the top 7 (4, 2, 8, 13), the model gives its class 0.9, 0.5, 0.7
+    (the gate itself: relabelled) and 0.95: row 2 keeps its label, as do the agreeing rows."""
+    src = write_npz(tmp_path / "train.npz")
+    confidence = np.full(N_ROWS, 0.99)
+    confidence[DISAGREE] = [0.9, 0.5, 0.7, 0.95]
+    audit = write_audit(tmp_path / "audit", I, Y, RANK, PREDICTED, confidence=confidence)
+    summary = apply_review(src, str(tmp_path / "out"), audit=audit, auto=7, min_confidence=0.7)
+    y = Y.copy()
+    y[[4, 8, 13]] = [2, 0, 2]  # label + 1 mod 3, as PREDICTED says
+    with np.load(tmp_path / "out" / "train.npz") as d:
+        np.testing.assert_array_equal(d["y"], y)
+    action = pq.read_table(tmp_path / "out" / "label_map.parquet").column("action").to_pylist()
+    assert [r for r, a in enumerate(action) if a == "relabel"] == [4, 8, 13]
+    assert sorted(r for r, a in enumerate(action) if a == "keep") == [0, 2, 11, 17]
+    assert summary["from"]["min_confidence"] == 0.7 and summary["counts"]["relabel"] == 3
+
+
 def test_python_function_takes_a_count(setup, tmp_path):
     src, audit = setup
     summary = apply_review(src, str(tmp_path / "out"), audit=audit, auto=3, policy="remove")

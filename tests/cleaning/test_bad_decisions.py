@@ -145,6 +145,13 @@ def audit_of_npz(tmp_path):
     (["--audit", "{audit}", "--auto", "21"], "--auto 21 is more than the 20 training rows of the audit"),
     (["--audit", "{audit}", "--auto", "5", "--classes", "4"], "--classes 4, but the audit's model has 3 classes"),
     (["--audit", "{tmp}", "--auto", "5"], "no manifest.json (is it the --out of a finished audit?)"),
+    (["--audit", "{audit}", "--auto", "5", "--min-confidence", "0.7"],
+     "train_scores has no predicted_probability column (an audit of an earlier version): rerun the audit"),
+    (["--audit", "{audit}", "--auto", "5", "--policy", "remove", "--min-confidence", "0.7"],
+     "--min-confidence gates the relabelling of --auto with --policy relabel"),
+    (["--decisions", "d.csv", "--min-confidence", "0.7"], "--min-confidence gates the relabelling of --auto"),
+    (["--audit", "{audit}", "--auto", "5", "--min-confidence", "0"], "--min-confidence must be a probability in (0, 1]"),
+    (["--audit", "{audit}", "--auto", "5", "--min-confidence", "nan"], "--min-confidence must be a probability"),
 ])
 def test_bad_settings_are_refused_with_one_line(argv, expected, sources, audit_of_npz, tmp_path, capsys):
     write_csv(tmp_path / "d.csv", [GOOD])

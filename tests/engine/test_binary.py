@@ -199,6 +199,7 @@ def test_binary_audit_tables_match_oracle(binary_audit, binary_data):
     np.testing.assert_array_equal(train["predicted_class"], (ref["z_tr"] > 0).astype(int))
     p1 = oracle.sigmoid(ref["z_tr"])
     np.testing.assert_allclose(train["label_probability"], np.where(ref["y"] == 1, p1, 1 - p1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(train["predicted_probability"], np.maximum(p1, 1 - p1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(train["influence_sum"], ref["r"].sum(axis=0), rtol=1e-4, atol=1e-5 * scale)
     # error_influence: the rows of r of the test examples the model gets wrong, each at its
     # predicted class (−α for class 0, α for class 1).

@@ -93,11 +93,13 @@ def test_in_process_audit_matches_oracle(files, tmp_path, monkeypatch, target, s
     np.testing.assert_array_equal(np.argsort(train["audit_rank"]), np.argsort(-np.abs(a_lab), kind="stable"))
     np.testing.assert_allclose(train["influence_sum"], ref["r"].sum(axis=0), rtol=1e-4, atol=1e-5 * scale)
     np.testing.assert_allclose(train["influence_abs_sum"], np.abs(ref["r"]).sum(axis=0), rtol=1e-4)
-    # The model's own view of each training example: its class and its probability of the label.
+    # The model's own view of each training example: its class, its probability of the label and
+    # of that class.
     z_tr = ref["z_tr"].astype(np.float64)
     np.testing.assert_array_equal(train["predicted_class"], np.argmax(z_tr, axis=1))
     np.testing.assert_allclose(train["label_probability"], oracle.softmax(z_tr)[np.arange(n), ref["y"]],
                                rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(train["predicted_probability"], oracle.softmax(z_tr).max(axis=1), rtol=1e-5, atol=1e-7)
 
 
 
