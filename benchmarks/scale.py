@@ -45,6 +45,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -55,7 +56,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import scale_backbone as sb  # noqa: E402 - this benchmark's parts
 import scale_parts as sp  # noqa: E402
-from common import K, TreeSampler, matmul_gflops, run_benchmark, run_job  # noqa: E402 - the benchmarks' shared helpers
+from common import K, matmul_gflops, run_benchmark, run_job  # noqa: E402 - the benchmarks' shared helpers
+from sampler import TreeSampler  # noqa: E402
 
 #: ResNet-50's input side here: small enough for a few thousand rows on a 2-core machine.
 BACKBONE_SIDE = 64
@@ -326,7 +328,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "fit and with main's at the scale-out's start, in float32 objective passes (0: skip)")
     ap.add_argument("--fit-compare-only", action="store_true", help="only that comparison, no cluster")
     ap.add_argument("--no-variants", action="store_true", help="only the main run")
-    ap.add_argument("--work-dir", default="/tmp/scale_bench")
+    ap.add_argument("--work-dir", default=None,
+                    help="workloads, models and audits; a later run with the same sizes reuses the workloads "
+                         "there (default: a temporary directory, removed at the end)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     return ap.parse_args(argv)
 
@@ -418,6 +422,17 @@ def main(argv=None) -> int:
     """Runs the benchmark with one Ray cluster for all its audits, shut down at the end."""
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.work_dir is not None:
+        return _main(args)
+    args.work_dir = tempfile.mkdtemp(prefix="scale_bench_")
+    try:
+        return _main(args)
+    finally:
+        shutil.rmtree(args.work_dir, ignore_errors=True)
+
+
+def _main(args) -> int:
+    """The benchmark in ``args.work_dir``."""
     extra = tuple(shlex.split(args.audit_args))
     t_all = time.perf_counter()
     print(f"machine: {os.cpu_count()} cores; k = {K}; noise {NOISE:.0%}; extra audit flags: "

@@ -14,7 +14,8 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
-from common import Contention, busy_cpu_seconds, matmul_gflops, own_cpu_seconds, steal_cpu_seconds
+from common import matmul_gflops
+from sampler import Contention, busy_cpu_seconds, own_cpu_seconds, steal_cpu_seconds
 
 # Targets (from the issue).
 TARGET_HVP = 1.3
