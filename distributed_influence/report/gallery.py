@@ -118,7 +118,7 @@ def review_data(manifest: dict, train: Dict[str, np.ndarray], train_table, rows:
 
     Returns:
         ``{"format", "run_key", "n_classes", "n_train", "has_keys", "known_bad", "thumbs",
-        "suspects": [{"id", "rank", "label", "pred", "p", "score", "bad", ["key"], ["sup"]}],
+        "suspects": [{"id", "rank", "label", "pred", "p", ["pp"], "score", "bad", ["key"], ["sup"]}],
         "examples": {id: [label, audit rank, known bad, key]}}``; ``examples`` describes every
         supporter, so that the page can caption it. Every id, in ``suspects``, ``sup`` and
         ``examples``, is the string of its decimal digits (see the module's docstring).
@@ -131,6 +131,8 @@ def review_data(manifest: dict, train: Dict[str, np.ndarray], train_table, rows:
         rec = {"id": str(tid), "rank": int(train["audit_rank"][r]), "label": int(train["label"][r]),
                "pred": int(train["predicted_class"][r]), "p": _num(train["label_probability"][r]),
                "score": _num(train["audit_score"][r]), "bad": bool(is_bad[r])}
+        if "predicted_probability" in train:  # absent from the results of earlier versions
+            rec["pp"] = _num(train["predicted_probability"][r])
         if keys is not None:
             rec["key"] = keys[i]
         if supporters is not None:

@@ -98,7 +98,7 @@ def load_output(out_dir: str) -> AuditOutput:
         raise InputError(f"{os.path.join(out_dir, TRAIN_SCORES)}: not found (is this the --out of an audit, "
                          f"not of explain?)")
     train = _columns(res.train_scores, ("train_id", "label", "alpha_label", "audit_score", "audit_rank",
-                                        "predicted_class", "label_probability"))
+                                        "predicted_class", "label_probability", "predicted_probability"))
     test = _columns(res.test_scores, ("test_id", "label", "predicted_class", "decomposition_error"))
     return AuditOutput(res.manifest, train, test, res.influence_topk, res.train_scores)
 

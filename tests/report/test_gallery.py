@@ -96,7 +96,8 @@ def test_review_data_matches_train_scores(demo_out, tmp_path):
         row = train[tid]
         assert (s["rank"], s["label"], s["pred"], s["bad"], s["key"]) == (
             row["audit_rank"], row["label"], row["predicted_class"], tid in bad, keys[tid])
-        np.testing.assert_allclose([s["p"], s["score"]], [row["label_probability"], row["audit_score"]], rtol=1e-3)
+        np.testing.assert_allclose([s["p"], s["pp"], s["score"]],
+                                   [row["label_probability"], row["predicted_probability"], row["audit_score"]], rtol=1e-3)
         assert len(s["sup"]["label"]) == 3 and len(s["sup"]["pred"]) == 3
         for j, r in s["sup"]["label"] + s["sup"]["pred"]:
             assert data["examples"][j] == [train[int(j)]["label"], train[int(j)]["audit_rank"], int(j) in bad,
@@ -216,6 +217,10 @@ def test_review_page_filters_decides_reloads_and_exports(demo_out, browser, tmp_
     first = driver.find_element("css selector", f'.suspect[data-train-id="{data["suspects"][0]["id"]}"] .key')
     assert first.text == keys[int(data["suspects"][0]["id"])]
     assert driver.execute_script("return window.__xss") is None
+    # The card says how sure the model is of its class, as train_scores has it.
+    s0 = data["suspects"][0]
+    meta = driver.find_element("css selector", f'.suspect[data-train-id="{s0["id"]}"] .meta').text
+    assert f"model says {s0['pred']} ({s0['pp']:.3f})" in meta, meta
 
     # Known-bad only; a row of the per-class table shows that given label.
     driver.find_element("id", "rv-bad").click()

@@ -195,6 +195,7 @@
     const alt = 'train ' + s.id + ', label ' + s.label + ', predicted ' + s.pred;
     const meta = el('div', {class: 'meta'}, el('b', {}, '#' + s.rank), ' · id ' + s.id, bad, el('br'),
       key, key ? el('br') : null, 'label ', el('b', {}, String(s.label)), ', model says ', el('b', {}, String(s.pred)),
+      s.pp === undefined ? null : ' (' + fmtP(s.pp) + ')',
       el('br'), 'p(label) = ' + fmtP(s.p), el('br'), 'audit score ' + fmtG(s.score));
     return el('div', attrs, thumb(s.id, alt, 'thumb'), meta,
       s.sup ? support(s, 'label') : null, s.sup && s.pred !== s.label ? support(s, 'predicted') : null,
