@@ -211,7 +211,12 @@ def parse_top(top: str, n: int) -> int:
 
 def top_label(top: str) -> str:
     """A TOP as a file-name-safe tag (``10%`` -> ``10pct``)."""
-    return top.strip().replace("%", "pct").replace(".", "_")
+    return file_tag(top.strip().replace("%", "pct"))
+
+
+def file_tag(text: str) -> str:
+    """``text`` safe in a file name: dots and spaces become underscores (``_p0.6`` -> ``_p0_6``)."""
+    return text.replace(".", "_").replace(" ", "_")
 
 
 def cli_exe() -> str:
@@ -284,6 +289,17 @@ def read_npz(path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     with np.load(path) as z:
         ids = z["id"].astype(np.int64) if "id" in z.files else np.arange(len(z["y"]), dtype=np.int64)
         return z["x"], z["y"].astype(np.int64), ids
+
+
+def has_confidence(out: str) -> bool:
+    """Whether an audit's ``train_scores`` has ``predicted_probability`` (``--min-confidence``
+    needs it; audits of earlier versions lack it)."""
+    import pyarrow.parquet as pq
+
+    path = os.path.join(out, "train_scores")
+    return "predicted_probability" in pq.read_schema(
+        path if os.path.isfile(path) else next(os.path.join(path, f) for f in sorted(os.listdir(path))
+                                               if f.endswith(".parquet"))).names
 
 
 def read_train_scores(out: str) -> Dict[str, np.ndarray]:

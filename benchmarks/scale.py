@@ -329,8 +329,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--fit-compare-only", action="store_true", help="only that comparison, no cluster")
     ap.add_argument("--no-variants", action="store_true", help="only the main run")
     ap.add_argument("--work-dir", default=None,
-                    help="workloads, models and audits; a later run with the same sizes reuses the workloads "
-                         "there (default: a temporary directory, removed at the end)")
+                    help="where the workloads, models and audits are written and kept (default: a temporary "
+                         "directory, removed at the end)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     return ap.parse_args(argv)
 

@@ -299,9 +299,8 @@ def run(settings: ReviewSettings) -> dict:
 
 
 def apply_review(train: str, out: str, decisions: Optional[str] = None, audit: Optional[str] = None,
-                 auto: Union[str, int, None] = None, policy: Optional[str] = None,
-                 min_confidence: Optional[float] = None, classes: Optional[int] = None, overwrite: bool = False,
-                 **source_options) -> dict:
+                 auto: Union[str, int, None] = None, policy: Optional[str] = None, classes: Optional[int] = None,
+                 overwrite: bool = False, *, min_confidence: Optional[float] = None, **source_options) -> dict:
     """Writes corrected training data into ``out`` from review decisions or an audit's ranking.
 
     Args:
@@ -311,10 +310,10 @@ def apply_review(train: str, out: str, decisions: Optional[str] = None, audit: O
         audit: the ``--out`` of an audit of ``train``: its ranking for ``auto``, its class count.
         auto: TOP, a count (``500``) or a percentage (``"10%"``) of ``audit_rank``.
         policy: ``relabel`` (default) or ``remove``, for ``auto``.
-        min_confidence: with ``relabel``, relabel only rows whose model's class has at least this
-            probability (``predicted_probability``); the other suspects keep their label.
         classes: the number of classes, when no audit gives it.
         overwrite: replace an earlier apply-review output in ``out``.
+        min_confidence: with ``relabel``, relabel only rows whose model's class has at least this
+            probability (``predicted_probability``); the other suspects keep their label.
         **source_options: ``image_feature``, ``label_feature``, ``id_feature``, ``compression``
             (TFRecord; default: the audit's, else as ``audit`` reads them).
 

@@ -369,7 +369,7 @@ def auto_decisions(audit: AuditRows, rows: TrainRows, top: Top, policy: str,
         raise InputError(f"--audit {storage.redact(audit.out)}: train_scores has no predicted_probability column "
                          f"(an audit of an earlier version): rerun the audit to use --min-confidence")
     how = {"audit": storage.redact(audit.out), "auto": top.text, "top_rows": n_top, "policy": policy}
-    decisions = none_decided(rows, how if min_confidence is None else {**how, "min_confidence": min_confidence})
+    decisions = none_decided(rows, how if min_confidence is None else {**how, "min_confidence": float(min_confidence)})
     if policy == "remove":
         decisions.action[pos] = REMOVE
         decisions.new_label[pos] = -1

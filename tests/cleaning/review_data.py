@@ -77,7 +77,8 @@ def write_csv(path, lines: list, header: str = HEADER) -> str:
 def write_audit(out, train_id, label, audit_rank, predicted, keys_=None, n_classes: int = N_CLASSES,
                 confidence=None) -> str:
     """The two parts of an audit's output that apply-review reads: manifest.json and train_scores
-    (with ``predicted_probability`` only when ``confidence`` is given, as an earlier version wrote it)."""
+    (with ``predicted_probability`` only when ``confidence`` is given: without it, the table is
+    one an earlier version wrote)."""
     os.makedirs(os.path.join(out, "train_scores"))
     n = len(train_id)
     cols = {"train_id": pa.array(train_id, pa.int64()), "label": pa.array(label, pa.int32()),
