@@ -124,6 +124,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error("epochs must be positive")
     if not set(args.policies) <= set(POLICIES) or not args.policies:
         p.error(f"--policies: one or more of {', '.join(POLICIES)}")
+    # The automatic arms, (policy, gate): every policy ungated, and relabel with each gate.
+    args.variants = [(q, g) for q in args.policies for g in [None] + (args.gates if q == "relabel" else [])]
     if not 0 < args.noise < 1 or args.seeds < 1:
         p.error("--noise must be in (0, 1) and --seeds at least 1")
     return args
@@ -192,14 +194,10 @@ def clean_arms(args, seed: int, train, test, noisy: dict, audit_out: str, sdir: 
     """apply-review --auto for every (policy, gate, TOP), the perfect reviewer's --decisions for
     every TOP, and the retraining on each cleaned file."""
     arms = {}
-    variants = [(p, g) for p in args.policies for g in [None] + (args.gates if p == "relabel" else [])]
-    if args.reviewer:
-        variants.append((parts.REVIEWER, None))
-    for policy, gate in variants:
+    for policy, gate in args.variants + ([(parts.REVIEWER, None)] if args.reviewer else []):
         for top in args.tops:
-            name = f"{policy}{'' if gate is None else f' p>={gate:g}'} top {top}"
-            tag = f"{parts.file_tag(policy)}{'' if gate is None else parts.file_tag(f'_p{gate:g}')}_" \
-                  f"{parts.top_label(top)}_e{epochs}"
+            name = f"{parts.arm_head(policy, gate)} top {top}"
+            tag = f"{parts.file_tag(parts.arm_head(policy, gate))}_{parts.top_label(top)}_e{epochs}"
             out_dir = os.path.join(sdir, "clean_" + tag)
             res_path = os.path.join(sdir, tag + ".json")
             cached = parts.load_json(res_path)
@@ -351,14 +349,12 @@ def report(args, results: Dict[int, dict], epochs: int, reached: bool, n: int) -
         print(f"  seed {s} audit: {r['audit']['contention']}")
     auto = {k: v for k, v in means.items() if k.split(" ")[0] in args.policies and v == v}
     print("\nacceptance")
-    for policy in args.policies:
-        for gate in [None] + (args.gates if policy == "relabel" else []):
-            head = f"{policy}{'' if gate is None else f' p>={gate:g}'} top "
-            mine = {k: v for k, v in auto.items() if k.startswith(head)}
-            if mine:
-                top = max(mine, key=mine.get)
-                how = f"--policy {policy}" + ("" if gate is None else f" --min-confidence {gate:g}")
-                print(f"  best TOP with {how}: {top.rsplit(' ', 1)[1]}, {mine[top]:.0%} of the gap won back")
+    for policy, gate in args.variants:
+        mine = {k: v for k, v in auto.items() if k.startswith(parts.arm_head(policy, gate) + " top ")}
+        if mine:
+            top = max(mine, key=mine.get)
+            how = f"--policy {policy}" + ("" if gate is None else f" --min-confidence {gate:g}")
+            print(f"  best TOP with {how}: {top.rsplit(' ', 1)[1]}, {mine[top]:.0%} of the gap won back")
     reviewer = {k: v for k, v in means.items() if k.startswith(parts.REVIEWER + " ") and v == v}
     if reviewer:
         top = max(reviewer, key=reviewer.get)

@@ -214,9 +214,16 @@ def top_label(top: str) -> str:
     return file_tag(top.strip().replace("%", "pct"))
 
 
+def arm_head(policy: str, gate: Optional[float]) -> str:
+    """An arm's name before its TOP: the policy, and the gate when there is one
+    (``relabel p>=0.6``)."""
+    return policy if gate is None else f"{policy} p>={gate:g}"
+
+
 def file_tag(text: str) -> str:
-    """``text`` safe in a file name: dots and spaces become underscores (``_p0.6`` -> ``_p0_6``)."""
-    return text.replace(".", "_").replace(" ", "_")
+    """``text`` safe in a file name: dots, spaces and ``>=`` become underscores or go
+    (``relabel p>=0.6`` -> ``relabel_p0_6``)."""
+    return text.replace(">=", "").replace(".", "_").replace(" ", "_")
 
 
 def cli_exe() -> str:
@@ -291,23 +298,25 @@ def read_npz(path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         return z["x"], z["y"].astype(np.int64), ids
 
 
+def _train_scores_path(out: str) -> str:
+    """An audit's ``train_scores``: a dataset directory, or one file."""
+    path = os.path.join(out, "train_scores")
+    return path if os.path.isdir(path) else path + ".parquet"
+
+
 def has_confidence(out: str) -> bool:
     """Whether an audit's ``train_scores`` has ``predicted_probability`` (``--min-confidence``
     needs it; audits of earlier versions lack it)."""
-    import pyarrow.parquet as pq
+    import pyarrow.dataset as ds
 
-    path = os.path.join(out, "train_scores")
-    return "predicted_probability" in pq.read_schema(
-        path if os.path.isfile(path) else next(os.path.join(path, f) for f in sorted(os.listdir(path))
-                                               if f.endswith(".parquet"))).names
+    return "predicted_probability" in ds.dataset(_train_scores_path(out), format="parquet").schema.names
 
 
 def read_train_scores(out: str) -> Dict[str, np.ndarray]:
     """The audit's ``train_scores`` columns used here, in train-id order."""
     import pyarrow.parquet as pq
 
-    path = os.path.join(out, "train_scores")
-    t = pq.read_table(path if os.path.isdir(path) else path + ".parquet",
+    t = pq.read_table(_train_scores_path(out),
                       columns=["train_id", "label", "audit_rank", "predicted_class", "label_probability"])
     cols = {name: t.column(name).to_numpy() for name in t.column_names}
     order = np.argsort(cols["train_id"], kind="stable")

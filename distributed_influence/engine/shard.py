@@ -149,10 +149,10 @@ class ShardWorker:
             # (cpu_sums: faster there) on the features themselves, with no second copy.
             x_tf = rp.tf.constant(x) if _has_gpu() else None
             predicted = logits_mod.predicted_classes(logits)
+            p_label, p_predicted = rp.label_probabilities(logits, labels, predicted)
             self._shards[spec.index] = ShardData(
                 x, logits, labels, ids, targets, x_tf=x_tf, keys=keys, predicted=predicted,
-                label_probability=rp.label_probabilities(logits, labels),
-                predicted_probability=rp.label_probabilities(logits, predicted))
+                label_probability=p_label, predicted_probability=p_predicted)
         return self._shards[spec.index]
 
     @staticmethod

@@ -74,13 +74,23 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
     return softmax(logits)
 
 
-def label_probabilities(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def label_probabilities(logits: np.ndarray, *labels: np.ndarray):
     """Each row's probability of its label (:func:`probabilities`), a block of rows at a time:
-    the (n, C) float64 matrix of all of them is 1.5 × a shard's features at C = 100."""
-    out = np.empty(len(labels), dtype=np.float64)
-    for a, b in row_blocks(len(labels), ROW_BLOCK):
-        out[a:b] = probabilities(logits[a:b])[np.arange(b - a), labels[a:b]]
-    return out
+    the (n, C) float64 matrix of all of them is 1.5 × a shard's features at C = 100.
+
+    Given several label arrays (the given labels and the model's classes, say), one softmax
+    per block serves them all.
+
+    Returns:
+        (n,) float64, or a tuple of them, one per label array.
+    """
+    n = len(labels[0])
+    outs = [np.empty(n, dtype=np.float64) for _ in labels]
+    for a, b in row_blocks(n, ROW_BLOCK):
+        p = probabilities(logits[a:b])
+        for out, lab in zip(outs, labels):
+            out[a:b] = p[np.arange(b - a), lab[a:b]]
+    return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def fit_targets(labels: np.ndarray, logits: np.ndarray, target: str) -> np.ndarray:
